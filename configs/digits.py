@@ -1,0 +1,33 @@
+"""The embedded default: a DDPM on scikit-learn's 1,797 real 8x8 digits, offline.
+
+  python -m ddx.main --config configs/digits.py --workdir runs/digits
+
+Trains in under 10 minutes on 2 CPU cores and writes sample grids to
+runs/digits/samples/. Sample afterwards with
+  python -m ddx.main --config configs/digits.py --workdir runs/digits --mode sample
+"""
+from ddx.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.data.name = "digits"
+  c.data.image_size = 8
+  c.data.channels = 1
+  c.model.ch = 32
+  c.model.ch_mult = (1, 2)
+  c.model.num_res_blocks = 2
+  c.model.attn_resolutions = (4,)
+  c.model.num_groups = 8
+  c.training.batch_size = 128
+  c.training.num_steps = 3000
+  c.training.log_every = 100
+  c.training.checkpoint_every = 1000
+  c.training.sample_every = 1000
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 200
+  c.optim.ema_decay = 0.999
+  c.sampling.sampler = "ddpm"
+  c.sampling.steps = 1000
+  c.sampling.num_samples = 100
+  return c

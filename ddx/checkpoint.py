@@ -1,0 +1,143 @@
+"""Checkpoints with orbax: save, restore in resume order, and `ddx.load`.
+
+Layout: `workdir/checkpoints/<step>/` with two items, `state` (the whole
+TrainState: step, params, ema_params, opt_state) and `config` (the run's config
+as JSON, so every checkpoint says which model it holds). orbax writes into a
+temporary directory and renames it when complete, so a checkpoint that was
+being written when the process died is never listed as a step.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ddx import config as config_lib
+from ddx.sampling import Model
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint where one was expected."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _restore_args(abstract):
+  return ocp.checkpoint_utils.construct_restore_args(abstract)
+
+
+class Checkpointer:
+  """Owns the orbax CheckpointManager of one workdir."""
+
+  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
+    """Starts an asynchronous save of `state` at `step` (no-op if it exists)."""
+    if step in self._mngr.all_steps():
+      return
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state),
+        config=ocp.args.JsonSave(config_lib.to_dict(config))), force=True)
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def restore_config(self, step: int) -> ml_collections.ConfigDict:
+    out = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return config_lib.from_dict(out["config"])
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """Restores the full state at `step` into the structure and shardings given."""
+    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_state, restore_args=_restore_args(abstract_state))))
+    return out["state"]
+
+  def restore_latest(self, abstract_state: Any):
+    """Restores the newest checkpoint that reads back; older ones are fallbacks.
+
+    A checkpoint that fails to read (truncated, corrupt) is reported and
+    skipped, never deleted: the user may want to look at it.
+    Returns:
+      (state, step), or (None, None) when there is no checkpoint at all.
+    """
+    steps = self.steps()
+    for step in reversed(steps):
+      try:
+        return self.restore(step, abstract_state), step
+      except Exception as e:  # orbax/tensorstore raise many types for bad files
+        logging.warning("checkpoint at step %d in %s could not be read (%s: %s); "
+                        "trying the previous one", step, self.directory,
+                        type(e).__name__, str(e).splitlines()[0][:200])
+    if steps:
+      raise CheckpointError(
+          f"none of the checkpoints {steps} in {self.directory} could be read; "
+          "move that directory away to start fresh (it was left untouched)")
+    return None, None
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def load(workdir: str, step: Optional[int] = None) -> Model:
+  """Loads the EMA weights of a run as a `ddx.Model` ready for `ddx.sample_fn`.
+
+  Args:
+    workdir: the run's directory (the one given to `--workdir`).
+    step: which checkpoint; default the newest that reads back.
+  Returns:
+    Model(variables={"params": ema_params}, config=frozen run config).
+  Raises:
+    CheckpointError: no checkpoint in workdir (the message says where it looked).
+  """
+  from ddx.models import UNet  # the network's shapes give the restore target
+  ckdir = checkpoint_dir(workdir)
+  if not os.path.isdir(ckdir):
+    raise CheckpointError(
+        f"no checkpoint in {os.path.abspath(workdir)} (looked for {ckdir}); "
+        "train first with python -m ddx.main --config ... --workdir " + str(workdir))
+  ck = Checkpointer(workdir, read_only=True)
+  steps = ck.steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {ckdir}; train first or pass the "
+                          "workdir of a finished run")
+  candidates = [step] if step is not None else list(reversed(steps))
+  if step is not None and step not in steps:
+    raise CheckpointError(f"no checkpoint for step {step} in {ckdir}; have {steps}")
+  last_err = None
+  for s in candidates:
+    try:
+      config = ck.restore_config(s)
+      d = config.data
+      net = UNet(**config.model)
+      shape = (1, d.image_size, d.image_size, d.channels)
+      labels = (jax.ShapeDtypeStruct((1,), "int32") if config.model.num_classes
+                else None)
+      abstract = jax.eval_shape(
+          lambda: net.init(jax.random.key(0), jax.numpy.zeros(shape),
+                           jax.numpy.zeros((1,), "int32"), labels))["params"]
+      target = {"ema_params": abstract}
+      out = ck._mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=_restore_args(target), partial_restore=True)))
+      params = jax.tree.map(jax.numpy.asarray, out["state"]["ema_params"])
+      return Model(variables={"params": params}, config=config_lib.freeze(config))
+    except Exception as e:
+      last_err = e
+      logging.warning("checkpoint %d in %s could not be loaded: %s", s, ckdir, e)
+  raise CheckpointError(f"no readable checkpoint in {ckdir}: {last_err}")

@@ -1,0 +1,213 @@
+"""The run config: defaults, validation before anything compiles, conversions.
+
+Every check raises `ConfigError` with one line that names the field, what is
+wrong and how to fix it; `ddx.main` prints that line and exits with code 2.
+"""
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+from ddx import diffusion
+from ddx import sampling
+from ddx import schedules
+
+_PREDICTIONS = diffusion.PREDICTIONS
+_SAMPLERS = tuple(sampling.SAMPLERS)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key ddx reads, with its default (configs/default.py returns this)."""
+  c = ml_collections.ConfigDict()
+
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "digits"          # digits | cifar10 | any tfds image dataset | folder
+  d.image_size = 8           # images are H = W = image_size after resize/crop
+  d.channels = 1             # 1 (grey) or 3 (RGB); images are converted to this
+  d.path = ""                # image folder root when name == "folder"
+  d.data_dir = ""            # tfds data_dir ("" = tfds' default, ~/tensorflow_datasets)
+  d.split = "train"          # tfds split to train on
+  d.random_flip = False      # random horizontal flip (DDPM uses it on CIFAR-10)
+  d.crop = "center"          # how non-square images are made square: center | none
+  d.image_key = "image"      # tfds feature holding the image
+  d.label_key = "label"      # tfds feature holding the class label ("" = none)
+
+  c.model = m = ml_collections.ConfigDict()
+  m.ch = 32
+  m.ch_mult = (1, 2)
+  m.num_res_blocks = 2
+  m.attn_resolutions = (4,)
+  m.dropout = 0.0
+  m.num_groups = 8           # GroupNorm groups (32 in DDPM)
+  m.resamp_with_conv = True
+  m.num_classes = 0          # 0 = unconditional
+
+  c.diffusion = f = ml_collections.ConfigDict()
+  f.schedule = "linear"      # linear | cosine
+  f.num_timesteps = 1000
+  f.beta_start = 1e-4        # linear schedule only
+  f.beta_end = 0.02
+  f.prediction = "eps"       # what the network predicts: eps | x0 | v
+
+  c.training = t = ml_collections.ConfigDict()
+  t.batch_size = 128         # global, over all devices and processes
+  t.num_steps = 10_000
+  t.seed = 0
+  t.log_every = 100
+  t.checkpoint_every = 1000
+  t.keep_checkpoints = 3
+  t.sample_every = 2000      # 0 = no sample grids during training
+  t.label_dropout = 0.0      # classifier-free guidance: p(label -> null)
+  t.nan_policy = "stop"      # non-finite loss/grads: stop (with the step) | skip the update
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 2e-4
+  o.warmup_steps = 500
+  o.grad_clip = 1.0          # global-norm clip; 0 = off
+  o.ema_decay = 0.999
+  o.ema_warmup = True        # decay_n = min(decay, (1+n)/(10+n))
+  o.beta1 = 0.9
+  o.beta2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.0
+
+  c.sampling = s = ml_collections.ConfigDict()
+  s.sampler = "ddim"         # ddpm | ddim
+  s.steps = 100
+  s.eta = 0.0
+  s.num_samples = 64
+  s.clip_x0 = True
+  s.guidance_scale = 1.0     # CFG weight w: out = u + w(c - u); 1 = plain conditional
+  s.ddpm_variance = "posterior"  # posterior (beta tilde) | beta
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.every_steps = 0          # 0 = no in-loop evaluation
+  e.num_samples = 512
+  e.metrics = ()
+  return c
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+def _require(cond: bool, msg: str):
+  if not cond:
+    raise ConfigError(msg)
+
+
+def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> None:
+  """Checks every field ddx reads; raises ConfigError on the first problem.
+
+  Args:
+    config: the full run config (see configs/default.py).
+    num_data_shards: how many ways the global batch is split (devices on the
+      "data" mesh axis); the batch size must divide by it.
+  """
+  d, m, f, t, o, s = (config.data, config.model, config.diffusion, config.training,
+                      config.optim, config.sampling)
+  _require(isinstance(d.name, str) and d.name,
+           "data.name is empty; use digits, folder, cifar10 or a tfds dataset name")
+  _require(d.name != "folder" or bool(d.path),
+           "data.path is empty; with data.name=folder set --config.data.path=DIR")
+  _require(isinstance(d.image_size, int) and d.image_size > 0,
+           f"data.image_size={d.image_size!r} must be a positive integer")
+  _require(d.channels in (1, 3), f"data.channels={d.channels!r} must be 1 or 3")
+
+  _require(isinstance(m.ch, int) and m.ch > 0, f"model.ch={m.ch!r} must be a positive integer")
+  ch_mult = tuple(m.ch_mult)
+  _require(len(ch_mult) >= 1 and all(isinstance(c, int) and c > 0 for c in ch_mult),
+           f"model.ch_mult={m.ch_mult!r} must be a non-empty tuple of positive integers")
+  levels = len(ch_mult)
+  div = 2 ** (levels - 1)
+  _require(d.image_size % div == 0,
+           f"data.image_size={d.image_size} is not divisible by 2^(levels-1)={div} "
+           f"for model.ch_mult={ch_mult}; use a multiple of {div} or fewer levels")
+  resolutions = tuple(d.image_size // 2 ** l for l in range(levels))
+  for r in tuple(m.attn_resolutions):
+    _require(r in resolutions,
+             f"model.attn_resolutions contains {r}, which is not a U-Net level; "
+             f"the levels of a {d.image_size}px model are {resolutions}")
+  _require(m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks} must be >= 1")
+  _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+  _require(m.num_groups >= 1 and all((m.ch * c) % m.num_groups == 0 for c in ch_mult),
+           f"model.num_groups={m.num_groups} must divide every channel count "
+           f"{tuple(m.ch * c for c in ch_mult)}")
+  _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
+           f"model.num_classes={m.num_classes!r} must be an integer >= 0 (0 = unconditional)")
+
+  _require(f.schedule in schedules.names(),
+           f"diffusion.schedule={f.schedule!r} is unknown; use one of {schedules.names()}")
+  _require(isinstance(f.num_timesteps, int) and f.num_timesteps >= 1,
+           f"diffusion.num_timesteps={f.num_timesteps!r} must be a positive integer")
+  if f.schedule == "linear":
+    _require(0 < f.beta_start <= f.beta_end < 1,
+             f"diffusion.beta_start={f.beta_start}, beta_end={f.beta_end}: need "
+             "0 < beta_start <= beta_end < 1")
+  _require(f.prediction in _PREDICTIONS,
+           f"diffusion.prediction={f.prediction!r} is unknown; use one of {_PREDICTIONS}")
+
+  _require(isinstance(t.batch_size, int) and t.batch_size >= 1,
+           f"training.batch_size={t.batch_size!r} must be a positive integer")
+  _require(t.batch_size % num_data_shards == 0,
+           f"training.batch_size={t.batch_size} is not divisible by the {num_data_shards} "
+           f"data shards (devices); use a multiple of {num_data_shards}")
+  _require(isinstance(t.num_steps, int) and t.num_steps >= 1,
+           f"training.num_steps={t.num_steps!r} must be a positive integer")
+  for k in ("log_every", "checkpoint_every", "sample_every"):
+    _require(isinstance(t[k], int) and t[k] >= 0,
+             f"training.{k}={t[k]!r} must be an integer >= 0 (0 = never)")
+  _require(t.log_every >= 1, "training.log_every must be >= 1")
+  _require(t.keep_checkpoints >= 1, "training.keep_checkpoints must be >= 1")
+  _require(0.0 <= t.label_dropout < 1.0,
+           f"training.label_dropout={t.label_dropout} must be in [0, 1)")
+  _require(t.nan_policy in ("stop", "skip"),
+           f"training.nan_policy={t.nan_policy!r} must be stop or skip")
+
+  _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+  _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+  _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
+  _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay} must be in [0, 1)")
+
+  _require(s.sampler in _SAMPLERS,
+           f"sampling.sampler={s.sampler!r} is unknown; use one of {_SAMPLERS}")
+  _require(isinstance(s.steps, int) and 1 <= s.steps <= f.num_timesteps,
+           f"sampling.steps={s.steps!r} must be an integer in [1, T={f.num_timesteps}]")
+  _require(s.eta >= 0, f"sampling.eta={s.eta} must be >= 0")
+  _require(isinstance(s.num_samples, int) and s.num_samples >= 1,
+           f"sampling.num_samples={s.num_samples!r} must be a positive integer")
+  _require(s.ddpm_variance in ("posterior", "beta"),
+           f"sampling.ddpm_variance={s.ddpm_variance!r} must be posterior or beta")
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A JSON-safe plain dict of the config (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+  """Inverse of to_dict: lists become tuples again so the config is hashable."""
+  def fix(v):
+    if isinstance(v, dict):
+      return {k: fix(x) for k, x in v.items()}
+    if isinstance(v, list):
+      return tuple(fix(x) for x in v)
+    return v
+  return ml_collections.ConfigDict(fix(d))
+
+
+def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+  """A hashable copy of the config (the static part of `ddx.Model`)."""
+  return ml_collections.FrozenConfigDict(from_dict(to_dict(config)))
+
+
+# The parts of a config that fix the shapes of a checkpoint: a workdir whose
+# checkpoint was made with other values cannot be resumed with this config.
+ARCHITECTURE_KEYS = ("model", "data.image_size", "data.channels")
+
+
+def architecture(config) -> dict:
+  d = to_dict(config)
+  return {"model": d["model"], "data.image_size": d["data"]["image_size"],
+          "data.channels": d["data"]["channels"]}

@@ -1,0 +1,108 @@
+"""Run logging: metrics.jsonl, TensorBoard events and a progress line with ETA.
+
+Only process 0 writes; other processes get a writer that does nothing.
+TensorBoard events are written with tensorboardX (no TensorFlow needed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping
+
+import numpy as np
+
+
+def _scalars(metrics: Mapping) -> dict:
+  """Flattens metrics to float scalars; a vector m of length n becomes m/0..m/n-1."""
+  out = {}
+  for k, v in metrics.items():
+    a = np.asarray(v)
+    if a.ndim == 0:
+      out[k] = float(a)
+    else:
+      for j, x in enumerate(a.reshape(-1)):
+        out[f"{k}/{j}"] = float(x)
+  return out
+
+
+class MetricWriter:
+  """Appends one JSON object per log step to metrics.jsonl and mirrors to TensorBoard."""
+
+  def __init__(self, workdir: str, active: bool = True):
+    self.active = active
+    self._tb = None
+    if not active:
+      return
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # TensorBoard is a convenience; metrics.jsonl is the record
+      self._tb = None
+
+  def write(self, step: int, metrics: Mapping) -> None:
+    if not self.active:
+      return
+    flat = _scalars(metrics)
+    rec = {"step": int(step)}
+    rec.update({k: (v if math.isfinite(v) else str(v)) for k, v in flat.items()})
+    self._jsonl.write(json.dumps(rec) + "\n")
+    if self._tb is not None:
+      for k, v in flat.items():
+        self._tb.add_scalar(k, v, int(step))
+
+  def write_image(self, step: int, tag: str, image_u8: np.ndarray) -> None:
+    """image_u8: [H, W, C] uint8."""
+    if self.active and self._tb is not None:
+      self._tb.add_image(tag, image_u8, int(step), dataformats="HWC")
+
+  def flush(self) -> None:
+    if self.active:
+      self._jsonl.flush()
+      if self._tb is not None:
+        self._tb.flush()
+
+  def close(self) -> None:
+    if self.active:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+class Progress:
+  """A one-line progress report: step, loss, steps/s, ETA."""
+
+  def __init__(self, start_step: int, total_steps: int, active: bool = True,
+               stream=sys.stdout):
+    self.total = total_steps
+    self.active = active
+    self.stream = stream
+    self._t0 = time.perf_counter()
+    self._s0 = start_step
+
+  def reset(self, step: int) -> None:
+    """Restart the rate clock (e.g. after the first step, which includes compile)."""
+    self._t0, self._s0 = time.perf_counter(), step
+
+  def rate(self, step: int) -> float:
+    dt = time.perf_counter() - self._t0
+    return (step - self._s0) / dt if dt > 0 and step > self._s0 else float("nan")
+
+  def report(self, step: int, metrics: Mapping) -> None:
+    if not self.active:
+      return
+    r = self.rate(step)
+    eta = (self.total - step) / r if r == r and r > 0 else float("nan")
+    loss = float(np.asarray(metrics.get("loss", float("nan"))))
+    print(f"step {step}/{self.total}  loss {loss:.4f}  {r:.2f} steps/s  "
+          f"ETA {_fmt(eta)}", file=self.stream, flush=True)
+
+
+def _fmt(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  s = int(seconds)
+  return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"

@@ -1,0 +1,96 @@
+"""Command line: python -m ddx.main --config configs/<name>.py --workdir DIR [--mode ...].
+
+Modes:
+  train   train (or resume) the run in --workdir                     (default)
+  sample  load the newest checkpoint and write sampling.num_samples images
+          to workdir/samples/ as a PNG grid and an .npz (uint8 [N, H, W, C])
+
+Override any config key with --config.<group>.<key>=VALUE. Bad input (an
+unknown key, a wrong type, an impossible value, missing data) prints one line
+naming what is wrong and how to fix it, and exits with code 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Python config file with get_config(); e.g. configs/digits.py",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(msg: str) -> None:
+  print(f"ddx: error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _parse_flags(argv):
+  """absl's parser, with config-override errors turned into one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for unknown keys and wrong types in
+    # --config.a.b=v overrides; its own text names the key.
+    _fail(f"bad config override: {str(e).splitlines()[0]} "
+          "(see configs/default.py for the keys and their types)")
+
+
+def _sample(config, workdir):
+  import jax
+  import numpy as np
+  import ddx
+  from ddx import evaluation
+  model = ddx.load(workdir)
+  s = config.sampling
+  # Sampling options come from the command line config, the model from the run.
+  images = ddx.sample_fn(model, jax.random.key(config.training.seed + 1), steps=s.steps,
+                         num_samples=s.num_samples, sampler=s.sampler, eta=s.eta,
+                         clip_x0=s.clip_x0, guidance_scale=s.guidance_scale,
+                         ddpm_variance=s.ddpm_variance)
+  u8 = ddx.to_uint8(images)
+  out = os.path.join(workdir, "samples")
+  os.makedirs(out, exist_ok=True)
+  name = f"sample_{s.sampler}_{s.steps}"
+  evaluation.save_grid(u8, os.path.join(out, name + ".png"))
+  np.savez_compressed(os.path.join(out, name + ".npz"), images=u8)
+  print(f"wrote {len(u8)} samples to {os.path.join(out, name)}.png/.npz")
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
+  if _CONFIG.value is None:
+    _fail("--config is required, e.g. --config configs/digits.py")
+  if not _WORKDIR.value:
+    _fail("--workdir is required, e.g. --workdir runs/digits")
+  from ddx import checkpoint, config as config_lib, data, train
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    if _MODE.value == "train":
+      parent = os.path.dirname(os.path.abspath(workdir))
+      if not os.path.isdir(parent) or not os.access(parent, os.W_OK) or (
+          os.path.exists(workdir) and not os.access(workdir, os.W_OK)):
+        _fail(f"workdir {workdir} cannot be created or written; choose a writable path")
+      train.train_and_evaluate(config, workdir)
+    else:
+      config_lib.validate(config)
+      _sample(config, workdir)
+  except (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
+    _fail(str(e))
+  except train.TrainingError as e:
+    print(f"ddx: training stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,5 @@
+"""Denoising networks."""
+
+from ddx.models.unet import UNet
+
+__all__ = ["UNet"]

@@ -1,0 +1,206 @@
+"""Building blocks of the DDPM U-Net: time embedding, blocks, resampling.
+
+All modules take channels-last images, `[B, H, W, C]`. Computation runs in
+`dtype` (e.g. bfloat16) while parameters stay float32 (`param_dtype`, Flax's
+default). Weights use DDPM's initialiser (Glorot-uniform, `fan_avg`), and the
+last layer of every residual branch starts at zero, so each block is the
+identity at init (DDPM used a scale of 1e-10; exact zeros behave the same).
+"""
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# DDPM's `default_init(scale=1.0)`: variance_scaling(1, fan_avg, uniform).
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zero_init = nn.initializers.zeros
+
+# DDPM (via tf.contrib.layers.group_norm) used epsilon 1e-6.
+_GN_EPSILON = 1e-6
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal embedding of diffusion timesteps, as in DDPM / Transformers.
+
+  Args:
+    t: [B] timesteps (any numeric dtype; used as float32).
+    dim: embedding size; must be at least 4 so that there are two frequencies.
+
+  Returns:
+    [B, dim] float32: concat([sin(t * f), cos(t * f)]) with geometrically
+    spaced frequencies f from 1 down to 1/10000, plus a zero column if `dim`
+    is odd.
+  """
+  if t.ndim != 1:
+    raise ValueError(
+        f"timestep_embedding expects t of shape [B], got {t.shape}")
+  half = dim // 2
+  if half < 2:
+    # The frequency spacing divides by (half - 1).
+    raise ValueError(f"timestep_embedding needs dim >= 4, got {dim}")
+  freqs = jnp.exp(
+      -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  emb = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+  if dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def _conv3x3(features: int, dtype: Any, name: str, zero: bool = False,
+             strides: int = 1, padding: Any = "SAME") -> nn.Conv:
+  return nn.Conv(
+      features, (3, 3), strides=(strides, strides), padding=padding,
+      dtype=dtype, kernel_init=zero_init if zero else default_init, name=name)
+
+
+def _dense(features: int, dtype: Any, name: str,
+           zero: bool = False) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype,
+                  kernel_init=zero_init if zero else default_init, name=name)
+
+
+def _group_norm(num_groups: int, dtype: Any, name: str) -> nn.GroupNorm:
+  # Flax computes the statistics in at least float32 even when dtype is bf16.
+  return nn.GroupNorm(num_groups=num_groups, epsilon=_GN_EPSILON, dtype=dtype,
+                      name=name)
+
+
+class ResBlock(nn.Module):
+  """Residual block with a time-embedding bias, as in DDPM.
+
+  h = conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + dense(silu(temb))))));
+  returns skip(x) + h, where conv2 starts at zero and skip is the identity, or
+  a 1x1 conv ("NIN") when the channel count changes.
+
+  Attributes:
+    out_ch: output channels; None keeps the input's.
+    dropout: dropout rate before the second conv.
+    num_groups: GroupNorm groups; must divide the input and output channels.
+    dtype: computation dtype.
+  """
+  out_ch: Optional[int] = None
+  dropout: float = 0.0
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array,
+               train: bool = False) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C_in] input.
+      temb: [B, D] time (and label) embedding.
+      train: enables dropout (then a 'dropout' rng is needed if rate > 0).
+
+    Returns:
+      [B, H, W, out_ch] (out_ch defaults to C_in).
+    """
+    in_ch = x.shape[-1]
+    out_ch = in_ch if self.out_ch is None else self.out_ch
+    h = nn.silu(_group_norm(self.num_groups, self.dtype, "norm1")(x))
+    h = _conv3x3(out_ch, self.dtype, "conv1")(h)
+    # Per-channel bias from the embedding, broadcast over all positions.
+    temb_bias = _dense(out_ch, self.dtype, "temb_proj")(nn.silu(temb))
+    h = h + temb_bias[:, None, None, :]
+    h = nn.silu(_group_norm(self.num_groups, self.dtype, "norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv3x3(out_ch, self.dtype, "conv2", zero=True)(h)
+    if in_ch != out_ch:
+      x = _dense(out_ch, self.dtype, "nin_shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all H*W positions, with a residual add.
+
+  The output projection starts at zero, so the block is the identity at init.
+
+  Attributes:
+    num_groups: GroupNorm groups; must divide the channels.
+    dtype: computation dtype.
+  """
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C] input.
+
+    Returns:
+      [B, H, W, C].
+    """
+    b, hgt, wid, c = x.shape
+    h = _group_norm(self.num_groups, self.dtype, "norm")(x)
+    q = _dense(c, self.dtype, "q")(h).reshape(b, hgt * wid, c)
+    k = _dense(c, self.dtype, "k")(h).reshape(b, hgt * wid, c)
+    v = _dense(c, self.dtype, "v")(h).reshape(b, hgt * wid, c)
+    logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
+    # Softmax in float32: bf16 logits lose too much precision over H*W keys.
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    h = jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v)
+    h = _dense(c, self.dtype, "proj_out", zero=True)(h.reshape(b, hgt, wid, c))
+    return x + h
+
+
+class Downsample(nn.Module):
+  """Halves H and W: a 3x3 stride-2 conv, or 2x2 average pooling.
+
+  The conv pads by one row/column at the bottom/right only, which is what
+  TensorFlow's 'SAME' padding (used by DDPM) does for an even size with a 3x3
+  kernel and stride 2; the output is exactly H/2 x W/2.
+
+  Attributes:
+    with_conv: use the conv (True) or average pooling (False).
+    dtype: computation dtype.
+  """
+  with_conv: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the downsampling.
+
+    Args:
+      x: [B, H, W, C] input with even H and W.
+
+    Returns:
+      [B, H/2, W/2, C].
+    """
+    if self.with_conv:
+      return _conv3x3(x.shape[-1], self.dtype, "conv", strides=2,
+                      padding=((0, 1), (0, 1)))(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+  """Doubles H and W by nearest-neighbour repetition, then an optional 3x3 conv.
+
+  Attributes:
+    with_conv: apply a 3x3 conv after the repetition.
+    dtype: computation dtype.
+  """
+  with_conv: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the upsampling.
+
+    Args:
+      x: [B, H, W, C] input.
+
+    Returns:
+      [B, 2H, 2W, C].
+    """
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = _conv3x3(x.shape[-1], self.dtype, "conv")(x)
+    return x

@@ -1,0 +1,187 @@
+"""The DDPM U-Net (Ho et al. 2020), in Flax linen.
+
+Architecture (channels-last, resolution = image height H):
+
+  temb   = Dense(4ch) . SiLU . Dense(4ch) (sinusoidal embedding of t, size ch)
+           [+ Embed(num_classes + 1, 4ch)(label) when num_classes > 0]
+  h      = conv_in 3x3 -> ch;                           skips = [h]
+  down   : for level l = 0 .. L-1 (L = len(ch_mult)):
+             num_res_blocks x (ResBlock -> ch * ch_mult[l], then AttnBlock if
+             the resolution is in attn_resolutions), each output pushed to
+             skips;
+             Downsample (pushed to skips) after every level but the last.
+  middle : ResBlock, AttnBlock, ResBlock.
+  up     : for level l = L-1 .. 0:
+             (num_res_blocks + 1) x (ResBlock(concat[h, skips.pop()]) ->
+             ch * ch_mult[l], then AttnBlock if at an attention resolution);
+             Upsample after every level but level 0.
+  out    : GroupNorm -> SiLU -> conv 3x3 -> C (initialised to zero, so the
+           network outputs exactly zero at init).
+
+Resolutions of the levels are H, H/2, ..., H / 2**(L-1).
+
+Timestep convention: `t` is the array index i in [0, T) of the diffusion step
+(not i + 1, not a continuous time in [0, 1]); it is fed as float to the
+sinusoidal embedding. Label convention: classes are 0 .. num_classes - 1, and
+the extra index `num_classes` is the "null" label used for classifier-free
+guidance; `labels=None` means every example gets the null label.
+"""
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddx.models.layers import (AttnBlock, Downsample, ResBlock, Upsample,
+                               default_init, timestep_embedding, zero_init)
+
+
+class UNet(nn.Module):
+  """DDPM U-Net predicting a tensor of the input's shape (e.g. the noise).
+
+  The fields are exactly the keys of `config.model` (plus `dtype`).
+
+  Attributes:
+    ch: base channel count.
+    ch_mult: channel multiplier per resolution level; its length is the number
+      of levels, so the image is downsampled len(ch_mult) - 1 times.
+    num_res_blocks: ResBlocks per level on the way down (one more on the way
+      up).
+    attn_resolutions: resolutions (feature-map heights) that get self-attention
+      after each ResBlock; each must be one of the levels' resolutions.
+    dropout: dropout rate inside the ResBlocks (active only with train=True).
+    num_groups: GroupNorm groups; must divide ch * m for every m in ch_mult.
+    resamp_with_conv: use 3x3 convs in Downsample/Upsample (else avg-pool /
+      plain nearest-neighbour).
+    num_classes: number of classes for label conditioning; 0 = unconditional.
+    dtype: computation dtype (parameters stay float32).
+  """
+  ch: int = 32
+  ch_mult: Sequence[int] = (1, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (4,)
+  dropout: float = 0.0
+  num_groups: int = 8
+  resamp_with_conv: bool = True
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+
+  def _check(self, x: jax.Array, labels: Optional[jax.Array]) -> None:
+    """Raises ValueError for a config or input the network cannot handle."""
+    if x.ndim != 4:
+      raise ValueError(f"UNet expects x of shape [B, H, W, C], got {x.shape}")
+    _, hgt, wid, _ = x.shape
+    factor = 2 ** (len(self.ch_mult) - 1)
+    if hgt % factor or wid % factor:
+      raise ValueError(
+          f"image size {hgt}x{wid} is not divisible by 2**(len(ch_mult)-1) = "
+          f"{factor} (ch_mult={tuple(self.ch_mult)} downsamples "
+          f"{len(self.ch_mult) - 1} times)")
+    levels = [hgt // 2 ** l for l in range(len(self.ch_mult))]
+    bad = [r for r in self.attn_resolutions if r not in levels]
+    if bad:
+      raise ValueError(
+          f"attn_resolutions {tuple(bad)} are not resolutions of this U-Net; "
+          f"for {hgt}x{wid} images and ch_mult={tuple(self.ch_mult)} the valid "
+          f"ones are {tuple(levels)}")
+    for c in [self.ch] + [self.ch * m for m in self.ch_mult]:
+      if c % self.num_groups:
+        raise ValueError(
+            f"channel count {c} (ch={self.ch}, ch_mult={tuple(self.ch_mult)}) "
+            f"is not divisible by num_groups={self.num_groups}")
+    if labels is not None and self.num_classes <= 0:
+      raise ValueError("labels were given but the UNet has num_classes=0")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array,
+               labels: Optional[jax.Array] = None,
+               train: bool = False) -> jax.Array:
+    """Runs the network.
+
+    Args:
+      x: [B, H, W, C] float32 noisy images.
+      t: [B] int32 diffusion step index i in [0, T).
+      labels: [B] int32 class labels in [0, num_classes] (num_classes = null),
+        or None (all null). Only allowed when num_classes > 0.
+      train: enables dropout; then apply needs rngs={'dropout': key} if
+        dropout > 0.
+
+    Returns:
+      [B, H, W, C] float32, the same shape as x.
+    """
+    self._check(x, labels)
+    out_ch = x.shape[-1]
+    n_levels = len(self.ch_mult)
+    dt = self.dtype
+
+    # Time (and label) embedding, shared by every ResBlock.
+    temb = timestep_embedding(t, self.ch)
+    temb = nn.Dense(4 * self.ch, dtype=dt, kernel_init=default_init,
+                    name="temb_dense0")(temb)
+    temb = nn.Dense(4 * self.ch, dtype=dt, kernel_init=default_init,
+                    name="temb_dense1")(nn.silu(temb))
+    if self.num_classes > 0:
+      if labels is None:
+        labels = jnp.full(x.shape[:1], self.num_classes, dtype=jnp.int32)
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=dt,
+                             name="label_embed")(labels)
+
+    def res_block(h, ch, name):
+      return ResBlock(out_ch=ch, dropout=self.dropout,
+                      num_groups=self.num_groups, dtype=dt, name=name)(
+                          h, temb, train)
+
+    def attn_block(h, name):
+      return AttnBlock(num_groups=self.num_groups, dtype=dt, name=name)(h)
+
+    # Down path; every intermediate output is a skip connection.
+    h = nn.Conv(self.ch, (3, 3), padding="SAME", dtype=dt,
+                kernel_init=default_init, name="conv_in")(x.astype(dt))
+    skips = [h]
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = res_block(h, self.ch * mult, f"down_{level}_block_{i}")
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(h, f"down_{level}_attn_{i}")
+        skips.append(h)
+      if level != n_levels - 1:
+        h = Downsample(with_conv=self.resamp_with_conv, dtype=dt,
+                       name=f"down_{level}_downsample")(h)
+        skips.append(h)
+
+    # Middle, at the lowest resolution.
+    h = res_block(h, h.shape[-1], "mid_block_0")
+    h = attn_block(h, "mid_attn")
+    h = res_block(h, h.shape[-1], "mid_block_1")
+
+    # Up path, consuming the skips in reverse order.
+    for level in reversed(range(n_levels)):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(h, self.ch * self.ch_mult[level], f"up_{level}_block_{i}")
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(h, f"up_{level}_attn_{i}")
+      if level != 0:
+        h = Upsample(with_conv=self.resamp_with_conv, dtype=dt,
+                     name=f"up_{level}_upsample")(h)
+    assert not skips, "every skip connection must be consumed"
+
+    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-6,
+                             dtype=dt, name="norm_out")(h))
+    h = nn.Conv(out_ch, (3, 3), padding="SAME", dtype=dt,
+                kernel_init=zero_init, name="conv_out")(h)
+    return h.astype(jnp.float32)
+
+
+def count_params(params: Any) -> int:
+  """Returns the total number of scalars in a parameter pytree.
+
+  Args:
+    params: pytree of arrays or jax.ShapeDtypeStruct (e.g. from eval_shape).
+
+  Returns:
+    Sum of the sizes of all leaves.
+  """
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -1,0 +1,225 @@
+"""The trainer: a pure train_step, the real train_and_evaluate loop, resume, load, CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddx
+from ddx import config as config_lib
+from ddx import data, schedules, train
+from ddx.models import UNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _test_config():
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  try:
+    import test as test_config   # configs/test.py
+  finally:
+    sys.path.pop(0)
+  return test_config.get_config()
+
+
+def _parts(config):
+  net = UNet(**config.model)
+  tx = train.make_optimizer(config.optim)
+  return net, schedules.from_config(config.diffusion), tx
+
+
+def _batch(config, step=0):
+  src = data.make_source(config.data)
+  return data.get_batch(src, step, batch_size=config.training.batch_size,
+                        seed=0, random_flip=False)
+
+
+@pytest.fixture(scope="module")
+def step_env():
+  config = _test_config()
+  net, sched, tx = _parts(config)
+  state = jax.jit(lambda k: train.create_state(config, net, tx, k))(jax.random.key(0))
+  step = jax.jit(lambda s, b, k: train.train_step(s, b, k, net=net, sched=sched, tx=tx,
+                                                  config=config))
+  return config, state, step
+
+
+def test_train_step_is_pure_and_updates_with_ema(step_env):
+  config, state, step = step_env
+  batch = _batch(config)
+  s1, m1 = step(state, batch, jax.random.key(1))
+  s2, m2 = step(state, batch, jax.random.key(1))
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+    np.testing.assert_array_equal(a, b)
+  assert int(s1.step) == 1 and bool(m1["finite"])
+  assert np.isfinite(float(m1["loss"])) and float(m1["grad_norm"]) > 0
+  # The zero-initialised output conv blocks every other gradient on the first
+  # update (DDPM's init); from the second update on everything trains.
+  changed = lambda s: sum(not np.array_equal(a, b) for a, b in
+                          zip(jax.tree.leaves(s.params), jax.tree.leaves(state.params)))
+  assert changed(s1) >= 1
+  s_n = s1
+  for n in range(1, 4):
+    s_n, _ = step(s_n, _batch(config, n), jax.random.key(1))
+  assert changed(s_n) == len(jax.tree.leaves(state.params))
+  # EMA after update n = 1 with warm-up: decay = min(0.999, 2/11).
+  d = min(config.optim.ema_decay, 2 / 11)
+  assert float(m1["ema_decay"]) == pytest.approx(d, rel=1e-6)
+  for e, p, e0 in zip(jax.tree.leaves(s1.ema_params), jax.tree.leaves(s1.params),
+                      jax.tree.leaves(state.ema_params)):
+    np.testing.assert_allclose(e, d * e0 + (1 - d) * p, rtol=1e-5, atol=1e-7)
+  # First update uses lr * 1/warmup (not 0): warmup_steps = 2 in configs/test.py.
+  assert float(m1["lr"]) == pytest.approx(config.optim.lr / 2)
+  s3, _ = step(state, batch, jax.random.key(2))   # another key: other noise draws
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(s3.params), jax.tree.leaves(s1.params)))
+
+
+def test_nonfinite_batch_skips_the_update(step_env):
+  config, state, step = step_env
+  batch = _batch(config)
+  batch["image"] = batch["image"].copy()
+  batch["image"][0, 0, 0, 0] = np.nan
+  s1, m = step(state, batch, jax.random.key(1))
+  assert not bool(m["finite"])
+  assert int(s1.step) == 1
+  for a, b in zip(jax.tree.leaves((s1.params, s1.ema_params, s1.opt_state)),
+                  jax.tree.leaves((state.params, state.ema_params, state.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_lr_schedule_and_ema_decay():
+  o = config_lib.base_config().optim
+  o.lr, o.warmup_steps = 1e-3, 4
+  lr = train.lr_schedule(o)
+  np.testing.assert_allclose([float(lr(n)) for n in range(6)],
+                             [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+  o.ema_decay = 0.999
+  assert float(train.ema_decay(o, jnp.int32(0))) == pytest.approx(0.1)
+  assert float(train.ema_decay(o, jnp.int32(10**6))) == pytest.approx(0.999)
+  o.ema_warmup = False
+  assert float(train.ema_decay(o, jnp.int32(0))) == pytest.approx(0.999)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One real 6-step run of configs/test.py (checkpoints at 3 and 6)."""
+  workdir = str(tmp_path_factory.mktemp("run") / "wd")
+  config = _test_config()
+  state = train.train_and_evaluate(config, workdir)
+  return config, workdir, state
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_writes_the_workdir(trained):
+  config, workdir, state = trained
+  assert int(state.step) == 6
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["ch"] == config.model.ch
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    recs = [json.loads(l) for l in f]
+  assert [r["step"] for r in recs] == [2, 4, 6]
+  for r in recs:
+    assert np.isfinite(r["loss"]) and r["images_per_sec"] > 0 and "grad_norm" in r
+  assert os.path.exists(os.path.join(workdir, "samples", "step_0000006.png"))
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+
+
+@pytest.mark.slow
+def test_load_returns_the_ema_weights_and_samples(trained):
+  config, workdir, state = trained
+  model = ddx.load(workdir)
+  for a, b in zip(jax.tree.leaves(model.variables["params"]),
+                  jax.tree.leaves(state.ema_params)):
+    np.testing.assert_array_equal(a, b)
+  assert model.image_shape == (8, 8, 1)
+  imgs = ddx.sample_fn(model, jax.random.key(0), steps=5)
+  assert imgs.shape == (config.sampling.num_samples, 8, 8, 1)
+  assert float(jnp.abs(imgs).max()) <= 1.0
+  np.testing.assert_array_equal(imgs, ddx.sample_fn(model, jax.random.key(0), steps=5))
+  # An older checkpoint by step.
+  old = ddx.load(workdir, step=3)
+  assert not np.array_equal(jax.tree.leaves(old.variables)[0],
+                            jax.tree.leaves(model.variables)[0])
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_exact(trained, tmp_path):
+  """Stop at step 3, restart with num_steps = 6: the same params as 6 straight."""
+  config, _, straight = trained
+  workdir = str(tmp_path / "wd")
+  c3 = _test_config()
+  c3.training.num_steps = 3
+  train.train_and_evaluate(c3, workdir)
+  resumed = train.train_and_evaluate(config, workdir)
+  assert int(resumed.step) == 6
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_load_without_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(ddx.checkpoint.CheckpointError, match="no checkpoint"):
+    ddx.load(str(tmp_path))
+
+
+def test_refuses_a_workdir_of_another_architecture(trained):
+  _, workdir, _ = trained
+  config = _test_config()
+  config.model.ch = 16
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(config_lib.ConfigError, match="different model"):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def _cli(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "ddx.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.training.bsz=8"], "bsz"),
+    (["--config.training.batch_size=abc"], "batch_size"),
+    (["--config.sampling.sampler=euler"], "sampling.sampler"),
+    (["--config.diffusion.schedule=quadratic"], "diffusion.schedule"),
+    (["--config.optim.lr=-1"], "optim.lr"),
+    (["--config.model.attn_resolutions=(3,)"], "attn_resolutions"),
+    (["--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+  wd = tmp_path / "wd"
+  r = _cli("--config", "configs/test.py", "--workdir", str(wd), *args)
+  assert r.returncode == 2, r.stderr[-2000:]
+  err = [l for l in r.stderr.splitlines() if l.startswith("ddx: error:")]
+  assert len(err) == 1 and needle in err[0], r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  assert not (wd / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_cli_sample_mode(trained):
+  _, workdir, _ = trained
+  r = _cli("--config", "configs/test.py", "--workdir", workdir, "--mode", "sample",
+           "--config.sampling.steps=5", "--config.sampling.num_samples=6")
+  assert r.returncode == 0, r.stderr[-3000:]
+  z = np.load(os.path.join(workdir, "samples", "sample_ddim_5.npz"))["images"]
+  assert z.shape == (6, 8, 8, 1) and z.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_readme_main_command_on_digits(tmp_path):
+  """README's first command (configs/digits.py), shrunk to 2 steps."""
+  wd = tmp_path / "digits"
+  r = _cli("--config", "configs/digits.py", "--workdir", str(wd),
+           "--config.training.num_steps=2", "--config.training.log_every=1",
+           "--config.sampling.steps=2", "--config.sampling.num_samples=4",
+           "--config.training.batch_size=8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step 2/2" in r.stdout
+  assert (wd / "samples" / "step_0000002.png").exists()
+  assert (wd / "checkpoints" / "2").exists()
