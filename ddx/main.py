@@ -72,8 +72,12 @@ def main(argv):
     _fail("--config is required, e.g. --config configs/digits.py")
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir runs/digits")
-  from ddx import checkpoint, config as config_lib, data, train
   config, workdir = _CONFIG.value, _WORKDIR.value
+  from ddx import parallel
+  # Before JAX starts: use every CPU core (one XLA:CPU device each).
+  parallel.split_cpu_into_devices(config.training.batch_size if _MODE.value == "train"
+                                  else config.sampling.num_samples)
+  from ddx import checkpoint, config as config_lib, data, train
   try:
     if _MODE.value == "train":
       parent = os.path.dirname(os.path.abspath(workdir))

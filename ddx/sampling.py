@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import diffusion
+from ddx import parallel
 from ddx import schedules
 from ddx.models import UNet
 from ddx.schedules import Schedule
@@ -58,7 +59,12 @@ def timesteps(num_timesteps: int, steps: int, spacing: str = "uniform",
     return (np.arange(steps, dtype=np.int32) * k)[::-1].copy()
   if spacing != "logsnr":
     raise ValueError(f"spacing={spacing!r} is unknown; use one of {SPACINGS}")
-  a = np.asarray(sched.alphas_cumprod, np.float64)
+  try:
+    a = np.asarray(sched.alphas_cumprod, np.float64)
+  except jax.errors.TracerArrayConversionError:
+    raise ValueError("spacing='logsnr' needs the schedule's values at trace time: "
+                     "close over a schedule built outside jit instead of passing "
+                     "it as a jit argument, or use spacing='uniform'") from None
   lam = 0.5 * (np.log(a) - np.log1p(-a))          # decreasing in the index
   grid = np.linspace(lam[-1], lam[0], steps)       # from noisy to clean
   out = []
@@ -151,6 +157,11 @@ SAMPLERS = {
 DDPM_VARIANCES = ("posterior", "beta")
 
 
+def initial_noise(rng: jax.Array, shape) -> jnp.ndarray:
+  """The x_T that `sample` draws from `rng` when no x_T is given."""
+  return jax.random.normal(jax.random.split(rng)[0], tuple(shape), jnp.float32)
+
+
 def sample(denoise_fn: DenoiseFn, sched: Schedule, rng: jax.Array, shape,
            sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
            x_T: Optional[jnp.ndarray] = None, clip_x0: bool = False,
@@ -191,8 +202,8 @@ def sample(denoise_fn: DenoiseFn, sched: Schedule, rng: jax.Array, shape,
   shape = tuple(shape)
   spec = SAMPLERS[sampler]
   seq = timesteps(sched.num_timesteps, steps, spacing or spec.spacing, sched)
-  init_key, step_key = jax.random.split(rng)
-  x = (jax.random.normal(init_key, shape, jnp.float32) if x_T is None
+  step_key = jax.random.split(rng)[1]
+  x = (initial_noise(rng, shape) if x_T is None
        else jnp.asarray(x_T, jnp.float32).reshape(shape))
   step_fn = functools.partial(spec.step, eta=eta, variance=ddpm_variance)
 
@@ -241,7 +252,10 @@ class Model:
 
   @property
   def schedule(self) -> Schedule:
-    return schedules.from_config(self.config.diffusion)
+    # Concrete even inside a jit trace: the schedule is a function of the
+    # static config, and samplers may need its values (log-SNR spacing).
+    with jax.ensure_compile_time_eval():
+      return schedules.from_config(self.config.diffusion)
 
   def network(self):
     return UNet(**self.config.model)
@@ -277,7 +291,15 @@ def _denoiser(model: Model, labels, guidance_scale, guided: bool) -> DenoiseFn:
 def _sample_jit(model, rng, labels, guidance_scale, eta, x_T, *, num_samples,
                 steps, sampler, clip_x0, guided, ddpm_variance, return_trajectory):
   fn = _denoiser(model, labels, guidance_scale, guided)
-  res = sample(fn, model.schedule, rng, (num_samples,) + model.image_shape,
+  shape = (num_samples,) + model.image_shape
+  if x_T is None:
+    x_T = initial_noise(rng, shape)
+  # Split the sample batch over all devices when it divides evenly; the
+  # scan carry inherits the sharding, so every step runs data-parallel.
+  mesh = parallel.make_mesh()
+  if parallel.num_data_shards(mesh) > 1 and num_samples % parallel.num_data_shards(mesh) == 0:
+    x_T = jax.lax.with_sharding_constraint(x_T, parallel.data_sharded(mesh))
+  res = sample(fn, model.schedule, rng, shape,
                sampler=sampler, steps=steps, eta=eta, x_T=x_T, clip_x0=clip_x0,
                prediction=model.config.diffusion.prediction,
                ddpm_variance=ddpm_variance, return_trajectory=return_trajectory)

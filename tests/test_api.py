@@ -45,6 +45,12 @@ def test_sample_fn_shape_range_determinism():
   np.testing.assert_array_equal(ddx.to_uint8(jnp.array([-1.0, 0.0, 1.0])), [0, 128, 255])
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver_pp"])
+def test_sample_fn_runs_every_sampler(sampler):
+  x = ddx.sample_fn(MODEL, jax.random.key(0), steps=4, sampler=sampler)
+  assert x.shape == (3, 8, 8, 1) and bool(jnp.all(jnp.isfinite(x)))
+
+
 def test_sample_fn_matches_sample_with_the_network():
   """sample_fn is ddx.sample over the model's network and schedule, clipped."""
   net = MODEL.network()

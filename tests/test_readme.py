@@ -1,0 +1,35 @@
+"""The README's research-code example runs as written (after a short training run)."""
+import os
+import re
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python_blocks():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+@pytest.mark.slow
+def test_readme_research_example_runs(tmp_path, monkeypatch):
+  from ddx import train
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  try:
+    import test as test_config
+  finally:
+    sys.path.pop(0)
+  monkeypatch.chdir(tmp_path)
+  config = test_config.get_config()
+  config.training.num_steps = 2
+  config.training.sample_every = 0
+  train.train_and_evaluate(config, "runs/digits")
+  block = _python_blocks()[0]
+  assert "ddx.load(\"runs/digits\")" in block
+  scope = {}
+  exec(compile(block, "README.md", "exec"), scope)
+  imgs = scope["imgs"]
+  assert imgs.shape == (config.sampling.num_samples, 8, 8, 1)
+  assert scope["x"].shape == (4, 8, 8, 1)
