@@ -37,8 +37,11 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only)
+    if read_only:  # orbax warns unless these are already what read_only implies
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, save_interval_steps=0, create=False, read_only=True)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:

@@ -44,6 +44,19 @@ def _parse_flags(argv):
           "(see configs/default.py for the keys and their types)")
 
 
+def _check_writable(workdir: str) -> None:
+  """Fails unless workdir is a writable directory or can be created."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    _fail(f"workdir {workdir} exists and is not a directory; choose another --workdir")
+  existing = path
+  while not os.path.exists(existing):   # nearest existing ancestor
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    _fail(f"workdir {workdir} cannot be created or written ({existing} is not a "
+          "writable directory); choose a writable --workdir")
+
+
 def _sample(config, workdir):
   import jax
   import numpy as np
@@ -80,10 +93,7 @@ def main(argv):
   from ddx import checkpoint, config as config_lib, data, train
   try:
     if _MODE.value == "train":
-      parent = os.path.dirname(os.path.abspath(workdir))
-      if not os.path.isdir(parent) or not os.access(parent, os.W_OK) or (
-          os.path.exists(workdir) and not os.access(workdir, os.W_OK)):
-        _fail(f"workdir {workdir} cannot be created or written; choose a writable path")
+      _check_writable(workdir)
       train.train_and_evaluate(config, workdir)
     else:
       config_lib.validate(config)

@@ -214,7 +214,7 @@ def test_cli_sample_mode(trained):
 @pytest.mark.slow
 def test_readme_main_command_on_digits(tmp_path):
   """README's first command (configs/digits.py), shrunk to 2 steps."""
-  wd = tmp_path / "digits"
+  wd = tmp_path / "runs" / "digits"     # parent does not exist yet, as on a fresh clone
   r = _cli("--config", "configs/digits.py", "--workdir", str(wd),
            "--config.training.num_steps=2", "--config.training.log_every=1",
            "--config.sampling.steps=2", "--config.sampling.num_samples=4",
