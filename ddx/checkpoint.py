@@ -74,8 +74,9 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any):
     """Restores the newest checkpoint that reads back; older ones are fallbacks.
 
-    A checkpoint that fails to read (truncated, corrupt) is reported and
-    skipped, never deleted: the user may want to look at it.
+    A checkpoint that fails to read (truncated, corrupt) is reported and moved
+    to `workdir/checkpoints_unreadable/<step>` (never deleted: the user may
+    want it), so that training can write that step again.
     Returns:
       (state, step), or (None, None) when there is no checkpoint at all.
     """
@@ -84,14 +85,34 @@ class Checkpointer:
       try:
         return self.restore(step, abstract_state), step
       except Exception as e:  # orbax/tensorstore raise many types for bad files
-        logging.warning("checkpoint at step %d in %s could not be read (%s: %s); "
-                        "trying the previous one", step, self.directory,
-                        type(e).__name__, str(e).splitlines()[0][:200])
+        moved = self._set_aside(step)
+        logging.warning("checkpoint at step %d could not be read (%s: %s); moved it to "
+                        "%s and trying the previous one", step, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "", moved)
     if steps:
       raise CheckpointError(
-          f"none of the checkpoints {steps} in {self.directory} could be read; "
-          "move that directory away to start fresh (it was left untouched)")
+          f"none of the checkpoints {steps} in {self.directory} could be read; they "
+          f"were moved to {self._aside_dir()} (not deleted); start a new --workdir")
     return None, None
+
+  def _aside_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+
+  def _set_aside(self, step: int) -> str:
+    """Moves an unreadable step directory out of orbax's sight; returns where."""
+    src = os.path.join(self.directory, str(step))
+    dst_root = self._aside_dir()
+    os.makedirs(dst_root, exist_ok=True)
+    dst, n = os.path.join(dst_root, str(step)), 1
+    while os.path.exists(dst):
+      dst, n = os.path.join(dst_root, f"{step}.{n}"), n + 1
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.replace(src, dst)
+    if jax.process_count() > 1:  # every process must see the move before reloading
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"ddx_set_aside_{step}")
+    self._mngr.reload()   # forget the moved step
+    return dst
 
   def close(self) -> None:
     self._mngr.wait_until_finished()

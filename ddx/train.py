@@ -189,6 +189,43 @@ def _write_config(workdir: str, config) -> None:
   os.replace(tmp, path)
 
 
+class _Preemption:
+  """Says when to stop for SIGTERM (preemption), the same step on every host.
+
+  One process: a SIGTERM handler sets a flag, checked before each step.
+  Several processes (TPU pods, clusters): JAX's preemption sync point, which
+  makes all hosts agree on the step at which to save and stop.
+  """
+
+  def __init__(self):
+    self._signal = None
+    self._old = None
+    self._multi = jax.process_count() > 1
+    if not self._multi:
+      try:
+        self._old = signal.signal(signal.SIGTERM, self._on_term)
+      except ValueError:  # not the main thread (e.g. a notebook worker)
+        self._old = None
+
+  def _on_term(self, signum, frame):
+    del frame
+    self._signal = signum
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # no preemption service (e.g. not started by jax.distributed)
+        return False
+    return self._signal is not None
+
+  def close(self) -> None:
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+      self._old = None
+
+
 def save_samples(model: sampling.Model, rng: jax.Array, path: str,
                  writer: log_lib.MetricWriter | None = None, step: int = 0):
   """Samples a grid with the model's sampling config and writes it as PNG."""
@@ -260,15 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if is_main:
     os.makedirs(samples_dir, exist_ok=True)
 
-  stop = {"signal": None}
-  def on_term(signum, frame):
-    stop["signal"] = signum
-  old_handler = None
-  try:
-    old_handler = signal.signal(signal.SIGTERM, on_term)
-  except ValueError:  # not in the main thread (e.g. a notebook worker): no handler
-    pass
-
+  preemption = _Preemption()
   loader = data_lib.Loader(
       source, step, batch_size=t.batch_size, seed=t.seed,
       random_flip=config.data.random_flip, process_index=jax.process_index(),
@@ -277,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   last_log_time, last_log_step = time.perf_counter(), step
   first_logged = False
   try:
-    while step < t.num_steps and stop["signal"] is None:
+    while step < t.num_steps and not preemption.reached(step):
       _, local = next(loader)
       batch = parallel.global_batch(local, mesh)
       state, metrics = step_fn(state, batch, train_rng)
@@ -312,14 +341,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                           os.path.join(samples_dir, f"step_{step:07d}.png") if is_main
                           else None, writer, step)
         del u8
-    if stop["signal"] is not None:
-      logging.warning("signal %s: saving a checkpoint at step %d and stopping",
-                      stop["signal"], step)
+    if step < t.num_steps:  # preempted
+      logging.warning("preempted: saving a checkpoint at step %d and stopping", step)
       ck.save(step, state, config)
   finally:
     loader.close()
     ck.close()
     writer.close()
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
+    preemption.close()
   return state

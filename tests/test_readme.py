@@ -26,10 +26,14 @@ def test_readme_research_example_runs(tmp_path, monkeypatch):
   config.training.num_steps = 2
   config.training.sample_every = 0
   train.train_and_evaluate(config, "runs/digits")
-  block = _python_blocks()[0]
-  assert "ddx.load(\"runs/digits\")" in block
+  blocks = _python_blocks()
+  assert len(blocks) >= 2 and "ddx.load(\"runs/digits\")" in blocks[0]
   scope = {}
-  exec(compile(block, "README.md", "exec"), scope)
-  imgs = scope["imgs"]
-  assert imgs.shape == (config.sampling.num_samples, 8, 8, 1)
+  exec(compile(blocks[0], "README.md", "exec"), scope)
+  assert scope["imgs"].shape == (config.sampling.num_samples, 8, 8, 1)
   assert scope["x"].shape == (4, 8, 8, 1)
+  for block in blocks[1:]:
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+  # The inversion example: 8 interpolants between two inverted digits.
+  assert scope["imgs"].shape == (8, 8, 8, 1)

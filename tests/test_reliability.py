@@ -1,0 +1,317 @@
+"""Failure and resume: kill -9, SIGTERM, unreadable checkpoints, NaN, bad input."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ddx import checkpoint as ckpt_lib
+from ddx import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _test_config():
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  try:
+    import test as test_config
+  finally:
+    sys.path.pop(0)
+  return test_config.get_config()
+
+
+def _main_cmd(workdir, *overrides):
+  return [sys.executable, "-m", "ddx.main", "--config", "configs/test.py",
+          "--workdir", str(workdir), "--config.training.sample_every=0", *overrides]
+
+
+def _raw_state(workdir, step=None, config=None):
+  """The saved TrainState leaves of a checkpoint of configs/test.py.
+
+  Restored onto this process's first device whatever device count saved it
+  (the trainer subprocesses split the CPU into 2 devices).
+  """
+  from ddx import schedules
+  from ddx.models import UNet
+  config = config or _test_config()
+  net, tx = UNet(**config.model), train.make_optimizer(config.optim)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+      jax.eval_shape(lambda k: train.create_state(config, net, tx, k), jax.random.key(0)))
+  ck = ckpt_lib.Checkpointer(str(workdir), read_only=True)
+  step = ck.latest_step() if step is None else step
+  return step, [np.asarray(x) for x in jax.tree.leaves(ck.restore(step, abstract))]
+
+
+def _snapshot(path):
+  """Every file under path with its size and mtime (to prove nothing changed)."""
+  snap = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(root, f)
+      st = os.stat(p)
+      snap[os.path.relpath(p, path)] = (st.st_size, st.st_mtime_ns)
+  return snap
+
+
+# --------------------------------------------------------------------------
+# kill -9 and SIGTERM on a real trainer process.
+
+N_STEPS = 12
+RUN_ARGS = (f"--config.training.num_steps={N_STEPS}", "--config.training.log_every=1",
+            "--config.training.checkpoint_every=1", "--config.training.keep_checkpoints=2")
+
+
+def _wait_for_step(proc, at_least, timeout=300):
+  """Reads the trainer's progress lines until it reports step >= at_least."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      if proc.poll() is not None:
+        return None
+      continue
+    if line.startswith("step "):
+      step = int(line.split()[1].split("/")[0])
+      if step >= at_least:
+        return step
+  raise AssertionError("trainer did not reach the step in time")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted run, as a process (same device layout as the trials)."""
+  wd = tmp_path_factory.mktemp("ref") / "wd"
+  r = subprocess.run(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return _raw_state(wd)
+
+
+@pytest.mark.slow
+def test_kill9_at_random_steps_then_resume_is_bitwise_exact(reference_run, tmp_path):
+  ref_step, ref_leaves = reference_run
+  assert ref_step == N_STEPS
+  assert any(np.any(a != 0) for a in ref_leaves)
+  rnd = random.Random(1234)
+  for trial in range(3):
+    wd = tmp_path / f"trial{trial}"
+    proc = subprocess.Popen(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+      _wait_for_step(proc, rnd.randint(1, N_STEPS - 3))
+      time.sleep(rnd.uniform(0.0, 0.3))   # land anywhere, mid-save included
+      proc.kill()                          # SIGKILL
+      proc.wait(timeout=30)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    r = subprocess.run(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    step, leaves = _raw_state(wd)
+    assert step == N_STEPS
+    assert len(leaves) == len(ref_leaves)
+    for a, b in zip(leaves, ref_leaves):
+      np.testing.assert_array_equal(a, b, err_msg=f"trial {trial}")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
+  wd = tmp_path / "wd"
+  proc = subprocess.Popen(
+      _main_cmd(wd, "--config.training.num_steps=100000", "--config.training.log_every=1",
+                "--config.training.checkpoint_every=0"),
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    seen = _wait_for_step(proc, 3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    elapsed = time.monotonic() - t0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert rc == 0, proc.stderr.read()[-3000:]
+  assert elapsed < 60
+  steps = ckpt_lib.Checkpointer(str(wd), read_only=True).steps()
+  assert len(steps) == 1 and steps[0] >= seen   # checkpoint_every=0: only the preemption save
+
+
+# --------------------------------------------------------------------------
+# Unreadable checkpoints.
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("six") / "wd")
+  config = _test_config()
+  config.training.sample_every = 0
+  state = train.train_and_evaluate(config, wd)
+  return config, wd, state
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_falls_back_and_is_kept(six_steps, tmp_path):
+  config, src, straight = six_steps
+  import shutil
+  wd = str(tmp_path / "wd")
+  shutil.copytree(src, wd)
+  state_dir = os.path.join(wd, "checkpoints", "6", "state")
+  truncated = 0
+  for root, _, files in os.walk(state_dir):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "r+b") as fh:
+        fh.truncate(os.path.getsize(p) // 3)
+      truncated += 1
+  assert truncated > 0
+  resumed = train.train_and_evaluate(config, wd)
+  # It resumed from step 3, trained 3..6 again: the same result as never failing.
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+  kept = os.path.join(wd, "checkpoints_unreadable", "6")
+  assert os.path.isdir(kept) and os.listdir(kept)          # not deleted
+  assert ckpt_lib.Checkpointer(wd, read_only=True).steps() == [3, 6]
+
+
+def test_partial_checkpoint_directory_is_never_taken_as_complete(six_steps, tmp_path):
+  """orbax writes into `<step>.orbax-checkpoint-tmp*` and renames when complete."""
+  _, src, _ = six_steps
+  import shutil
+  wd = str(tmp_path / "wd")
+  shutil.copytree(src, wd)
+  partial = os.path.join(wd, "checkpoints", "9.orbax-checkpoint-tmp-1234", "state")
+  os.makedirs(partial)
+  with open(os.path.join(partial, "manifest.ocdbt"), "wb") as f:
+    f.write(b"\0" * 10)
+  assert ckpt_lib.Checkpointer(wd, read_only=True).steps() == [3, 6]
+  assert ckpt_lib.load(wd) is not None
+
+
+# --------------------------------------------------------------------------
+# Non-finite loss.
+
+
+def _exploding_config(policy):
+  config = _test_config()
+  config.optim.lr = 1e30
+  config.optim.grad_clip = 0.0
+  config.optim.warmup_steps = 0
+  config.training.nan_policy = policy
+  config.training.sample_every = 0
+  config.training.log_every = 1
+  config.training.checkpoint_every = 1
+  return config
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_checkpoints_stay_finite(tmp_path):
+  wd = str(tmp_path / "wd")
+  config = _exploding_config("stop")
+  with pytest.raises(train.TrainingError, match=r"non-finite .* at step \d+"):
+    train.train_and_evaluate(config, wd)
+  ck = ckpt_lib.Checkpointer(wd, read_only=True)
+  assert ck.steps()
+  for step in ck.steps():
+    _, leaves = _raw_state(wd, step, config)
+    for leaf in leaves:
+      assert np.all(np.isfinite(leaf)), f"non-finite value in checkpoint {step}"
+
+
+def test_nonfinite_loss_with_skip_policy_finishes_with_finite_params(tmp_path):
+  wd = str(tmp_path / "wd")
+  state = train.train_and_evaluate(_exploding_config("skip"), wd)
+  assert int(state.step) == 6
+  for leaf in jax.tree.leaves(state.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    assert sum(json.loads(l)["nonfinite_steps"] for l in f) >= 1
+
+
+# --------------------------------------------------------------------------
+# Bad input: one line naming the field and the fix, exit 2, workdir untouched.
+
+
+BAD_INPUTS = [
+    (["--config.training.bsz=8"], "bsz"),
+    (["--config.training.batch_size=abc"], "batch_size"),
+    (["--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),
+    (["--config.sampling.sampler=euler"], "sampling.sampler"),
+    (["--config.diffusion.schedule=quadratic"], "diffusion.schedule"),
+    (["--config.diffusion.prediction=score"], "diffusion.prediction"),
+    (["--config.data.image_size=10", "--config.model.ch_mult=(1,2,2)"], "not divisible"),
+    (["--config.sampling.steps=101"], "sampling.steps"),
+    (["--config.sampling.steps=0"], "sampling.steps"),
+    (["--config.optim.lr=0"], "optim.lr"),
+    (["--config.optim.lr=-1"], "optim.lr"),
+    (["--config.model.attn_resolutions=(3,)"], "not a U-Net level"),
+    (["--config.model.ch=16"], "different model"),
+    (["--config.data.name=cifar10", "--config.data.channels=3",
+      "--config.data.data_dir=/nonexistent_ddx"], "tfds build"),
+    (["--config.data.name=folder", "--config.data.path=/nonexistent_ddx_dir"],
+     "nonexistent_ddx_dir"),
+    (["--mode=bogus"], "mode"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_INPUTS, ids=[a[0][0] for a in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_the_workdir_is_untouched(six_steps, args, needle):
+  _, wd, _ = six_steps
+  before = _snapshot(wd)
+  r = subprocess.run(_main_cmd(wd, *args), cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  err = [l for l in r.stderr.splitlines() if l.startswith("ddx: error:")]
+  assert len(err) == 1 and needle in err[0], r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  assert _snapshot(wd) == before
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+  r = subprocess.run(_main_cmd(tmp_path / "wd", "--config.training.batch_size=15"),
+                     cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert r.returncode == 2
+  assert "batch_size=15 is not divisible by the 2 data shards" in r.stderr
+
+
+def test_empty_image_folder_and_non_images(tmp_path):
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  (folder / "notes.txt").write_text("not an image")
+  r = subprocess.run(_main_cmd(tmp_path / "wd", "--config.data.name=folder",
+                               f"--config.data.path={folder}"),
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "ddx: error:" in r.stderr and str(folder) in r.stderr
+
+
+@pytest.mark.parametrize("workdir_kind", ["file", "readonly_parent"])
+def test_unusable_workdir(tmp_path, workdir_kind):
+  if workdir_kind == "file":
+    wd = tmp_path / "afile"
+    wd.write_text("user data")
+  else:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    wd = parent / "wd"
+    if os.access(parent, os.W_OK):   # root ignores permission bits
+      pytest.skip("running as a user that can write anywhere")
+  r = subprocess.run(_main_cmd(wd), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "workdir" in r.stderr
+  if workdir_kind == "file":
+    assert wd.read_text() == "user data"
+
+
+def test_sample_mode_without_checkpoint(tmp_path):
+  r = subprocess.run(_main_cmd(tmp_path, "--mode=sample"), cwd=ROOT, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 2 and "no checkpoint" in r.stderr
