@@ -8,6 +8,7 @@ being written when the process died is never listed as a step.
 """
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any, Optional
 
@@ -22,6 +23,10 @@ from ddx.sampling import Model
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was expected."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (e.g. the disk is full)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -51,15 +56,40 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
-    """Starts an asynchronous save of `state` at `step` (no-op if it exists)."""
+    """Starts an asynchronous save of `state` at `step` (no-op if it exists).
+
+    Raises:
+      CheckpointWriteError: this or the previous asynchronous save failed.
+    """
     if step in self._mngr.all_steps():
       return
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state),
-        config=ocp.args.JsonSave(config_lib.to_dict(config))), force=True)
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state),
+          config=ocp.args.JsonSave(config_lib.to_dict(config))), force=True)
+    except Exception as e:  # orbax re-raises a failed async save at the next call
+      raise self._write_error(e) from e
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(e) from e
+
+  def _write_error(self, e: Exception) -> CheckpointWriteError:
+    text = str(e)
+    if ("No space left" in text or "RESOURCE_EXHAUSTED" in text
+        or getattr(e, "errno", None) == errno.ENOSPC):
+      what = "the disk is full"
+    else:
+      what = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+    self._mngr.reload()   # orbax never lists a half-written (tmp) step
+    latest = self._mngr.latest_step()
+    kept = (f"the newest complete checkpoint (step {latest}) is intact"
+            if latest is not None else "no complete checkpoint exists yet")
+    return CheckpointWriteError(
+        f"could not write a checkpoint in {self.directory}: {what}; {kept}; free "
+        "space and rerun the same command to resume")
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
     out = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -115,8 +145,18 @@ class Checkpointer:
     return dst
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for pending saves and closes; raises CheckpointWriteError once."""
+    err = None
+    try:
+      self.wait()
+    except CheckpointWriteError as e:
+      err = e
+    try:
+      self._mngr.close()
+    except Exception as e:  # the same failed save, re-raised by orbax
+      err = err or self._write_error(e)
+    if err is not None:
+      raise err
 
 
 def load(workdir: str, step: Optional[int] = None) -> Model:

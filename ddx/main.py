@@ -118,7 +118,7 @@ def main(argv):
       _sample(config, workdir)
   except (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
     _fail(str(e))
-  except train.TrainingError as e:
+  except (train.TrainingError, checkpoint.CheckpointWriteError) as e:
     print(f"ddx: training stopped: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

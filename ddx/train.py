@@ -346,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       ck.save(step, state, config)
   finally:
     loader.close()
-    ck.close()
     writer.close()
     preemption.close()
+    ck.close()   # last: waits for the final save and may raise CheckpointWriteError
   return state

@@ -196,6 +196,49 @@ def test_partial_checkpoint_directory_is_never_taken_as_complete(six_steps, tmp_
   assert ckpt_lib.load(wd) is not None
 
 
+def _du(path):
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
+  """A workdir with a step-3 checkpoint on a tmpfs with room for only part of
+  another: the save at step 6 fails, step 3 survives, the error is one line."""
+  first = tmp_path / "first"
+  r = subprocess.run(_main_cmd(first, "--config.training.num_steps=3"), cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  used = _du(first)
+  mnt = tmp_path / "small"
+  mnt.mkdir()
+  size_kb = (used + _du(first / "checkpoints" / "3") // 2) // 1024 + 64
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)],
+                     capture_output=True)
+  if r.returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    import shutil
+    wd = mnt / "wd"
+    shutil.copytree(first, wd)
+    r = subprocess.run(_main_cmd(wd, "--config.training.num_steps=9"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    _check_disk_full_outcome(r, wd)
+  finally:
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _check_disk_full_outcome(r, wd):
+  assert r.returncode == 1, r.stderr[-3000:]
+  # orbax's writer threads may print their own tracebacks around it.
+  lines = [l[l.index("ddx: training stopped:"):] for l in r.stderr.splitlines()
+           if "ddx: training stopped:" in l]
+  assert len(lines) == 1 and "disk is full" in lines[0], r.stderr[-3000:]
+  assert "step 3) is intact" in lines[0]
+  assert ckpt_lib.Checkpointer(str(wd), read_only=True).steps() == [3]
+  step, leaves = _raw_state(wd, 3)
+  assert step == 3 and all(np.all(np.isfinite(l)) for l in leaves)
+
+
 # --------------------------------------------------------------------------
 # Non-finite loss.
 
