@@ -101,23 +101,6 @@ def invert(denoise_fn: DenoiseFn, sched: Schedule, x0: jnp.ndarray,
   return (x, traj) if return_trajectory else x
 
 
-def _labels_for(model: Model, labels, num_samples: int):
-  """The labels `sample_fn` would use: given ones checked, or its default classes."""
-  num_classes = model.config.model.num_classes
-  if num_classes > 0:
-    if labels is None:
-      # sample_fn's default, so that a round trip with labels=None on both
-      # sides conditions both directions on the same classes.
-      labels = jnp.arange(num_samples, dtype=jnp.int32) % num_classes
-    labels = jnp.asarray(labels, jnp.int32)
-    if labels.shape != (num_samples,):
-      raise ValueError(f"labels must have shape ({num_samples},), got {labels.shape}")
-  elif labels is not None:
-    raise ValueError("labels were given but the model is unconditional "
-                     "(model.num_classes = 0)")
-  return labels
-
-
 @functools.partial(jax.jit, static_argnames=("steps", "guided"))
 def _invert_jit(model, images, labels, guidance_scale, *, steps, guided):
   fn = sampling._denoiser(model, labels, guidance_scale, guided)
@@ -167,7 +150,7 @@ def invert_fn(model: Model, images: jnp.ndarray, steps: Optional[int] = None, *,
   s = model.config.sampling
   steps = s.steps if steps is None else steps
   w = s.guidance_scale if guidance_scale is None else guidance_scale
-  labels = _labels_for(model, labels, images.shape[0])
+  labels = sampling.resolve_labels(model, labels, images.shape[0])
   guided = labels is not None and float(w) != 1.0
   return _invert_jit(model, images, labels, jnp.float32(w),
                      steps=int(steps), guided=guided)

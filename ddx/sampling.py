@@ -308,6 +308,24 @@ def _sample_jit(model, rng, labels, guidance_scale, eta, x_T, *, num_samples,
   return (x, traj) if return_trajectory else x
 
 
+def resolve_labels(model: Model, labels, num_samples: int):
+  """The class labels to condition on: checked ones, or classes 0, 1, ... cycled.
+
+  Returns None for an unconditional model (and rejects labels given to one).
+  """
+  num_classes = model.config.model.num_classes
+  if num_classes > 0:
+    if labels is None:
+      labels = jnp.arange(num_samples, dtype=jnp.int32) % num_classes
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.shape != (num_samples,):
+      raise ValueError(f"labels must have shape ({num_samples},), got {labels.shape}")
+  elif labels is not None:
+    raise ValueError("labels were given but the model is unconditional "
+                     "(model.num_classes = 0)")
+  return labels
+
+
 def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
               num_samples: Optional[int] = None, sampler: Optional[str] = None,
               eta: Optional[float] = None, labels=None,
@@ -354,16 +372,7 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
       num_samples = x_T.shape[0]
     else:
       num_samples = s.num_samples
-  num_classes = model.config.model.num_classes
-  if num_classes > 0:
-    if labels is None:
-      labels = jnp.arange(num_samples, dtype=jnp.int32) % num_classes
-    labels = jnp.asarray(labels, jnp.int32)
-    if labels.shape != (num_samples,):
-      raise ValueError(f"labels must have shape ({num_samples},), got {labels.shape}")
-  elif labels is not None:
-    raise ValueError("labels were given but the model is unconditional "
-                     "(model.num_classes = 0)")
+  labels = resolve_labels(model, labels, num_samples)
   guided = labels is not None and float(w) != 1.0
   return _sample_jit(model, rng, labels, jnp.float32(w), jnp.float32(eta), x_T,
                      num_samples=int(num_samples), steps=int(steps),

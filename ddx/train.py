@@ -335,12 +335,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         last_log_time, last_log_step = now, step
       if t.checkpoint_every and step % t.checkpoint_every == 0 or done:
         ck.save(step, state, config)
-      if t.sample_every and step % t.sample_every == 0 or (done and t.sample_every):
+      if t.sample_every and (step % t.sample_every == 0 or done):
         model = sampling.Model({"params": state.ema_params}, frozen)
-        u8 = save_samples(model, jax.random.fold_in(sample_rng, step),
-                          os.path.join(samples_dir, f"step_{step:07d}.png") if is_main
-                          else None, writer, step)
-        del u8
+        save_samples(model, jax.random.fold_in(sample_rng, step),
+                     os.path.join(samples_dir, f"step_{step:07d}.png") if is_main else None,
+                     writer, step)
     if step < t.num_steps:  # preempted
       logging.warning("preempted: saving a checkpoint at step %d and stopping", step)
       ck.save(step, state, config)

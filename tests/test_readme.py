@@ -1,11 +1,10 @@
 """The README's research-code example runs as written (after a short training run)."""
 import os
 import re
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testutils import ROOT, load_config
 
 
 def _python_blocks():
@@ -16,13 +15,8 @@ def _python_blocks():
 @pytest.mark.slow
 def test_readme_research_example_runs(tmp_path, monkeypatch):
   from ddx import train
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  try:
-    import test as test_config
-  finally:
-    sys.path.pop(0)
   monkeypatch.chdir(tmp_path)
-  config = test_config.get_config()
+  config = load_config("test")
   config.training.num_steps = 2
   config.training.sample_every = 0
   train.train_and_evaluate(config, "runs/digits")

@@ -14,16 +14,7 @@ import pytest
 from ddx import checkpoint as ckpt_lib
 from ddx import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _test_config():
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  try:
-    import test as test_config
-  finally:
-    sys.path.pop(0)
-  return test_config.get_config()
+from testutils import ROOT, load_config
 
 
 def _main_cmd(workdir, *overrides):
@@ -37,9 +28,8 @@ def _raw_state(workdir, step=None, config=None):
   Restored onto this process's first device whatever device count saved it
   (the trainer subprocesses split the CPU into 2 devices).
   """
-  from ddx import schedules
   from ddx.models import UNet
-  config = config or _test_config()
+  config = config or load_config()
   net, tx = UNet(**config.model), train.make_optimizer(config.optim)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(
@@ -152,7 +142,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
 @pytest.fixture(scope="module")
 def six_steps(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("six") / "wd")
-  config = _test_config()
+  config = load_config()
   config.training.sample_every = 0
   state = train.train_and_evaluate(config, wd)
   return config, wd, state
@@ -244,7 +234,7 @@ def _check_disk_full_outcome(r, wd):
 
 
 def _exploding_config(policy):
-  config = _test_config()
+  config = load_config()
   config.optim.lr = 1e30
   config.optim.grad_clip = 0.0
   config.optim.warmup_steps = 0
@@ -358,3 +348,12 @@ def test_sample_mode_without_checkpoint(tmp_path):
   r = subprocess.run(_main_cmd(tmp_path, "--mode=sample"), cwd=ROOT, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+def test_missing_workdir_and_config_flags():
+  for args, needle in ((["--config", "configs/test.py"], "--workdir is required"),
+                       (["--workdir", "/tmp/ddx_unused_wd"], "--config is required")):
+    r = subprocess.run([sys.executable, "-m", "ddx.main", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
+  assert not os.path.exists("/tmp/ddx_unused_wd")

@@ -14,16 +14,7 @@ from ddx import config as config_lib
 from ddx import data, schedules, train
 from ddx.models import UNet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _test_config():
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  try:
-    import test as test_config   # configs/test.py
-  finally:
-    sys.path.pop(0)
-  return test_config.get_config()
+from testutils import ROOT, load_config
 
 
 def _parts(config):
@@ -40,7 +31,7 @@ def _batch(config, step=0):
 
 @pytest.fixture(scope="module")
 def step_env():
-  config = _test_config()
+  config = load_config()
   net, sched, tx = _parts(config)
   state = jax.jit(lambda k: train.create_state(config, net, tx, k))(jax.random.key(0))
   step = jax.jit(lambda s, b, k: train.train_step(s, b, k, net=net, sched=sched, tx=tx,
@@ -109,7 +100,7 @@ def test_lr_schedule_and_ema_decay():
 def trained(tmp_path_factory):
   """One real 6-step run of configs/test.py (checkpoints at 3 and 6)."""
   workdir = str(tmp_path_factory.mktemp("run") / "wd")
-  config = _test_config()
+  config = load_config()
   state = train.train_and_evaluate(config, workdir)
   return config, workdir, state
 
@@ -153,7 +144,7 @@ def test_resume_is_bitwise_exact(trained, tmp_path):
   """Stop at step 3, restart with num_steps = 6: the same params as 6 straight."""
   config, _, straight = trained
   workdir = str(tmp_path / "wd")
-  c3 = _test_config()
+  c3 = load_config()
   c3.training.num_steps = 3
   train.train_and_evaluate(c3, workdir)
   resumed = train.train_and_evaluate(config, workdir)
@@ -169,7 +160,7 @@ def test_load_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_refuses_a_workdir_of_another_architecture(trained):
   _, workdir, _ = trained
-  config = _test_config()
+  config = load_config()
   config.model.ch = 16
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(config_lib.ConfigError, match="different model"):
