@@ -52,3 +52,118 @@ def save_grid(images: np.ndarray, path: Optional[str], **kwargs) -> np.ndarray:
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
     os.replace(tmp, path)
   return grid
+
+
+# --------------------------------------------------------------------------
+# Sample-quality metrics over feature arrays (NumPy; testable without a network).
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean [D] and covariance [D, D] (unbiased, float64) of features [N, D]."""
+  f = np.asarray(features, np.float64)
+  if f.ndim != 2 or f.shape[0] < 2:
+    raise ValueError(f"features must be [N >= 2, D], got {f.shape}")
+  return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (the FID formula).
+
+  d² = |mu1 - mu2|² + tr(S1) + tr(S2) - 2 tr((S1^½ S2 S1^½)^½). The cross term
+  is computed from the symmetric PSD matrix S1^½ S2 S1^½ with eigh, so it needs
+  no complex sqrtm and stays stable for singular covariances (few samples).
+  """
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+  w1, v1 = np.linalg.eigh((s1 + s1.T) / 2)
+  root1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+  m = root1 @ s2 @ root1
+  w = np.linalg.eigvalsh((m + m.T) / 2)
+  cross = np.sum(np.sqrt(np.clip(w, 0, None)))
+  d2 = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross
+  return float(max(d2, 0.0))
+
+
+def kid(f1: np.ndarray, f2: np.ndarray, num_subsets: int = 100,
+        subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+  """Kernel Inception Distance: unbiased MMD² with k(x, y) = (x·y/D + 1)³.
+
+  Averaged over random subsets (without replacement within a subset).
+  Returns:
+    (mean, std) over the subsets.
+  """
+  f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+  d = f1.shape[1]
+  m = min(subset_size, len(f1), len(f2))
+  rng = np.random.default_rng(seed)
+  vals = []
+  for _ in range(num_subsets):
+    x = f1[rng.choice(len(f1), m, replace=False)]
+    y = f2[rng.choice(len(f2), m, replace=False)]
+    kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3,
+                     (x @ y.T / d + 1) ** 3)
+    off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))
+    vals.append(off(kxx) + off(kyy) - 2 * kxy.mean())
+  return float(np.mean(vals)), float(np.std(vals))
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+  """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` parts."""
+  logits = np.asarray(logits, np.float64)
+  z = logits - logits.max(1, keepdims=True)
+  p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+  scores = []
+  for part in np.array_split(p, splits):
+    py = part.mean(0, keepdims=True)
+    kl = np.sum(part * (np.log(part + 1e-12) - np.log(py + 1e-12)), axis=1)
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+# --------------------------------------------------------------------------
+# A quality metric for the embedded digits default that needs no download.
+
+DIGITS_TRAIN = 1000   # load_digits()[:1000] trains the classifier; the rest is held out
+
+
+class DigitsMetric:
+  """A small MLP classifier on scikit-learn's digits, used like Inception for FID.
+
+  Trained on the first 1,000 digits (deterministic: fixed seed, full-batch
+  L-BFGS); its 64 hidden ReLU units are the feature space. `score` gives
+    fd:          Fréchet distance between samples and the 797 held-out digits
+    confident:   fraction of samples whose top class probability > 0.9
+    class_entropy: entropy (nats) of the predicted-class histogram (max ln 10)
+  """
+
+  def __init__(self):
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+    d = load_digits()
+    x = self._prep(np.round(d.images * 255 / 16).astype(np.uint8)[..., None])
+    self.clf = MLPClassifier(hidden_layer_sizes=(64,), solver="lbfgs", alpha=1e-3,
+                             max_iter=2000, random_state=0)
+    self.clf.fit(x[:DIGITS_TRAIN], d.target[:DIGITS_TRAIN])
+    self.heldout_accuracy = float(self.clf.score(x[DIGITS_TRAIN:], d.target[DIGITS_TRAIN:]))
+    self.ref_stats = feature_stats(self.features_of(x[DIGITS_TRAIN:]))
+
+  @staticmethod
+  def _prep(images_u8: np.ndarray) -> np.ndarray:
+    im = np.asarray(images_u8)
+    if im.ndim != 4 or im.shape[1:] != (8, 8, 1):
+      raise ValueError(f"digits metric needs uint8 [N, 8, 8, 1], got {im.shape}")
+    return im.reshape(len(im), 64).astype(np.float64) / 255.0
+
+  def features_of(self, x: np.ndarray) -> np.ndarray:
+    """Hidden-layer activations [N, 64] of prepared inputs [N, 64]."""
+    return np.maximum(x @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
+
+  def score(self, images_u8: np.ndarray) -> dict:
+    """Metrics of samples uint8 [N, 8, 8, 1] (N >= 2)."""
+    x = self._prep(images_u8)
+    fd = frechet_distance(*feature_stats(self.features_of(x)), *self.ref_stats)
+    proba = self.clf.predict_proba(x)
+    hist = np.bincount(proba.argmax(1), minlength=10) / len(x)
+    nz = hist[hist > 0]
+    return {"fd": fd, "confident": float(np.mean(proba.max(1) > 0.9)),
+            "class_entropy": float(-(nz * np.log(nz)).sum())}
