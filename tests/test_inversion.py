@@ -8,6 +8,7 @@ import ddx
 from ddx import config as config_lib
 from ddx import inversion, schedules
 from ddx.models import UNet
+from testutils import as_prediction
 
 
 def _sched(T):
@@ -80,13 +81,7 @@ def test_prediction_types_agree():
   reads the output at ᾱ_0 < 1, so x0 / v need no division by √(1-1))."""
   sched = _sched(50)
   eps_fn = lambda x, i: 0.3 * jnp.tanh(x)
-  def as_pred(kind):
-    def fn(x, i):
-      a = sched.alphas_cumprod[i][:, None]
-      eps = eps_fn(x, i)
-      x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
-      return {"eps": eps, "x0": x0, "v": jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0}[kind]
-    return fn
+  as_pred = lambda kind: as_prediction(eps_fn, sched, kind)
   x0 = jax.random.uniform(jax.random.key(1), (5, 3), minval=-1, maxval=1)
   outs = [ddx.invert(as_pred(k), sched, x0, steps=10, prediction=k)
           for k in ("eps", "x0", "v")]

@@ -6,6 +6,7 @@ import pytest
 
 import ddx
 from ddx import sampling, schedules
+from testutils import as_prediction
 
 
 def _np_sched(T):
@@ -198,13 +199,7 @@ def test_prediction_types_agree_through_a_sampler():
   """The same denoiser expressed as ε, x0 or v gives the same DDIM samples."""
   sched = _sched(50)
   eps_fn = lambda x, i: 0.3 * jnp.tanh(x)
-  def as_pred(kind):
-    def fn(x, i):
-      a = sched.alphas_cumprod[i][:, None]
-      eps = eps_fn(x, i)
-      x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
-      return {"eps": eps, "x0": x0, "v": jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0}[kind]
-    return fn
+  as_pred = lambda kind: as_prediction(eps_fn, sched, kind)
   outs = [ddx.sample(as_pred(k), sched, jax.random.key(2), (5, 3), steps=10,
                      prediction=k) for k in ("eps", "x0", "v")]
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-3, atol=1e-4)

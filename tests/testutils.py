@@ -12,3 +12,15 @@ def load_config(name: str = "test"):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def as_prediction(eps_fn, sched, kind: str):
+  """The denoiser eps_fn(x, i) re-expressed as an eps, x0 or v prediction."""
+  import jax.numpy as jnp
+
+  def fn(x, i):
+    a = sched.alphas_cumprod[i][:, None]
+    eps = eps_fn(x, i)
+    x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+    return {"eps": eps, "x0": x0, "v": jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0}[kind]
+  return fn
