@@ -8,21 +8,12 @@ import ddx
 from ddx import config as config_lib
 from ddx import inversion, schedules
 from ddx.models import UNet
-from testutils import as_prediction
+from testutils import as_prediction, gaussian_denoiser
 
 
 def _sched(T):
   # Large betas so that a short schedule still ends close to pure noise.
   return schedules.from_betas(np.linspace(1e-3, 0.3, T))
-
-
-def _gaussian_denoiser(sched, mu, s):
-  """Exact ε-prediction for data x_0 ~ N(mu, s²): E[ε | x_t]."""
-  def fn(x, i):
-    a = sched.alphas_cumprod[i][:, None]
-    x0 = mu + jnp.sqrt(a) * s ** 2 / (a * s ** 2 + 1 - a) * (x - jnp.sqrt(a) * mu)
-    return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
-  return fn
 
 
 def _model(seed=0):
@@ -94,7 +85,7 @@ def test_prediction_types_agree():
 def _gaussian_round_trip(steps, spacing="uniform"):
   sched = schedules.linear(1000)
   mu, s = 0.5, 0.5
-  fn = _gaussian_denoiser(sched, mu, s)
+  fn = gaussian_denoiser(sched, mu, s)
   x0 = mu + s * jax.random.normal(jax.random.key(0), (256, 1))
   x_T = ddx.invert(fn, sched, x0, steps=steps, spacing=spacing)
   rec = ddx.sample(fn, sched, jax.random.key(1), x0.shape, sampler="ddim",
@@ -102,7 +93,7 @@ def _gaussian_round_trip(steps, spacing="uniform"):
   return float(jnp.sqrt(jnp.mean((rec - x0) ** 2))), x0, x_T
 
 
-def test_round_trip_converges_with_exact_gaussian_denoiser():
+def test_round_trip_converges_with_exactgaussian_denoiser():
   """x_0 ~ N(0.5, 0.5²), T = 1000: x_0 -> invert -> DDIM -> x_0. Measured RMS
   error (data std 0.5): 5 steps 0.34, 20 steps 0.12, 100 steps 0.026,
   1000 steps 0.0027 -- first order in 1/steps, as each step's ε̂ is taken

@@ -6,7 +6,7 @@ import pytest
 
 import ddx
 from ddx import sampling, schedules
-from testutils import as_prediction
+from testutils import as_prediction, gaussian_denoiser
 
 
 def _np_sched(T):
@@ -113,15 +113,6 @@ def test_ddim_eta1_equals_ancestral_over_full_sequence():
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def _gaussian_denoiser(sched, mu, s):
-  """Exact ε-prediction for data x_0 ~ N(mu, s²): E[ε | x_t]."""
-  def fn(x, i):
-    a = sched.alphas_cumprod[i][:, None]
-    x0 = mu + jnp.sqrt(a) * s ** 2 / (a * s ** 2 + 1 - a) * (x - jnp.sqrt(a) * mu)
-    return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
-  return fn
-
-
 def _standard_normal_grid(n):
   """n points with exactly mean 0 and std 1 (normal quantiles, standardised):
   the samplers are linear maps here, so moment errors are pure discretisation."""
@@ -133,7 +124,7 @@ def _standard_normal_grid(n):
 def _moment_error(sampler, steps, s=0.1, spacing=None):
   sched = schedules.linear(1000)
   mu = 0.5
-  x = ddx.sample(_gaussian_denoiser(sched, mu, s), sched, jax.random.key(0), (2001, 1),
+  x = ddx.sample(gaussian_denoiser(sched, mu, s), sched, jax.random.key(0), (2001, 1),
                  sampler=sampler, steps=steps, x_T=_standard_normal_grid(2001),
                  spacing=spacing)
   return abs(float(jnp.mean(x)) - mu) + abs(float(jnp.std(x)) - s)
