@@ -177,8 +177,9 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(s.eta >= 0, f"sampling.eta={s.eta} must be >= 0")
   _require(isinstance(s.num_samples, int) and s.num_samples >= 1,
            f"sampling.num_samples={s.num_samples!r} must be a positive integer")
-  _require(s.ddpm_variance in ("posterior", "beta"),
-           f"sampling.ddpm_variance={s.ddpm_variance!r} must be posterior or beta")
+  _require(s.ddpm_variance in sampling.DDPM_VARIANCES,
+           f"sampling.ddpm_variance={s.ddpm_variance!r} must be one of "
+           f"{sampling.DDPM_VARIANCES}")
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -208,6 +209,12 @@ ARCHITECTURE_KEYS = ("model", "data.image_size", "data.channels")
 
 
 def architecture(config) -> dict:
+  """The ARCHITECTURE_KEYS values of a config, keyed by their dotted names."""
   d = to_dict(config)
-  return {"model": d["model"], "data.image_size": d["data"]["image_size"],
-          "data.channels": d["data"]["channels"]}
+  out = {}
+  for key in ARCHITECTURE_KEYS:
+    value = d
+    for part in key.split("."):
+      value = value[part]
+    out[key] = value
+  return out
