@@ -6,6 +6,7 @@ TensorBoard events are written with tensorboardX (no TensorFlow needed).
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, active: bool = True):
     self.active = active
-    self._tb = None
+    self._tb = self._jsonl = None
     if not active:
       return
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
@@ -43,33 +44,58 @@ class MetricWriter:
     except ImportError:  # TensorBoard is a convenience; metrics.jsonl is the record
       self._tb = None
 
+  def _failed(self, err: OSError) -> None:
+    """Logs are not worth a crash: on the first write error (say, a full disk) warn
+    once and stop writing them. Checkpoints have their own error path."""
+    py_logging.warning("ddx: stopped writing metrics/TensorBoard logs: %s", err)
+    self.active = False
+    for f in (self._jsonl, self._tb):
+      try:
+        if f is not None:
+          f.close()
+      except Exception:  # already failing; the warning above says why
+        pass
+
   def write(self, step: int, metrics: Mapping) -> None:
     if not self.active:
       return
     flat = _scalars(metrics)
     rec = {"step": int(step)}
     rec.update({k: (v if math.isfinite(v) else str(v)) for k, v in flat.items()})
-    self._jsonl.write(json.dumps(rec) + "\n")
-    if self._tb is not None:
-      for k, v in flat.items():
-        self._tb.add_scalar(k, v, int(step))
+    try:
+      self._jsonl.write(json.dumps(rec) + "\n")
+      if self._tb is not None:
+        for k, v in flat.items():
+          self._tb.add_scalar(k, v, int(step))
+    except OSError as e:
+      self._failed(e)
 
   def write_image(self, step: int, tag: str, image_u8: np.ndarray) -> None:
     """image_u8: [H, W, C] uint8."""
     if self.active and self._tb is not None:
-      self._tb.add_image(tag, image_u8, int(step), dataformats="HWC")
+      try:
+        self._tb.add_image(tag, image_u8, int(step), dataformats="HWC")
+      except OSError as e:
+        self._failed(e)
 
   def flush(self) -> None:
     if self.active:
-      self._jsonl.flush()
-      if self._tb is not None:
-        self._tb.flush()
+      try:
+        self._jsonl.flush()
+        if self._tb is not None:
+          self._tb.flush()
+      except OSError as e:
+        self._failed(e)
 
   def close(self) -> None:
     if self.active:
-      self._jsonl.close()
-      if self._tb is not None:
-        self._tb.close()
+      try:
+        self._jsonl.close()
+        if self._tb is not None:
+          self._tb.close()
+      except OSError as e:
+        self._failed(e)
+      self.active = False
 
 
 class Progress:

@@ -357,3 +357,22 @@ def test_missing_workdir_and_config_flags():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
   assert not os.path.exists("/tmp/ddx_unused_wd")
+
+
+def test_metric_writer_survives_a_full_disk(tmp_path, caplog):
+  """Logs are not worth a crash: a write error (ENOSPC from /dev/full) warns once
+  and stops logging, so the checkpoint error path can report what matters."""
+  from ddx import logging as log_lib
+  if not os.path.exists("/dev/full"):
+    pytest.skip("no /dev/full")
+  w = log_lib.MetricWriter(str(tmp_path))
+  w._jsonl.close()
+  w._jsonl = open("/dev/full", "w", buffering=1)
+  with caplog.at_level("WARNING"):
+    w.write(1, {"loss": 0.5})
+    w.write(2, {"loss": 0.4})
+    w.flush()
+    w.close()
+  warnings = [r for r in caplog.records if "stopped writing" in r.getMessage()]
+  assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
+  assert not w.active
