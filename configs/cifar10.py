@@ -3,6 +3,9 @@
   python -m ddx.main --config configs/cifar10.py --workdir runs/cifar10
 
 Needs CIFAR-10 prepared once as ArrayRecord (README: "Training on CIFAR-10").
+FID of the newest checkpoint (README: "Evaluation (FID/KID/IS)"):
+  python -m ddx.main --config configs/cifar10.py --workdir runs/cifar10 --mode eval \
+      --config.eval.inception_weights=pt_inception-2015-12-05.npz
 35.7M parameters; 800k steps at batch 128 is days on one accelerator.
 """
 from ddx.config import base_config
@@ -35,4 +38,18 @@ def get_config():
   c.sampling.sampler = "ddim"
   c.sampling.steps = 100
   c.sampling.num_samples = 64
+  # FID-50k / KID / IS against the training set. Needs the FID Inception
+  # weights converted once (README: Evaluation), so it is off during training
+  # by default; turn it on with --config.eval.every_steps=N and
+  # --config.eval.inception_weights=FILE.npz (fewer samples for speed, e.g.
+  # --config.eval.num_samples=10000), or score a checkpoint with --mode eval.
+  # The DDPM paper's FID 3.17 used ancestral sampling:
+  # --config.eval.sampler=ddpm --config.eval.steps=1000.
+  c.eval.metrics = ("fid", "kid", "is")
+  c.eval.every_steps = 0
+  c.eval.num_samples = 50_000
+  c.eval.batch_size = 1000
+  c.eval.sampler = "ddim"
+  c.eval.steps = 100
+  c.eval.feature_batch_size = 200
   return c

@@ -5,6 +5,8 @@
 Trains in under 10 minutes on 2 CPU cores and writes sample grids to
 runs/digits/samples/. Sample afterwards with
   python -m ddx.main --config configs/digits.py --workdir runs/digits --mode sample
+and score the final model (digits metric, no download) with
+  python -m ddx.main --config configs/digits.py --workdir runs/digits --mode eval
 """
 from ddx.config import base_config
 
@@ -32,4 +34,14 @@ def get_config():
   c.sampling.sampler = "ddim"
   c.sampling.steps = 100
   c.sampling.num_samples = 100
+  # In-loop quality: DigitsMetric on 500 DPM-Solver++ 10-step samples, logged
+  # as eval/digits_* in metrics.jsonl. Measured here: 5-11 s per evaluation
+  # (DDIM-50 took ~30 s and scored no better). Score the final model with
+  # --mode eval (README: Evaluation).
+  c.eval.metrics = ("digits",)
+  c.eval.every_steps = 400
+  c.eval.num_samples = 500
+  c.eval.batch_size = 500
+  c.eval.sampler = "dpm_solver_pp"
+  c.eval.steps = 10
   return c

@@ -1,7 +1,8 @@
 """Checkpoints with orbax: save, restore in resume order, and `ddx.load`.
 
 Layout: `workdir/checkpoints/<step>/` with two items, `state` (the whole
-TrainState: step, params, ema_params, opt_state) and `config` (the run's config
+TrainState: step, params, ema_params, opt_state, batch_stats — BatchNorm's
+running statistics, empty for GroupNorm) and `config` (the run's config
 as JSON, so every checkpoint says which model it holds). orbax writes into a
 temporary directory and renames it when complete, so a checkpoint that was
 being written when the process died is never listed as a step.
@@ -96,10 +97,27 @@ class Checkpointer:
     return config_lib.from_dict(out["config"])
 
   def restore(self, step: int, abstract_state: Any) -> Any:
-    """Restores the full state at `step` into the structure and shardings given."""
-    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract_state, restore_args=_restore_args(abstract_state))))
-    return out["state"]
+    """Restores the full state at `step` into the structure and shardings given.
+
+    A checkpoint written before TrainState had `batch_stats` restores into a
+    state whose batch_stats is {} (GroupNorm), so older runs still resume.
+    """
+    def restore(partial):
+      out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=abstract_state, restore_args=_restore_args(abstract_state),
+          partial_restore=partial)))
+      return out["state"]
+    try:
+      return restore(False)
+    except ValueError:
+      if not (getattr(abstract_state, "batch_stats", None) == {}
+              and "batch_stats" not in self._state_keys(step)):
+        raise
+      return restore(True)
+
+  def _state_keys(self, step: int) -> set:
+    """The top-level names in the saved `state` item of a checkpoint."""
+    return set(self._mngr.item_metadata(step)["state"].tree)
 
   def restore_latest(self, abstract_state: Any):
     """Restores the newest checkpoint that reads back; older ones are fallbacks.
@@ -166,7 +184,9 @@ def load(workdir: str, step: Optional[int] = None) -> Model:
     workdir: the run's directory (the one given to `--workdir`).
     step: which checkpoint; default the newest that reads back.
   Returns:
-    Model(variables={"params": ema_params}, config=frozen run config).
+    Model(variables={"params": ema_params}, config=frozen run config); with
+    model.norm = batch the variables also hold "batch_stats", the running
+    statistics from training, which sampling then uses.
   Raises:
     CheckpointError: no checkpoint in workdir (the message says where it looked).
   """
@@ -195,12 +215,19 @@ def load(workdir: str, step: Optional[int] = None) -> Model:
                 else None)
       abstract = jax.eval_shape(
           lambda: net.init(jax.random.key(0), jax.numpy.zeros(shape),
-                           jax.numpy.zeros((1,), "int32"), labels))["params"]
-      target = {"ema_params": abstract}
+                           jax.numpy.zeros((1,), "int32"), labels))
+      # Only what sampling needs: older checkpoints (GroupNorm, from before
+      # batch_stats existed) have no batch_stats and are not asked for them.
+      target = {"ema_params": abstract["params"]}
+      if "batch_stats" in abstract:
+        target["batch_stats"] = abstract["batch_stats"]
       out = ck._mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=target, restore_args=_restore_args(target), partial_restore=True)))
-      params = jax.tree.map(jax.numpy.asarray, out["state"]["ema_params"])
-      return Model(variables={"params": params}, config=config_lib.freeze(config))
+      restored = jax.tree.map(jax.numpy.asarray, out["state"])
+      variables = {"params": restored["ema_params"]}
+      if "batch_stats" in target:
+        variables["batch_stats"] = restored["batch_stats"]
+      return Model(variables=variables, config=config_lib.freeze(config))
     except Exception as e:
       last_err = e
       logging.warning("checkpoint %d in %s could not be loaded: %s", s, ckdir, e)

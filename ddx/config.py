@@ -6,14 +6,19 @@ wrong and how to fix it; `ddx.main` prints that line and exits with code 2.
 from __future__ import annotations
 
 import json
+import os
 
 import ml_collections
 
 from ddx import diffusion
+from ddx import evaluation
 from ddx import sampling
 from ddx import schedules
+from ddx.models import layers
 
 _PREDICTIONS = diffusion.PREDICTIONS
+NORMS = layers.NORMS                       # model.norm
+DTYPES = ("float32", "bfloat16")           # model.dtype: the U-Net's compute dtype
 _SAMPLERS = tuple(sampling.SAMPLERS)
 
 
@@ -42,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_groups = 8           # GroupNorm groups (32 in DDPM)
   m.resamp_with_conv = True
   m.num_classes = 0          # 0 = unconditional
+  m.norm = "group"           # group (GroupNorm, DDPM) | batch (BatchNorm, running stats)
+  m.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
 
   c.diffusion = f = ml_collections.ConfigDict()
   f.schedule = "linear"      # linear | cosine
@@ -52,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.training = t = ml_collections.ConfigDict()
   t.batch_size = 128         # global, over all devices and processes
+  t.fsdp = 1                 # devices each param/optimizer leaf is split over (1 = replicated)
   t.num_steps = 10_000
   t.seed = 0
   t.log_every = 100
@@ -82,9 +90,19 @@ def base_config() -> ml_collections.ConfigDict:
   s.ddpm_variance = "posterior"  # posterior (beta tilde) | beta
 
   c.eval = e = ml_collections.ConfigDict()
-  e.every_steps = 0          # 0 = no in-loop evaluation
-  e.num_samples = 512
-  e.metrics = ()
+  e.every_steps = 0          # in-loop evaluation of the EMA model every N steps; 0 = off
+  e.metrics = ("digits",)    # some of digits | fid | kid | is (fid/kid/is need Inception weights)
+  e.num_samples = 512        # samples per evaluation (FID-50k: 50_000)
+  e.batch_size = 500         # samples per sampler call (global) = images per chunk file
+  e.sampler = "ddim"         # eval samples: sampler, steps, eta; clip_x0, guidance_scale
+  e.steps = 50               # and ddpm_variance come from the sampling group
+  e.eta = 0.0
+  e.seed = 0                 # chunk c uses fold_in(key(seed), c): the same noise every eval
+  e.inception_weights = ""   # .npz from python -m ddx.inception --convert (README: Evaluation)
+  e.reference_stats = ""     # dataset feature stats .npz; "" = workdir/eval/reference_<data>.npz
+  e.feature_batch_size = 100  # images per Inception forward pass
+  e.kid_subset_size = 1000
+  e.kid_subsets = 100
   return c
 
 
@@ -131,9 +149,14 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
              f"the levels of a {d.image_size}px model are {resolutions}")
   _require(m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks} must be >= 1")
   _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-  _require(m.num_groups >= 1 and all((m.ch * c) % m.num_groups == 0 for c in ch_mult),
+  _require(m.norm in NORMS, f"model.norm={m.norm!r} is unknown; use one of {NORMS}")
+  _require(m.norm != "group" or (
+               m.num_groups >= 1 and all((m.ch * c) % m.num_groups == 0 for c in ch_mult)),
            f"model.num_groups={m.num_groups} must divide every channel count "
            f"{tuple(m.ch * c for c in ch_mult)}")
+  _require(m.dtype in DTYPES,
+           f"model.dtype={m.dtype!r} is unknown; use float32, or bfloat16 for mixed "
+           "precision on TPU/GPU")
   _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
            f"model.num_classes={m.num_classes!r} must be an integer >= 0 (0 = unconditional)")
 
@@ -153,6 +176,8 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(t.batch_size % num_data_shards == 0,
            f"training.batch_size={t.batch_size} is not divisible by the {num_data_shards} "
            f"data shards (devices); use a multiple of {num_data_shards}")
+  _require(isinstance(t.fsdp, int) and t.fsdp >= 1,
+           f"training.fsdp={t.fsdp!r} must be a positive integer (1 = replicated params)")
   _require(isinstance(t.num_steps, int) and t.num_steps >= 1,
            f"training.num_steps={t.num_steps!r} must be a positive integer")
   for k in ("log_every", "checkpoint_every", "sample_every"):
@@ -181,6 +206,55 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
            f"sampling.ddpm_variance={s.ddpm_variance!r} must be one of "
            f"{sampling.DDPM_VARIANCES}")
 
+  e = config.eval
+  _require(isinstance(e.every_steps, int) and e.every_steps >= 0,
+           f"eval.every_steps={e.every_steps!r} must be an integer >= 0 (0 = never)")
+  metrics = tuple(e.metrics) if isinstance(e.metrics, (tuple, list)) else (e.metrics,)
+  unknown = [k for k in metrics if k not in evaluation.METRICS]
+  _require(not unknown and len(metrics) >= 1,
+           f"eval.metrics={metrics!r}: unknown metric {unknown[0] if unknown else None!r}; "
+           f"use some of {evaluation.METRICS}")
+  _require(isinstance(e.num_samples, int) and e.num_samples >= 2,
+           f"eval.num_samples={e.num_samples!r} must be an integer >= 2 (a covariance "
+           "needs two samples)")
+  _require(isinstance(e.batch_size, int) and e.batch_size >= 1,
+           f"eval.batch_size={e.batch_size!r} must be a positive integer")
+  _require(e.sampler in _SAMPLERS,
+           f"eval.sampler={e.sampler!r} is unknown; use one of {_SAMPLERS}")
+  _require(isinstance(e.steps, int) and 1 <= e.steps <= f.num_timesteps,
+           f"eval.steps={e.steps!r} must be an integer in [1, T={f.num_timesteps}]")
+  _require(e.eta >= 0, f"eval.eta={e.eta} must be >= 0")
+  _require(isinstance(e.feature_batch_size, int) and e.feature_batch_size >= 1,
+           f"eval.feature_batch_size={e.feature_batch_size!r} must be a positive integer")
+  _require(e.kid_subset_size >= 2 and e.kid_subsets >= 1,
+           "eval.kid_subset_size must be >= 2 and eval.kid_subsets >= 1")
+  if e.every_steps:   # in-loop evaluation: fail now, not hours into training
+    check_eval_inputs(config)
+
+
+def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless config.eval.metrics can run on this config's images.
+
+  fid/kid/is need eval.inception_weights to name an existing file; the digits
+  metric scores 8x8 grey images only.
+  """
+  e, d = config.eval, config.data
+  metrics = tuple(e.metrics)
+  needs = [k for k in metrics if k in evaluation.INCEPTION_METRICS]
+  if needs:
+    _require(bool(e.inception_weights),
+             f"eval.metrics has {needs[0]} but eval.inception_weights is empty; convert "
+             "pytorch-fid's Inception weights (README: Evaluation) and pass "
+             "--config.eval.inception_weights=FILE.npz, or drop fid/kid/is from eval.metrics")
+    _require(os.path.isfile(e.inception_weights),
+             f"eval.inception_weights={e.inception_weights} does not exist; convert "
+             "pytorch-fid's weights with python -m ddx.inception --convert (README: Evaluation)")
+  if "digits" in metrics:
+    _require(d.image_size == 8 and d.channels == 1,
+             f"eval.metrics has digits, which scores 8x8 grey digits, but the images are "
+             f"{d.image_size}x{d.image_size}x{d.channels}; use "
+             "--config.eval.metrics=\"('fid','kid','is')\" with Inception weights")
+
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
   """A JSON-safe plain dict of the config (tuples become lists)."""
@@ -206,15 +280,24 @@ def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict
 # The parts of a config that fix the shapes of a checkpoint: a workdir whose
 # checkpoint was made with other values cannot be resumed with this config.
 ARCHITECTURE_KEYS = ("model", "data.image_size", "data.channels")
+# Model keys that change no shape: an f32 run may be resumed in bfloat16.
+_NOT_ARCHITECTURE = ("dtype",)
 
 
 def architecture(config) -> dict:
-  """The ARCHITECTURE_KEYS values of a config, keyed by their dotted names."""
-  d = to_dict(config)
+  """The ARCHITECTURE_KEYS values of a config, keyed by their dotted names.
+
+  Keys missing from an older run's config get today's defaults, which are
+  what that run used (e.g. model.norm = group), so old workdirs still resume.
+  """
+  d, base = to_dict(config), to_dict(base_config())
   out = {}
   for key in ARCHITECTURE_KEYS:
-    value = d
+    value, default = d, base
     for part in key.split("."):
-      value = value[part]
+      value, default = value[part], default[part]
+    if isinstance(value, dict):
+      value = {k: v for k, v in {**default, **value}.items()
+               if k not in _NOT_ARCHITECTURE}
     out[key] = value
   return out

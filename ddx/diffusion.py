@@ -114,7 +114,7 @@ def target(x0: jnp.ndarray, noise: jnp.ndarray, alpha_bar: jnp.ndarray,
 
 def diffusion_loss(apply_fn: Callable[..., jnp.ndarray], params: Any,
                    sched: Schedule, x0: jnp.ndarray, rng: jax.Array,
-                   prediction: str = "eps"):
+                   prediction: str = "eps", has_aux: bool = False):
   """The simple DDPM loss (Alg. 1): E_{t, ε} ||target - f(x_t, t)||².
 
   t is uniform over [0, T), ε standard normal; with prediction="eps" this is
@@ -127,9 +127,12 @@ def diffusion_loss(apply_fn: Callable[..., jnp.ndarray], params: Any,
     x0: [B, H, W, C] float32 clean images in [-1, 1].
     rng: a PRNG key; split here into the t and ε draws.
     prediction: eps | x0 | v.
+    has_aux: apply_fn returns (output, aux), e.g. the updated batch_stats of
+      a Flax apply with mutable=["batch_stats"]; aux is returned in metrics.
   Returns:
     (loss scalar float32, metrics dict with "loss" and "mse_by_quartile" [4]:
-    the loss over t in each quarter of [0, T), NaN-free (0 where empty)).
+    the loss over t in each quarter of [0, T), NaN-free (0 where empty);
+    plus "aux" when has_aux).
   """
   if prediction not in PREDICTIONS:
     raise ValueError(f"prediction={prediction!r} is unknown; use one of {PREDICTIONS}")
@@ -138,7 +141,9 @@ def diffusion_loss(apply_fn: Callable[..., jnp.ndarray], params: Any,
   t = jax.random.randint(t_rng, (b,), 0, sched.num_timesteps, dtype=jnp.int32)
   noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
   x_t = q_sample(sched, x0, t, noise)
-  out = apply_fn(params, x_t, t).astype(jnp.float32)
+  out = apply_fn(params, x_t, t)
+  out, aux = out if has_aux else (out, None)
+  out = out.astype(jnp.float32)   # the loss is float32 whatever the compute dtype
   tgt = target(x0, noise, sched.alphas_cumprod[t], prediction)
   per_ex = jnp.mean(jnp.square(out - tgt), axis=tuple(range(1, x0.ndim)))
   loss = jnp.mean(per_ex)
@@ -147,4 +152,7 @@ def diffusion_loss(apply_fn: Callable[..., jnp.ndarray], params: Any,
   q = (t * 4) // sched.num_timesteps
   onehot = jax.nn.one_hot(q, 4, dtype=jnp.float32)
   by_q = (onehot * per_ex[:, None]).sum(0) / jnp.maximum(onehot.sum(0), 1.0)
-  return loss, {"loss": loss, "mse_by_quartile": by_q}
+  metrics = {"loss": loss, "mse_by_quartile": by_q}
+  if has_aux:
+    metrics["aux"] = aux
+  return loss, metrics

@@ -1,8 +1,13 @@
-"""Sample grids (and, later, sample-quality metrics)."""
+"""Sample grids and sample-quality metrics (FID/KID/IS formulas, the digits metric).
+
+The Inception network behind FID lives in ddx/inception.py; the evaluation
+run (sampling, reference statistics, metrics) in ddx/eval_run.py.
+"""
 from __future__ import annotations
 
 import math
 import os
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -56,6 +61,10 @@ def save_grid(images: np.ndarray, path: Optional[str], **kwargs) -> np.ndarray:
 
 # --------------------------------------------------------------------------
 # Sample-quality metrics over feature arrays (NumPy; testable without a network).
+
+# Names accepted in config.eval.metrics (ddx/eval_run.py computes them).
+METRICS = ("digits", "fid", "kid", "is")
+INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +135,9 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
 DIGITS_TRAIN = 1000   # load_digits()[:1000] trains the classifier; the rest is held out
 
 
+DIGITS_CLASSIFIER_VERSION = 1   # bump when the classifier's recipe changes (cache key)
+
+
 class DigitsMetric:
   """A small MLP classifier on scikit-learn's digits, used like Inception for FID.
 
@@ -134,18 +146,56 @@ class DigitsMetric:
     fd:          Fréchet distance between samples and the 797 held-out digits
     confident:   fraction of samples whose top class probability > 0.9
     class_entropy: entropy (nats) of the predicted-class histogram (max ln 10)
+
+  Args:
+    cache_path: an .npz for the fitted weights. When it exists they are read
+      back instead of refitting, so a run's scores always come from the same
+      classifier (a scikit-learn or BLAS upgrade cannot shift them) and an
+      evaluation skips the fit (~1-10 s here). None fits every time.
   """
 
-  def __init__(self):
+  def __init__(self, cache_path: Optional[str] = None):
     from sklearn.datasets import load_digits
-    from sklearn.neural_network import MLPClassifier
     d = load_digits()
     x = self._prep(np.round(d.images * 255 / 16).astype(np.uint8)[..., None])
-    self.clf = MLPClassifier(hidden_layer_sizes=(64,), solver="lbfgs", alpha=1e-3,
-                             max_iter=2000, random_state=0)
-    self.clf.fit(x[:DIGITS_TRAIN], d.target[:DIGITS_TRAIN])
-    self.heldout_accuracy = float(self.clf.score(x[DIGITS_TRAIN:], d.target[DIGITS_TRAIN:]))
+    weights = self._read_cache(cache_path) if cache_path else None
+    if weights is None:
+      weights = self._fit(x[:DIGITS_TRAIN], d.target[:DIGITS_TRAIN])
+      if cache_path:
+        self._write_cache(cache_path, weights)
+    self.w1, self.b1, self.w2, self.b2 = weights
+    pred = self.predict_proba(x[DIGITS_TRAIN:]).argmax(1)
+    self.heldout_accuracy = float(np.mean(pred == d.target[DIGITS_TRAIN:]))
     self.ref_stats = feature_stats(self.features_of(x[DIGITS_TRAIN:]))
+
+  @staticmethod
+  def _fit(x: np.ndarray, y: np.ndarray) -> tuple:
+    from sklearn.neural_network import MLPClassifier
+    clf = MLPClassifier(hidden_layer_sizes=(64,), solver="lbfgs", alpha=1e-3,
+                        max_iter=2000, random_state=0)
+    clf.fit(x, y)
+    return (clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1], clf.intercepts_[1])
+
+  @staticmethod
+  def _read_cache(path: str):
+    """The cached weights, or None when absent, unreadable or of another version."""
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        if int(f["version"]) != DIGITS_CLASSIFIER_VERSION:
+          return None
+        w = tuple(np.asarray(f[k], np.float64) for k in ("w1", "b1", "w2", "b2"))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+      return None
+    shapes = ((64, 64), (64,), (64, 10), (10,))
+    return w if tuple(a.shape for a in w) == shapes else None
+
+  @staticmethod
+  def _write_cache(path: str, weights: tuple) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, version=DIGITS_CLASSIFIER_VERSION,
+             **dict(zip(("w1", "b1", "w2", "b2"), weights)))
+    os.replace(tmp, path)
 
   @staticmethod
   def _prep(images_u8: np.ndarray) -> np.ndarray:
@@ -156,13 +206,24 @@ class DigitsMetric:
 
   def features_of(self, x: np.ndarray) -> np.ndarray:
     """Hidden-layer activations [N, 64] of prepared inputs [N, 64]."""
-    return np.maximum(x @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
+    return np.maximum(x @ self.w1 + self.b1, 0.0)
+
+  def predict_proba(self, x: np.ndarray) -> np.ndarray:
+    """Class probabilities [N, 10] of prepared inputs [N, 64] (softmax output)."""
+    z = self.features_of(x) @ self.w2 + self.b2
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+  def features(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, 64], class logits [N, 10]) of uint8 [N, 8, 8, 1] images."""
+    h = self.features_of(self._prep(images_u8))
+    return h, h @ self.w2 + self.b2
 
   def score(self, images_u8: np.ndarray) -> dict:
     """Metrics of samples uint8 [N, 8, 8, 1] (N >= 2)."""
     x = self._prep(images_u8)
     fd = frechet_distance(*feature_stats(self.features_of(x)), *self.ref_stats)
-    proba = self.clf.predict_proba(x)
+    proba = self.predict_proba(x)
     hist = np.bincount(proba.argmax(1), minlength=10) / len(x)
     nz = hist[hist > 0]
     return {"fd": fd, "confident": float(np.mean(proba.max(1) > 0.9)),

@@ -4,6 +4,9 @@ Modes:
   train   train (or resume) the run in --workdir                     (default)
   sample  load the newest checkpoint and write sampling.num_samples images
           to workdir/samples/ as a PNG grid and an .npz (uint8 [N, H, W, C])
+  eval    score the newest checkpoint with eval.metrics (digits, or FID/KID/IS
+          with --config.eval.inception_weights=FILE.npz); samples are kept in
+          workdir/eval/ so an interrupted evaluation resumes (README: Evaluation)
 
 Override any config key with --config.<group>.<key>=VALUE. Bad input (an
 unknown key, a wrong type, an impossible value, missing data) prints one line
@@ -21,7 +24,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file with get_config(); e.g. configs/digits.py",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
+# Several processes (one per host, or N on one machine): see launch/. TPU pod
+# slices, SLURM and Open MPI are detected without these.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0 for a multi-process run "
+    "(env DDX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "Number of processes in a multi-process run (env DDX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", -1, "This process's index in [0, num_processes) (env DDX_PROCESS_ID).")
 
 EXIT_BAD_INPUT = 2
 
@@ -87,6 +99,8 @@ def _sample(config, workdir):
                          clip_x0=s.clip_x0, guidance_scale=s.guidance_scale,
                          ddpm_variance=s.ddpm_variance)
   u8 = ddx.to_uint8(images)
+  if jax.process_index() != 0:   # every process sampled its share; one writes
+    return
   out = os.path.join(workdir, "samples")
   os.makedirs(out, exist_ok=True)
   name = f"sample_{s.sampler}_{s.steps}"
@@ -105,18 +119,28 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   from ddx import parallel
   # Before JAX starts: use every CPU core (one XLA:CPU device each).
-  parallel.split_cpu_into_devices(config.training.batch_size if _MODE.value == "train"
-                                  else config.sampling.num_samples)
+  parallel.split_cpu_into_devices({"train": config.training.batch_size,
+                                   "eval": config.eval.batch_size}.get(
+                                       _MODE.value, config.sampling.num_samples))
+  try:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
+  except ValueError as e:
+    _fail(str(e))
   _enable_compile_cache()
-  from ddx import checkpoint, config as config_lib, data, train
+  from ddx import checkpoint, config as config_lib, data, eval_run, inception, train
   try:
     if _MODE.value == "train":
       _check_writable(workdir)
       train.train_and_evaluate(config, workdir)
+    elif _MODE.value == "eval":
+      config_lib.validate(config)
+      eval_run.evaluate(config, workdir)
     else:
       config_lib.validate(config)
       _sample(config, workdir)
-  except (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
+  except (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError,
+          inception.InceptionWeightsError) as e:
     _fail(str(e))
   except (train.TrainingError, checkpoint.CheckpointWriteError) as e:
     print(f"ddx: training stopped: {e}", file=sys.stderr, flush=True)

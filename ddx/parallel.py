@@ -1,26 +1,49 @@
-"""Data parallelism with `jax.jit` over a Mesh: one code path from one CPU to a pod.
+"""Parallelism with `jax.jit` over a Mesh: one code path from one CPU to a pod.
 
-The mesh has one axis, "data". Batches are sharded along it; parameters and
-optimizer state are replicated. Under `jit`, XLA inserts the gradient
-all-reduce, so `train_step` is written for the global batch.
+The mesh has two axes, ("data", "fsdp"), over all devices of all processes.
+Batches are split over both (every device gets its own rows). Parameters
+and optimizer state are replicated when the "fsdp" axis has size 1 (the
+default, plain data parallelism) and split along "fsdp" otherwise (each leaf
+on its largest dimension that divides, ZeRO-3/FSDP style), for models that do
+not fit on one device. Under `jit`, XLA inserts the gradient reduction and
+the parameter all-gathers, so `train_step` is the same function either way.
+
+Several processes (TPU pod slices, GPU/CPU clusters) start through
+`initialize_distributed` before anything else touches JAX.
 """
 from __future__ import annotations
+
+import logging
+import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)   # a batch is split over every device
+
+# Leaves smaller than this stay replicated under FSDP: splitting biases and
+# norm scales saves nothing and adds a collective per leaf.
+FSDP_MIN_SIZE = 2 ** 12
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all devices of all processes, axis "data".
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  """A 2-D mesh ("data", "fsdp") over all devices of all processes.
 
+  Args:
+    fsdp: size of the "fsdp" axis (1 = parameters replicated); must divide
+      the device count.
+    devices: default jax.devices() (every process's, in process order, so
+      each process's devices hold a contiguous block of the batch).
   Built with `Mesh` (Auto axis types) rather than `jax.make_mesh`, whose
   Explicit default would turn indexing a sharded array into an error.
   """
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  if fsdp < 1 or devices.size % fsdp:
+    raise ValueError(f"training.fsdp={fsdp} must divide the {devices.size} devices")
+  return Mesh(devices.reshape(devices.size // fsdp, fsdp), BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -28,8 +51,43 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the "data" axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) dimension split over every device of the mesh."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def num_data_shards(mesh: Mesh) -> int:
+  """How many ways a batch is split: every device gets a share."""
+  return mesh.size
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+  """The PartitionSpec of one parameter-shaped leaf on an "fsdp" axis of size n.
+
+  Splits the largest dimension that n divides (ties: the last one, the
+  output channels of a conv/dense kernel); replicates small leaves and leaves
+  with no such dimension.
+  """
+  if n == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
+    return P()
+  best = None
+  for d, size in enumerate(shape):
+    if size % n == 0 and (best is None or size >= shape[best]):
+      best = d
+  if best is None:
+    return P()
+  return P(*([None] * best + [FSDP_AXIS]))
+
+
+def state_sharding(abstract_tree, mesh: Mesh):
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) on `mesh`.
+
+  Replicated everywhere when the "fsdp" axis has size 1; otherwise each leaf
+  follows `fsdp_spec` (params, EMA and Adam moments share shapes, so they
+  split alike; step counters stay replicated).
+  """
+  n = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(tuple(a.shape), n)),
+                      abstract_tree)
 
 
 def global_batch(local_batch, mesh: Mesh):
@@ -39,8 +97,83 @@ def global_batch(local_batch, mesh: Mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
-def num_data_shards(mesh: Mesh) -> int:
-  return mesh.shape[DATA_AXIS]
+def gather(x) -> np.ndarray:
+  """A (possibly multi-process) jax.Array as a full numpy array on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+# --------------------------------------------------------------------------
+# Multi-process start.
+
+_ENV = ("DDX_COORDINATOR_ADDRESS", "DDX_NUM_PROCESSES", "DDX_PROCESS_ID")
+
+
+def _detected_cluster() -> str | None:
+  """Names the multi-process environment JAX can configure itself, if any.
+
+  Asks JAX's own cluster detection (Cloud TPU VMs and pod slices, SLURM, Open
+  MPI, Kubernetes jobs); it lives in a private module, so if that moves we
+  fall back to the environment variables those launchers set.
+  """
+  try:
+    from jax._src import clusters
+    for env in clusters.ClusterEnv._cluster_types:
+      if not getattr(env, "opt_in_only_method", False) and env.is_env_present():
+        return env.__name__
+    return None
+  except (ImportError, AttributeError):
+    pass
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    return "TPU pod slice"
+  if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "SLURM"
+  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return "Open MPI"
+  return None
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> bool:
+  """Starts `jax.distributed` when this is one process of several.
+
+  Explicit settings win (flags, else DDX_COORDINATOR_ADDRESS,
+  DDX_NUM_PROCESSES, DDX_PROCESS_ID); otherwise a Cloud TPU VM (one host or a
+  pod slice), a SLURM job or an Open MPI launch is detected and JAX reads its
+  own settings from it (on one TPU host that is a 1-process "cluster", which
+  also gives the preemption notice). A plain machine starts nothing. Must
+  run before any other JAX call.
+
+  Returns:
+    True if jax.distributed was initialised.
+  Raises:
+    ValueError: an incomplete or inconsistent explicit setting.
+  """
+  env = [os.environ.get(k, "") for k in _ENV]
+  coordinator_address = coordinator_address or env[0]
+  num_processes = num_processes or int(env[1] or 0)
+  process_id = process_id if process_id >= 0 else int(env[2] or -1)
+  explicit = bool(coordinator_address) or num_processes > 0 or process_id >= 0
+  if explicit:
+    if not coordinator_address or num_processes < 1 or process_id < 0:
+      raise ValueError(
+          "a multi-process run needs all three of --coordinator_address (host:port of "
+          "process 0), --num_processes and --process_id (or DDX_COORDINATOR_ADDRESS, "
+          "DDX_NUM_PROCESSES, DDX_PROCESS_ID)")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
+    if num_processes == 1:
+      return False
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    cluster = _detected_cluster()
+    if cluster is None:
+      return False
+    logging.info("multi-process environment detected (%s)", cluster)
+    jax.distributed.initialize()
+  return True
 
 
 _CPU_COUNT_FLAG = "--xla_force_host_platform_device_count"

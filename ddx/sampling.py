@@ -237,7 +237,9 @@ class Model:
   """A trained network: weights as pytree leaves, its config as static data.
 
   `variables` is the Flax variables dict ({"params": ...}, EMA weights when
-  loaded by `ddx.load`). `config` is the run's frozen, hashable config
+  loaded by `ddx.load`; plus "batch_stats", BatchNorm's running statistics,
+  for a model.norm = batch network, which sampling normalises with).
+  `config` is the run's frozen, hashable config
   (ml_collections.FrozenConfigDict) and says the network, the schedule and the
   image shape, so `sample_fn(model, rng)` needs nothing else and jit caches one
   program per (config, shapes, static sampling options).
@@ -383,5 +385,5 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
 
 def to_uint8(images: jnp.ndarray) -> np.ndarray:
   """Maps float images in [-1, 1] to uint8 [0, 255] (round to nearest)."""
-  x = np.asarray(images, dtype=np.float32)
+  x = parallel.gather(images).astype(np.float32)   # every process gets all images
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

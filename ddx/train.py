@@ -3,8 +3,9 @@
 `train_step(state, batch, base_rng) -> (state, metrics)` is a pure function of
 its arguments; randomness is `fold_in(base_rng, state.step)`, so nothing about
 it needs saving and a resumed run draws exactly what an uninterrupted one
-would. It is jitted over a Mesh with the batch sharded on "data" and the state
-replicated; XLA adds the gradient all-reduce.
+would. It is jitted over a Mesh (`ddx.parallel`) with the batch split over
+every device and the state replicated, or split over the "fsdp" axis when
+training.fsdp > 1; XLA adds the gradient reduction and any all-gathers.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
 from ddx import data as data_lib
 from ddx import diffusion
+from ddx import eval_run
 from ddx import evaluation
 from ddx import logging as log_lib
 from ddx import parallel
@@ -41,6 +43,22 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+  # BatchNorm's running statistics (model.norm = batch), {} for GroupNorm.
+  # Not averaged: sampling uses them with ema_params (see `ema_variables`).
+  batch_stats: Any = flax.struct.field(default_factory=dict)
+
+
+def ema_variables(state: TrainState) -> dict:
+  """The Flax variables to sample with: EMA weights (+ running BatchNorm stats).
+
+  BatchNorm's running statistics are already an exponential average (over
+  about the last 10 batches), taken with the training weights; they are used
+  as they are with the EMA weights rather than kept as a second EMA.
+  """
+  variables = {"params": state.ema_params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return variables
 
 
 def lr_schedule(optim: ml_collections.ConfigDict):
@@ -85,20 +103,27 @@ def image_shape(config) -> tuple[int, int, int]:
   return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
-def init_params(net: UNet, config, rng: jax.Array):
-  """Initialises the network's params from a dummy batch of one image."""
+def init_variables(net: UNet, config, rng: jax.Array) -> dict:
+  """Initialises the network from a dummy batch of one image.
+
+  Returns:
+    {"params": ...} plus {"batch_stats": ...} (running mean 0, variance 1)
+    for a BatchNorm network.
+  """
   x = jnp.zeros((1,) + image_shape(config), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
-  return net.init(rng, x, t, labels)["params"]
+  return dict(net.init(rng, x, t, labels))
 
 
 def create_state(config, net: UNet, tx: optax.GradientTransformation,
                  rng: jax.Array) -> TrainState:
-  params = init_params(net, config, rng)
+  variables = init_variables(net, config, rng)
+  params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),
-                    opt_state=tx.init(params))
+                    opt_state=tx.init(params),
+                    batch_stats=dict(variables.get("batch_stats", {})))
 
 
 def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net: UNet,
@@ -114,7 +139,8 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net: UNet
   Returns:
     (new state, metrics): loss, grad_norm (before clipping), param_norm,
     update_norm, lr, ema_decay, mse_by_quartile [4], finite (bool). A
-    non-finite loss or gradient leaves params, EMA and optimizer untouched.
+    non-finite loss or gradient leaves params, EMA, optimizer and BatchNorm
+    statistics untouched.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   loss_rng, drop_rng, label_rng = jax.random.split(rng, 3)
@@ -128,10 +154,18 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net: UNet
       labels = jnp.where(drop, num_classes, labels)
 
   def loss_fn(params):
-    apply = lambda p, x, t: net.apply({"params": p}, x, t, labels, train=True,
-                                      rngs={"dropout": drop_rng})
+    # BatchNorm normalises with this batch's statistics and returns updated
+    # running ones; under jit over the Mesh the batch axis is the global one,
+    # so they are global-batch statistics (XLA adds the cross-device sums).
+    # For GroupNorm batch_stats is {} and stays {}.
+    def apply(p, x, t):
+      out, updates = net.apply({"params": p, "batch_stats": state.batch_stats}, x, t,
+                               labels, train=True, rngs={"dropout": drop_rng},
+                               mutable=["batch_stats"])
+      return out, dict(updates).get("batch_stats", {})
     return diffusion.diffusion_loss(apply, params, sched, batch["image"], loss_rng,
-                                    prediction=config.diffusion.prediction)
+                                    prediction=config.diffusion.prediction,
+                                    has_aux=True)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -144,7 +178,8 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net: UNet
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = TrainState(step=n, params=keep(params, state.params),
                          ema_params=keep(ema, state.ema_params),
-                         opt_state=keep(opt_state, state.opt_state))
+                         opt_state=keep(opt_state, state.opt_state),
+                         batch_stats=keep(dict(aux["aux"]), state.batch_stats))
   metrics = {
       "loss": loss,
       "mse_by_quartile": aux["mse_by_quartile"],
@@ -243,10 +278,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Validates the config first, resumes from the newest readable checkpoint,
   logs every training.log_every steps, checkpoints every checkpoint_every and
   at the end, and writes EMA sample grids every sample_every and at the end.
+  Every eval.every_steps it logs eval.metrics of the EMA model (eval/* in
+  metrics.jsonl and TensorBoard; ddx/eval_run.py).
   SIGTERM (preemption) saves a checkpoint at the current step and returns.
   """
-  mesh = parallel.make_mesh()
-  config_lib.validate(config, parallel.num_data_shards(mesh))
+  config_lib.validate(config, jax.device_count())
+  if jax.device_count() % config.training.fsdp:
+    raise config_lib.ConfigError(
+        f"training.fsdp={config.training.fsdp} does not divide the {jax.device_count()} "
+        "devices; use a divisor of the device count (1 = replicated params)")
+  mesh = parallel.make_mesh(config.training.fsdp)
   source = data_lib.make_source(config.data)
   if config.model.num_classes and not source.num_classes:
     raise config_lib.ConfigError(
@@ -269,13 +310,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   init_rng, train_rng, sample_rng = (jax.random.fold_in(base, i) for i in range(3))
 
   repl = parallel.replicated(mesh)
+  # The state is created already sharded (replicated, or split over "fsdp"):
+  # its shardings come from its abstract shapes.
+  init = functools.partial(create_state, config, net, tx)
+  state_sharding = parallel.state_sharding(jax.eval_shape(init, init_rng), mesh)
   # Init runs once: compile it without backend optimisation (XLA:CPU spent
   # ~14 s optimising the threefry-heavy init of even a small U-Net).
-  init_fn = jax.jit(functools.partial(create_state, config, net, tx), out_shardings=repl,
+  init_fn = jax.jit(init, out_shardings=state_sharding,
                     compiler_options={"xla_backend_optimization_level": 0})
-  abstract = jax.eval_shape(init_fn, init_rng)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          abstract)
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      jax.eval_shape(init_fn, init_rng), state_sharding)
   ck = ckpt_lib.Checkpointer(workdir, keep=config.training.keep_checkpoints)
   state, restored_step = ck.restore_latest(abstract)
   if state is None:
@@ -287,8 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   step_fn = jax.jit(
       functools.partial(train_step, net=net, sched=sched, tx=tx, config=config),
-      in_shardings=(repl, parallel.data_sharded(mesh), repl),
-      out_shardings=(repl, repl), donate_argnums=(0,))
+      in_shardings=(state_sharding, parallel.data_sharded(mesh), repl),
+      out_shardings=(state_sharding, repl), donate_argnums=(0,))
   frozen = config_lib.freeze(config)
   t = config.training
   writer = log_lib.MetricWriter(workdir, active=is_main)
@@ -296,6 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   samples_dir = os.path.join(workdir, "samples")
   if is_main:
     os.makedirs(samples_dir, exist_ok=True)
+  # Sample-quality metrics every eval.every_steps (set up at the first one).
+  evaluator = eval_run.Evaluator(config, workdir) if config.eval.every_steps else None
 
   preemption = _Preemption()
   loader = data_lib.Loader(
@@ -336,10 +383,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if t.checkpoint_every and step % t.checkpoint_every == 0 or done:
         ck.save(step, state, config)
       if t.sample_every and (step % t.sample_every == 0 or done):
-        model = sampling.Model({"params": state.ema_params}, frozen)
+        model = sampling.Model(ema_variables(state), frozen)
         save_samples(model, jax.random.fold_in(sample_rng, step),
                      os.path.join(samples_dir, f"step_{step:07d}.png") if is_main else None,
                      writer, step)
+      if evaluator and step % config.eval.every_steps == 0:
+        evaluator(sampling.Model(ema_variables(state), frozen), step, writer)
     if step < t.num_steps:  # preempted
       logging.warning("preempted: saving a checkpoint at step %d and stopping", step)
       ck.save(step, state, config)

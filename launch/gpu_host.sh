@@ -5,6 +5,12 @@
 #
 # Run from the repository root. Installs ddx with CUDA-enabled jaxlib into .venv
 # (same JAX minor version as setup.cfg pins), then runs the same command as on CPU.
+# One process drives all of the host's GPUs (the batch is split over them).
+#
+# Several GPU hosts: start the same command once per host with
+#   --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+# (or under SLURM, `srun python -m ddx.main ...`: JAX reads SLURM's settings).
+# The workdir must be a directory every host sees (NFS or similar).
 set -euo pipefail
 config=${1:?usage: gpu_host.sh CONFIG WORKDIR [overrides...]}
 workdir=${2:?usage: gpu_host.sh CONFIG WORKDIR [overrides...]}

@@ -1,4 +1,6 @@
 """Metrics against SciPy/NumPy references and sanity orderings; sample grids."""
+import os
+
 import numpy as np
 import pytest
 from scipy import linalg
@@ -81,3 +83,28 @@ def test_make_grid_layout():
   assert g.shape == (2 * 17 + 1, 3 * 17 + 1, 1)
   assert g[1, 1, 0] == 0 and g[1, 18, 0] == 1 and g[18, 18, 0] == 4
   assert g[18, 35, 0] == 0   # the empty sixth cell stays black
+
+
+def test_digits_classifier_is_cached_and_equals_sklearn(digits, tmp_path, monkeypatch):
+  from sklearn.neural_network import MLPClassifier
+  metric, heldout = digits
+  fitted = []
+  real_fit = MLPClassifier.fit
+  monkeypatch.setattr(MLPClassifier, "fit",
+                      lambda self, *a: fitted.append(self) or real_fit(self, *a))
+  path = str(tmp_path / "eval" / "digits_classifier.npz")
+  first = evaluation.DigitsMetric(path)
+  assert len(fitted) == 1 and os.path.exists(path)
+  # The NumPy forward pass is sklearn's predict_proba.
+  x = heldout.reshape(len(heldout), 64) / 255.0
+  np.testing.assert_allclose(first.predict_proba(x), fitted[0].predict_proba(x),
+                             rtol=1e-10, atol=1e-12)
+  cached = evaluation.DigitsMetric(path)
+  assert len(fitted) == 1   # read back, not refitted
+  rng = np.random.default_rng(3)
+  noisy = np.clip(heldout + rng.integers(-40, 40, heldout.shape), 0, 255).astype(np.uint8)
+  assert cached.score(noisy) == metric.score(noisy) == first.score(noisy)
+  # A damaged cache (say, a kill mid-write) reads as absent: refitted, not trusted.
+  with open(path, "wb") as f:
+    f.write(b"PK\x03\x04 truncated")
+  assert evaluation.DigitsMetric._read_cache(path) is None

@@ -27,6 +27,8 @@ def test_readme_research_example_runs(tmp_path, monkeypatch):
   assert scope["imgs"].shape == (config.sampling.num_samples, 8, 8, 1)
   assert scope["x"].shape == (4, 8, 8, 1)
   for block in blocks[1:]:
+    if "runs/digits_cond" in block:   # needs a class-conditional run: test_features.py
+      continue
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
   # The inversion example: 8 interpolants between two inverted digits.

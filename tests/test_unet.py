@@ -129,6 +129,50 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   assert out.shape == shape and out.dtype == jnp.float32
 
 
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, including those of nested (sub-)jaxprs."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else [p]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _eqns(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_bfloat16_runs_every_matmul_in_bf16_and_statistics_in_f32(norm):
+  """dtype="bfloat16" (as the config spells it) reaches every conv, dense,
+  embedding and attention product; norm statistics and softmax stay f32."""
+  model = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+               num_groups=4, num_classes=10, dtype="bfloat16", norm=norm)
+  shape = (2, 8, 8, 1)
+  labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+  variables = _init_shapes(model, shape, labels)
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  fn = lambda v, x, t, y: model.apply(v, x, t, y, train=True,
+                                      mutable=["batch_stats"])[0]
+  closed = jax.make_jaxpr(fn)(variables, x, t, labels)
+  eqns = list(_eqns(closed.jaxpr))
+  dtypes = lambda e: {str(v.aval.dtype) for v in e.invars if hasattr(v.aval, "dtype")}
+  matmuls = [e for e in eqns if e.primitive.name in ("conv_general_dilated",
+                                                     "dot_general")]
+  # Measured: 20 convs and 39 dense layers / attention products (the label
+  # embedding is a gather, checked below).
+  assert len(matmuls) == 59
+  assert all(dtypes(e) == {"bfloat16"} for e in matmuls), \
+      [(e.primitive.name, dtypes(e)) for e in matmuls if dtypes(e) != {"bfloat16"}]
+  gathers = [e for e in eqns if e.primitive.name == "gather"]
+  assert gathers and all("bfloat16" in dtypes(e) for e in gathers)
+  reductions = [e for e in eqns if e.primitive.name in ("reduce_sum", "reduce_max",
+                                                        "exp")]
+  assert reductions and all(dtypes(e) == {"float32"} for e in reductions)
+  out = jax.eval_shape(fn, variables, x, t, labels)
+  assert out.dtype == jnp.float32
+
+
 def test_dropout():
   shape = (2, 8, 8, 1)
   x, t = _inputs(shape)

@@ -5,8 +5,15 @@ All modules take channels-last images, `[B, H, W, C]`. Computation runs in
 default). Weights use DDPM's initialiser (Glorot-uniform, `fan_avg`), and the
 last layer of every residual branch starts at zero, so each block is the
 identity at init (DDPM used a scale of 1e-10; exact zeros behave the same).
+
+Normalisation is GroupNorm (DDPM) or BatchNorm (`norm="batch"`). BatchNorm
+keeps running statistics in the "batch_stats" collection: `train=True` uses
+the batch's statistics and updates the running ones (apply with
+`mutable=["batch_stats"]`); `train=False` uses the running ones, so a sample
+never depends on the other samples in its batch.
 """
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -63,10 +70,29 @@ def _dense(features: int, dtype: Any, name: str,
                   kernel_init=zero_init if zero else default_init, name=name)
 
 
-def _group_norm(num_groups: int, dtype: Any, name: str) -> nn.GroupNorm:
-  # Flax computes the statistics in at least float32 even when dtype is bf16.
-  return nn.GroupNorm(num_groups=num_groups, epsilon=_GN_EPSILON, dtype=dtype,
-                      name=name)
+NORMS = ("group", "batch")
+
+# PyTorch's BatchNorm2d defaults (its momentum 0.1 is 1 - momentum here), as
+# in the article's setup (configs/article.py): the running statistics average
+# over roughly the last 10 batches.
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+
+def norm_layer(kind: str, num_groups: int, dtype: Any, name: str,
+               train: bool) -> nn.Module:
+  """GroupNorm or BatchNorm over the channels of [B, H, W, C].
+
+  Flax computes the statistics (and BatchNorm's running averages) in float32
+  even when dtype is bfloat16, so mixed precision keeps stable normalisation.
+  """
+  if kind == "group":
+    return nn.GroupNorm(num_groups=num_groups, epsilon=_GN_EPSILON, dtype=dtype,
+                        name=name)
+  if kind == "batch":
+    return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
+                        epsilon=_BN_EPSILON, dtype=dtype, name=name)
+  raise ValueError(f"norm={kind!r} is unknown; use one of {NORMS}")
 
 
 class ResBlock(nn.Module):
@@ -81,11 +107,13 @@ class ResBlock(nn.Module):
     dropout: dropout rate before the second conv.
     num_groups: GroupNorm groups; must divide the input and output channels.
     dtype: computation dtype.
+    norm: "group" | "batch".
   """
   out_ch: Optional[int] = None
   dropout: float = 0.0
   num_groups: int = 32
   dtype: Any = jnp.float32
+  norm: str = "group"
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array,
@@ -95,19 +123,22 @@ class ResBlock(nn.Module):
     Args:
       x: [B, H, W, C_in] input.
       temb: [B, D] time (and label) embedding.
-      train: enables dropout (then a 'dropout' rng is needed if rate > 0).
+      train: enables dropout (then a 'dropout' rng is needed if rate > 0)
+        and, with norm="batch", batch statistics.
 
     Returns:
       [B, H, W, out_ch] (out_ch defaults to C_in).
     """
     in_ch = x.shape[-1]
     out_ch = in_ch if self.out_ch is None else self.out_ch
-    h = nn.silu(_group_norm(self.num_groups, self.dtype, "norm1")(x))
+    norm = functools.partial(norm_layer, self.norm, self.num_groups,
+                             self.dtype, train=train)
+    h = nn.silu(norm("norm1")(x))
     h = _conv3x3(out_ch, self.dtype, "conv1")(h)
     # Per-channel bias from the embedding, broadcast over all positions.
     temb_bias = _dense(out_ch, self.dtype, "temb_proj")(nn.silu(temb))
     h = h + temb_bias[:, None, None, :]
-    h = nn.silu(_group_norm(self.num_groups, self.dtype, "norm2")(h))
+    h = nn.silu(norm("norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv3x3(out_ch, self.dtype, "conv2", zero=True)(h)
     if in_ch != out_ch:
@@ -123,22 +154,25 @@ class AttnBlock(nn.Module):
   Attributes:
     num_groups: GroupNorm groups; must divide the channels.
     dtype: computation dtype.
+    norm: "group" | "batch".
   """
   num_groups: int = 32
   dtype: Any = jnp.float32
+  norm: str = "group"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Applies the block.
 
     Args:
       x: [B, H, W, C] input.
+      train: with norm="batch", use (and update) batch statistics.
 
     Returns:
       [B, H, W, C].
     """
     b, hgt, wid, c = x.shape
-    h = _group_norm(self.num_groups, self.dtype, "norm")(x)
+    h = norm_layer(self.norm, self.num_groups, self.dtype, "norm", train)(x)
     q = _dense(c, self.dtype, "q")(h).reshape(b, hgt * wid, c)
     k = _dense(c, self.dtype, "k")(h).reshape(b, hgt * wid, c)
     v = _dense(c, self.dtype, "v")(h).reshape(b, hgt * wid, c)

@@ -18,6 +18,15 @@ Architecture (channels-last, resolution = image height H):
   out    : GroupNorm -> SiLU -> conv 3x3 -> C (initialised to zero, so the
            network outputs exactly zero at init).
 
+Every GroupNorm becomes a BatchNorm with norm="batch" (see layers.py: running
+statistics live in the "batch_stats" collection and are used when
+train=False).
+
+Mixed precision: with dtype=bfloat16 every conv, dense layer, embedding and
+attention product runs in bfloat16 while the parameters stay float32;
+normalisation statistics and the attention softmax are computed in float32 and
+the output is cast back to float32, so the loss is float32.
+
 Resolutions of the levels are H, H/2, ..., H / 2**(L-1).
 
 Timestep convention: `t` is the array index i in [0, T) of the diffusion step
@@ -34,8 +43,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddx.models.layers import (AttnBlock, Downsample, ResBlock, Upsample,
-                               default_init, timestep_embedding, zero_init)
+from ddx.models.layers import (NORMS, AttnBlock, Downsample, ResBlock,
+                               Upsample, default_init, norm_layer,
+                               timestep_embedding, zero_init)
 
 
 class UNet(nn.Module):
@@ -56,7 +66,10 @@ class UNet(nn.Module):
     resamp_with_conv: use 3x3 convs in Downsample/Upsample (else avg-pool /
       plain nearest-neighbour).
     num_classes: number of classes for label conditioning; 0 = unconditional.
-    dtype: computation dtype (parameters stay float32).
+    dtype: computation dtype, "float32" or "bfloat16" (a string, as in the
+      config, or a jnp dtype); parameters stay float32.
+    norm: "group" (GroupNorm, DDPM) or "batch" (BatchNorm with running
+      statistics in the "batch_stats" collection).
   """
   ch: int = 32
   ch_mult: Sequence[int] = (1, 2)
@@ -67,6 +80,7 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   num_classes: int = 0
   dtype: Any = jnp.float32
+  norm: str = "group"
 
   def _check(self, x: jax.Array, labels: Optional[jax.Array]) -> None:
     """Raises ValueError for a config or input the network cannot handle."""
@@ -86,8 +100,10 @@ class UNet(nn.Module):
           f"attn_resolutions {tuple(bad)} are not resolutions of this U-Net; "
           f"for {hgt}x{wid} images and ch_mult={tuple(self.ch_mult)} the valid "
           f"ones are {tuple(levels)}")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm={self.norm!r} is unknown; use one of {NORMS}")
     for c in [self.ch] + [self.ch * m for m in self.ch_mult]:
-      if c % self.num_groups:
+      if self.norm == "group" and c % self.num_groups:
         raise ValueError(
             f"channel count {c} (ch={self.ch}, ch_mult={tuple(self.ch_mult)}) "
             f"is not divisible by num_groups={self.num_groups}")
@@ -106,7 +122,9 @@ class UNet(nn.Module):
       labels: [B] int32 class labels in [0, num_classes] (num_classes = null),
         or None (all null). Only allowed when num_classes > 0.
       train: enables dropout; then apply needs rngs={'dropout': key} if
-        dropout > 0.
+        dropout > 0. With norm="batch" it also normalises with the batch's
+        statistics and updates the running ones: apply with
+        mutable=["batch_stats"].
 
     Returns:
       [B, H, W, C] float32, the same shape as x.
@@ -114,7 +132,7 @@ class UNet(nn.Module):
     self._check(x, labels)
     out_ch = x.shape[-1]
     n_levels = len(self.ch_mult)
-    dt = self.dtype
+    dt = jnp.dtype(self.dtype)   # the config gives a string
 
     # Time (and label) embedding, shared by every ResBlock.
     temb = timestep_embedding(t, self.ch)
@@ -130,11 +148,12 @@ class UNet(nn.Module):
 
     def res_block(h, ch, name):
       return ResBlock(out_ch=ch, dropout=self.dropout,
-                      num_groups=self.num_groups, dtype=dt, name=name)(
-                          h, temb, train)
+                      num_groups=self.num_groups, dtype=dt, norm=self.norm,
+                      name=name)(h, temb, train)
 
     def attn_block(h, name):
-      return AttnBlock(num_groups=self.num_groups, dtype=dt, name=name)(h)
+      return AttnBlock(num_groups=self.num_groups, dtype=dt, norm=self.norm,
+                       name=name)(h, train)
 
     # Down path; every intermediate output is a skip connection.
     h = nn.Conv(self.ch, (3, 3), padding="SAME", dtype=dt,
@@ -168,8 +187,8 @@ class UNet(nn.Module):
                      name=f"up_{level}_upsample")(h)
     assert not skips, "every skip connection must be consumed"
 
-    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-6,
-                             dtype=dt, name="norm_out")(h))
+    h = nn.silu(norm_layer(self.norm, self.num_groups, dt, "norm_out",
+                           train)(h))
     h = nn.Conv(out_ch, (3, 3), padding="SAME", dtype=dt,
                 kernel_init=zero_init, name="conv_out")(h)
     return h.astype(jnp.float32)

@@ -1,0 +1,404 @@
+"""Evaluation runs: many samples in resumable chunks, reference statistics, metrics.
+
+Two entry points:
+  * `evaluate(config, workdir)` — `--mode eval`: the newest checkpoint's EMA
+    model, eval.num_samples samples written to workdir/eval/<tag>/ in chunks of
+    eval.batch_size, the metrics of eval.metrics appended to metrics.jsonl /
+    TensorBoard and printed. Chunks already on disk are reused, so an
+    interrupted evaluation resumes where it stopped.
+  * `Evaluator(config, workdir)(model, step, writer)` — training's in-loop
+    evaluation every eval.every_steps (samples kept in memory).
+
+Chunk c is sampled with fold_in(key(eval.seed), c), so a resumed run's samples
+equal an uninterrupted run's, and every evaluation of a run sees the same noise
+(scores at different steps differ by the model, not by the draw).
+
+Metrics (eval.metrics):
+  digits   DigitsMetric (ddx.evaluation): Fréchet distance to the held-out
+           digits in a small classifier's features, confident fraction, class
+           entropy. Classifier cached in workdir/eval/digits_classifier.npz.
+  fid/kid  Inception pool3 features (ddx.inception) against reference
+           statistics of the dataset (`reference_stats`).
+  is       Inception Score of the samples' 1008-way logits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import zipfile
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+
+from ddx import config as config_lib
+from ddx import data as data_lib
+from ddx import evaluation
+from ddx import inception
+from ddx import logging as log_lib
+from ddx import sampling
+
+KID_REFERENCE_SIZE = 5000   # reference features kept for KID (subsets of 1,000 by default)
+
+
+def _hms(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  s = int(seconds)
+  return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Extractor(NamedTuple):
+  """A feature network over uint8 images.
+
+  name: identifies the network and its weights (stored with reference stats).
+  fn: uint8 [N, H, W, C] -> (features [N, D] float, logits [N, K] float).
+  """
+  name: str
+  fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def inception_extractor(weights_path: str, batch_size: int = 100) -> Extractor:
+  """The FID Inception-v3 with weights from a local .npz (see ddx.inception)."""
+  variables = inception.load_weights(weights_path)
+  digest = inception.weights_digest(variables)[:16]
+  variables = inception.put_weights(variables)
+  return Extractor(f"inception-fid:{digest}",
+                   lambda u8: inception.features(variables, u8, batch_size=batch_size))
+
+
+def digits_extractor(metric: evaluation.DigitsMetric) -> Extractor:
+  """The digits classifier's 64 hidden units (8x8 grey images only)."""
+  return Extractor("digits-mlp", metric.features)
+
+
+# --------------------------------------------------------------------------
+# Reference statistics of a dataset.
+
+
+def _data_fingerprint(data_config) -> dict:
+  """The data settings that decide which images the reference holds."""
+  d = data_config
+  return {"name": d.name, "split": d.split, "image_size": d.image_size,
+          "channels": d.channels, "crop": d.crop, "path": d.path,
+          "image_key": d.image_key}
+
+
+def default_reference_path(config, workdir: str) -> str:
+  return os.path.join(workdir, "eval", f"reference_{config.data.name}.npz")
+
+
+def reference_stats(config, extractor: Extractor, path: str, *, batch_size: int = 200,
+                    progress: bool = True) -> dict:
+  """Feature mean/covariance of every image of the configured dataset, cached in `path`.
+
+  All images of config.data (the training split, uint8, no flips, the last
+  partial batch included) go through the extractor once; the result is saved
+  to `path` and read back by later calls. A file made for other data or
+  another extractor is refused, not silently reused.
+
+  Args:
+    config: the run config (config.data says the dataset).
+    extractor: the feature network (its name is stored with the stats).
+    path: the .npz to read or write.
+    batch_size: images per extractor call.
+    progress: print a progress line per ~10% of the dataset.
+  Returns:
+    {"mu": [D] float64, "sigma": [D, D] float64, "kid_features": [M, D] float32
+     (a fixed random subset, M <= KID_REFERENCE_SIZE), "num_images": int,
+     "is_mean", "is_std": the dataset's own Inception Score (nan without logits)}.
+  Raises:
+    ConfigError: `path` holds statistics of other data or another extractor.
+  """
+  fingerprint = json.dumps({"data": _data_fingerprint(config.data),
+                            "features": extractor.name}, sort_keys=True)
+  if os.path.exists(path):
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        stored = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      raise config_lib.ConfigError(
+          f"eval.reference_stats={path} cannot be read ({' '.join(str(e).split())}); "
+          "delete it to recompute") from None
+    if str(stored.get("fingerprint", "")) != fingerprint:
+      raise config_lib.ConfigError(
+          f"eval.reference_stats={path} holds statistics of "
+          f"{str(stored.get('fingerprint', '?'))}, not of {fingerprint}; delete it or "
+          "point --config.eval.reference_stats at another file")
+    return {"mu": stored["mu"], "sigma": stored["sigma"],
+            "kid_features": stored["kid_features"], "num_images": int(stored["num_images"]),
+            "is_mean": float(stored["is_mean"]), "is_std": float(stored["is_std"])}
+
+  source = data_lib.make_source(config.data)
+  n = len(source)
+  if n < 2:
+    raise data_lib.DataError(f"data.name={config.data.name!r} has {n} image(s); "
+                             "reference statistics need at least 2")
+  kid_index = np.sort(np.random.default_rng(0).choice(n, min(n, KID_REFERENCE_SIZE),
+                                                      replace=False))
+  # Streaming sums in float64: the features of a large dataset need not fit
+  # in memory, only D + D² accumulators do.
+  total = outer = None
+  kid_parts, logit_parts = [], []
+  t0, next_report = time.perf_counter(), 0.1
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(n, start + batch_size))
+    images = np.stack([np.asarray(source[int(i)][0]) for i in idx])
+    feats, logits = extractor.fn(images)
+    f64 = np.asarray(feats, np.float64)
+    total = f64.sum(0) if total is None else total + f64.sum(0)
+    outer = f64.T @ f64 if outer is None else outer + f64.T @ f64
+    kid_parts.append(np.asarray(feats, np.float32)[np.isin(idx, kid_index)])
+    if logits is not None:
+      logit_parts.append(np.asarray(logits, np.float32))
+    done = idx[-1] + 1
+    if progress and (done / n >= next_report or done == n):
+      rate = done / (time.perf_counter() - t0)
+      print(f"eval: reference statistics {done}/{n} images, {rate:.1f} img/s, "
+            f"ETA {_hms((n - done) / rate)}", flush=True)
+      next_report += 0.1
+  mu = total / n
+  sigma = (outer - n * np.outer(mu, mu)) / (n - 1)
+  is_mean, is_std = (evaluation.inception_score(np.concatenate(logit_parts))
+                     if logit_parts else (float("nan"), float("nan")))
+  out = {"mu": mu, "sigma": sigma, "kid_features": np.concatenate(kid_parts),
+         "num_images": n, "is_mean": is_mean, "is_std": is_std}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, fingerprint=fingerprint, **out)
+    os.replace(tmp, path)
+  return out
+
+
+# --------------------------------------------------------------------------
+# Samples in chunks.
+
+
+def _settings(config) -> str:
+  """Everything besides the chunk index that decides a chunk's images."""
+  e, s = config.eval, config.sampling
+  return json.dumps({"sampler": e.sampler, "steps": e.steps, "eta": float(e.eta),
+                     "seed": e.seed, "chunk": e.batch_size, "clip_x0": bool(s.clip_x0),
+                     "guidance_scale": float(s.guidance_scale),
+                     "ddpm_variance": s.ddpm_variance}, sort_keys=True)
+
+
+def chunk_path(out_dir: str, chunk: int) -> str:
+  return os.path.join(out_dir, f"samples_{chunk:05d}.npz")
+
+
+def _read_chunk(path: str, settings: str, count: int, image_shape) -> Optional[np.ndarray]:
+  """A finished chunk's images, or None if absent, unreadable or made otherwise."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if str(f["settings"]) != settings:
+        return None
+      images = f["images"]
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    return None
+  ok = images.dtype == np.uint8 and images.shape == (count,) + tuple(image_shape)
+  return images if ok else None
+
+
+def _to_host(images) -> np.ndarray:
+  """A (possibly multi-process) global array as uint8 on this host."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    images = multihost_utils.process_allgather(images, tiled=True)
+  return sampling.to_uint8(images)
+
+
+def sample_chunks(model: sampling.Model, config, out_dir: Optional[str] = None,
+                  progress: bool = True) -> np.ndarray:
+  """eval.num_samples samples of `model`, eval.batch_size (global) at a time.
+
+  Chunk c holds samples c·B .. c·B+B-1 and is drawn with
+  fold_in(key(eval.seed), c) (the last chunk keeps its first samples), so the
+  result does not depend on which chunks were already on disk.
+
+  Args:
+    model: the EMA model (`ddx.load` or built from a TrainState).
+    config: eval.{num_samples, batch_size, sampler, steps, eta, seed} and
+      sampling.{clip_x0, guidance_scale, ddpm_variance} set the samples.
+    out_dir: if given, each chunk is written as samples_XXXXX.npz (uint8
+      "images" [n, H, W, C]) and chunks already there are reused.
+    progress: print a line per chunk.
+  Returns:
+    uint8 [eval.num_samples, H, W, C].
+  """
+  e, s = config.eval, config.sampling
+  num, bs = int(e.num_samples), int(e.batch_size)
+  settings = _settings(config)
+  base = jax.random.key(e.seed)
+  chunks = math.ceil(num / bs)
+  is_main = jax.process_index() == 0
+  if out_dir and is_main:
+    os.makedirs(out_dir, exist_ok=True)
+  parts, t0, made = [], time.perf_counter(), 0
+  for c in range(chunks):
+    count = min(bs, num - c * bs)
+    path = chunk_path(out_dir, c) if out_dir else None
+    images = _read_chunk(path, settings, count, model.image_shape) if path else None
+    fresh = images is None
+    if fresh:
+      x = sampling.sample_fn(model, jax.random.fold_in(base, c), steps=e.steps,
+                             num_samples=bs, sampler=e.sampler, eta=e.eta,
+                             clip_x0=s.clip_x0, guidance_scale=s.guidance_scale,
+                             ddpm_variance=s.ddpm_variance)
+      images = _to_host(x)[:count]
+      made += count
+      if path and is_main:
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, images=images, settings=settings)
+        os.replace(tmp, path)   # a chunk on disk is always complete
+    parts.append(images)
+    if progress and is_main:
+      done = sum(len(p) for p in parts)
+      rate = made / (time.perf_counter() - t0) if made else float("nan")
+      eta = (num - done) / rate if rate == rate and rate > 0 else float("nan")
+      speed = f", {rate:.1f} img/s, ETA {_hms(eta)}" if made else ""
+      print(f"eval: samples {done}/{num} (chunk {c + 1}/{chunks} "
+            f"{'sampled' if fresh else 'reused from disk'}){speed}", flush=True)
+  return np.concatenate(parts)
+
+
+# --------------------------------------------------------------------------
+# Metrics.
+
+
+class Evaluator:
+  """Scores a model's samples with config.eval.metrics.
+
+  Building it checks the config and reads the Inception weights (if a metric
+  needs them), so bad inputs fail at once; the digits classifier and the
+  reference statistics are made (or read from workdir/eval/) by `setup`, at
+  the first scoring at the latest.
+  """
+
+  def __init__(self, config, workdir: str, extractor: Optional[Extractor] = None):
+    """Args:
+      config: the run config (eval.*, and data.* for the reference statistics).
+      workdir: where eval/ caches live.
+      extractor: the feature network behind fid/kid/is; default the FID
+        Inception with eval.inception_weights. Another one (say, a domain
+        classifier) gives Fréchet/kernel distances in its own feature space.
+    """
+    self.config, self.workdir = config, workdir
+    self.metrics = tuple(config.eval.metrics)
+    self._digits = self._ref = None
+    self._extractor = extractor
+    if extractor is None:
+      config_lib.check_eval_inputs(config)
+      if set(self.metrics) & set(evaluation.INCEPTION_METRICS):
+        # Read the weights now: a bad file fails before any sampling or training.
+        self._extractor = inception_extractor(config.eval.inception_weights,
+                                              config.eval.feature_batch_size)
+
+  def setup(self) -> None:
+    """Fits or reads the digits classifier; computes or reads the reference stats."""
+    e = self.config.eval
+    if "digits" in self.metrics and self._digits is None:
+      self._digits = evaluation.DigitsMetric(
+          os.path.join(self.workdir, "eval", "digits_classifier.npz"))
+    if set(self.metrics) & {"fid", "kid"} and self._ref is None:
+      path = e.reference_stats or default_reference_path(self.config, self.workdir)
+      self._ref = reference_stats(self.config, self._extractor, path,
+                                  batch_size=e.feature_batch_size)
+
+  def scores(self, samples_u8: np.ndarray) -> dict:
+    """The metrics of uint8 samples [N, H, W, C], flat name -> float."""
+    self.setup()
+    e, out = self.config.eval, {}
+    if "digits" in self.metrics:
+      out.update({f"digits_{k}": v for k, v in self._digits.score(samples_u8).items()})
+    if self._extractor is not None:
+      feats, logits = self._extractor.fn(samples_u8)
+      if "fid" in self.metrics:
+        out["fid"] = evaluation.frechet_distance(*evaluation.feature_stats(feats),
+                                                 self._ref["mu"], self._ref["sigma"])
+      if "kid" in self.metrics:
+        ref = self._ref["kid_features"]
+        out["kid"], out["kid_std"] = evaluation.kid(
+            feats, ref, num_subsets=e.kid_subsets,
+            subset_size=min(e.kid_subset_size, len(feats), len(ref)))
+      if "is" in self.metrics:
+        out["is"], out["is_std"] = evaluation.inception_score(logits)
+    return out
+
+  def __call__(self, model: sampling.Model, step: int,
+               writer: Optional[log_lib.MetricWriter] = None,
+               out_dir: Optional[str] = None) -> dict:
+    """Samples, scores, logs; returns the metrics ({} on processes other than 0).
+
+    Every process samples (the sampler is one program over all devices);
+    process 0 scores and writes.
+    """
+    t0 = time.perf_counter()
+    samples = sample_chunks(model, self.config, out_dir)
+    if jax.process_index() != 0:
+      return {}
+    metrics = self.scores(samples)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    if writer is not None:
+      writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    print(f"eval step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+          flush=True)
+    return metrics
+
+
+def _newest_model(workdir: str):
+  """(step, Model) of the newest checkpoint that reads back."""
+  from ddx import checkpoint as ckpt_lib
+  steps = []
+  if os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    steps = ckpt_lib.Checkpointer(workdir, read_only=True).steps()
+  last = None
+  for step in reversed(steps):
+    try:
+      return step, ckpt_lib.load(workdir, step=step)
+    except ckpt_lib.CheckpointError as e:
+      last = e
+  if last is not None:
+    raise last
+  return None, ckpt_lib.load(workdir)   # raises the no-checkpoint error
+
+
+def evaluate(config, workdir: str) -> dict:
+  """`--mode eval`: metrics of the newest checkpoint's EMA model, resumable.
+
+  Samples go to workdir/eval/step_XXXXXXX_<sampler><steps>/samples_XXXXX.npz
+  (reused when present, also by a later evaluation with more samples), the
+  metrics to metrics.jsonl / TensorBoard under eval/ and to
+  metrics_<num_samples>.json in the same folder.
+
+  Raises:
+    ConfigError: missing Inception weights, metrics that do not fit the
+      images, or a --config whose images differ from the checkpoint's.
+    CheckpointError: no readable checkpoint in workdir.
+  """
+  evaluator = Evaluator(config, workdir)
+  step, model = _newest_model(workdir)
+  want = (config.data.image_size, config.data.image_size, config.data.channels)
+  if tuple(model.image_shape) != want:
+    raise config_lib.ConfigError(
+        f"the checkpoint in {workdir} makes {model.image_shape} images but --config says "
+        f"{want}; pass the run's own config file")
+  if jax.process_index() == 0:
+    evaluator.setup()   # reference statistics before sampling: a data error shows early
+  e = config.eval
+  out_dir = os.path.join(workdir, "eval", f"step_{step:07d}_{e.sampler}{e.steps}")
+  writer = log_lib.MetricWriter(workdir, active=jax.process_index() == 0)
+  try:
+    metrics = evaluator(model, step, writer, out_dir)
+  finally:
+    writer.close()
+  if jax.process_index() == 0:
+    # Per sample count: evaluations with more samples reuse the same chunks.
+    path = os.path.join(out_dir, f"metrics_{e.num_samples}.json")
+    with open(path, "w") as f:
+      json.dump({"step": step, "num_samples": e.num_samples, **metrics}, f, indent=2)
+    print(f"eval: wrote {path} and metrics.jsonl", flush=True)
+  return metrics
