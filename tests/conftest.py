@@ -5,7 +5,8 @@ jitted init took 25 s at the default level, threefry being the slow part);
 level 0 gives the same numbers for these tests in a fraction of the compile.
 A persistent compilation cache shared by this session's processes lets the
 many `python -m ddx.main` subprocesses skip compiles an earlier one did.
-Set before JAX is imported; subprocesses started by tests inherit it.
+Set before JAX is imported; subprocesses started by tests, and pytest-xdist
+workers (`-n 2`), inherit it.
 """
 import os
 import tempfile
@@ -20,7 +21,9 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 
 
 def pytest_sessionfinish(session, exitstatus):
-  del session, exitstatus
+  del exitstatus
+  if hasattr(session.config, "workerinput"):
+    return  # a pytest-xdist worker: the cache is shared; the controller removes it
   path = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
   if os.path.basename(path).startswith("ddx-test-jax-cache-"):
     import shutil
