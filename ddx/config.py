@@ -195,11 +195,7 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
   _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay} must be in [0, 1)")
 
-  _require(s.sampler in _SAMPLERS,
-           f"sampling.sampler={s.sampler!r} is unknown; use one of {_SAMPLERS}")
-  _require(isinstance(s.steps, int) and 1 <= s.steps <= f.num_timesteps,
-           f"sampling.steps={s.steps!r} must be an integer in [1, T={f.num_timesteps}]")
-  _require(s.eta >= 0, f"sampling.eta={s.eta} must be >= 0")
+  _check_sampler(config, "sampling")
   _require(isinstance(s.num_samples, int) and s.num_samples >= 1,
            f"sampling.num_samples={s.num_samples!r} must be a positive integer")
   _require(s.ddpm_variance in sampling.DDPM_VARIANCES,
@@ -219,17 +215,23 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
            "needs two samples)")
   _require(isinstance(e.batch_size, int) and e.batch_size >= 1,
            f"eval.batch_size={e.batch_size!r} must be a positive integer")
-  _require(e.sampler in _SAMPLERS,
-           f"eval.sampler={e.sampler!r} is unknown; use one of {_SAMPLERS}")
-  _require(isinstance(e.steps, int) and 1 <= e.steps <= f.num_timesteps,
-           f"eval.steps={e.steps!r} must be an integer in [1, T={f.num_timesteps}]")
-  _require(e.eta >= 0, f"eval.eta={e.eta} must be >= 0")
+  _check_sampler(config, "eval")
   _require(isinstance(e.feature_batch_size, int) and e.feature_batch_size >= 1,
            f"eval.feature_batch_size={e.feature_batch_size!r} must be a positive integer")
   _require(e.kid_subset_size >= 2 and e.kid_subsets >= 1,
            "eval.kid_subset_size must be >= 2 and eval.kid_subsets >= 1")
   if e.every_steps:   # in-loop evaluation: fail now, not hours into training
     check_eval_inputs(config)
+
+
+def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
+  """The sampler, steps and eta of a group that samples (sampling, eval)."""
+  g, num_timesteps = config[group], config.diffusion.num_timesteps
+  _require(g.sampler in _SAMPLERS,
+           f"{group}.sampler={g.sampler!r} is unknown; use one of {_SAMPLERS}")
+  _require(isinstance(g.steps, int) and 1 <= g.steps <= num_timesteps,
+           f"{group}.steps={g.steps!r} must be an integer in [1, T={num_timesteps}]")
+  _require(g.eta >= 0, f"{group}.eta={g.eta} must be >= 0")
 
 
 def check_eval_inputs(config: ml_collections.ConfigDict) -> None:

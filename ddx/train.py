@@ -313,14 +313,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # The state is created already sharded (replicated, or split over "fsdp"):
   # its shardings come from its abstract shapes.
   init = functools.partial(create_state, config, net, tx)
-  state_sharding = parallel.state_sharding(jax.eval_shape(init, init_rng), mesh)
+  shapes = jax.eval_shape(init, init_rng)
+  state_sharding = parallel.state_sharding(shapes, mesh)
   # Init runs once: compile it without backend optimisation (XLA:CPU spent
   # ~14 s optimising the threefry-heavy init of even a small U-Net).
   init_fn = jax.jit(init, out_shardings=state_sharding,
                     compiler_options={"xla_backend_optimization_level": 0})
   abstract = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      jax.eval_shape(init_fn, init_rng), state_sharding)
+      shapes, state_sharding)
   ck = ckpt_lib.Checkpointer(workdir, keep=config.training.keep_checkpoints)
   state, restored_step = ck.restore_latest(abstract)
   if state is None:
