@@ -96,12 +96,12 @@ def ddx_forward_time(model, batch, reps):
   return _best(lambda: fwd(model, x, i).block_until_ready(), reps)
 
 
-def ddx_sampler(model, batch, steps, reps):
-  """Compile seconds, XLA memory estimate and run seconds of DDIM with `steps`."""
+def ddx_sampler(model, batch, steps, reps, sampler="ddim"):
+  """Compile seconds, XLA memory estimate and run seconds of `sampler` with `steps`."""
   import jax
   from ddx import sampling
   rng = jax.random.key(0)
-  kw = dict(num_samples=batch, steps=steps, sampler="ddim", clip_x0=True, guided=False,
+  kw = dict(num_samples=batch, steps=steps, sampler=sampler, clip_x0=True, guided=False,
             ddpm_variance="posterior", return_trajectory=False)
   t0 = time.perf_counter()
   compiled = sampling._sample_jit.lower(model, rng, None, 1.0, 0.0, None, **kw).compile()
@@ -110,7 +110,7 @@ def ddx_sampler(model, batch, steps, reps):
   mem_bytes = None if mem is None else int(mem.temp_size_in_bytes + mem.output_size_in_bytes
                                            + mem.argument_size_in_bytes)
   run = lambda: sampling.sample_fn(model, rng, steps=steps, num_samples=batch,
-                                   sampler="ddim", eta=0.0).block_until_ready()
+                                   sampler=sampler, eta=0.0).block_until_ready()
   run()
   return compile_s, mem_bytes, _best(run, reps)
 
@@ -172,64 +172,94 @@ def peer_unet(config):
       flip_sin_to_cos=False, freq_shift=1)
 
 
-def peer_train_time(config, batch, steps):
-  """Seconds per step of the same update in PyTorch: ε-MSE, clip, Adam, EMA."""
+def _torch_sync(device):
+  import torch
+  if device.startswith("cuda"):
+    torch.cuda.synchronize()
+
+
+def _autocast(device, amp):
+  """bf16 autocast on `device` when amp (mixed precision, as ddx's model.dtype)."""
+  import contextlib
+  import torch
+  if not amp:
+    return contextlib.nullcontext()
+  return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+
+
+def peer_train_time(config, batch, steps, device="cpu", amp=False):
+  """Seconds per step of the same update in PyTorch: ε-MSE, clip, Adam, EMA.
+
+  The loss is not fetched per step (as ddx's loop does not): one sync at the end.
+  """
   import copy
   import torch
-  net = peer_unet(config).train()
+  net = peer_unet(config).to(device).train()
   ema = copy.deepcopy(net).eval()
   opt = torch.optim.Adam(net.parameters(), lr=config.optim.lr)
   shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
-  x0 = torch.rand(shape) * 2 - 1
-  ab = torch.linspace(0.999, 0.01, 1000)
+  x0 = torch.rand(shape, device=device) * 2 - 1
+  ab = torch.linspace(0.999, 0.01, 1000, device=device)
 
   def one():
-    t = torch.randint(0, 1000, (batch,))
+    t = torch.randint(0, 1000, (batch,), device=device)
     noise = torch.randn_like(x0)
     a = ab[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    loss = torch.nn.functional.mse_loss(net(xt, t).sample, noise)
+    with _autocast(device, amp):
+      out = net(xt, t).sample
+    loss = torch.nn.functional.mse_loss(out.float(), noise)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.grad_clip)
     opt.step()
     with torch.no_grad():
       torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 0.001)
-    return loss.item()
+    return loss
 
   for _ in range(2):
     one()
+  _torch_sync(device)
   t0 = time.perf_counter()
   for _ in range(steps):
-    one()
+    loss = one()
+  float(loss.detach())
+  _torch_sync(device)
   return (time.perf_counter() - t0) / steps
 
 
-def peer_forward_and_sample_time(config, batch, steps, reps):
+def peer_forward_and_sample_time(config, batch, steps, reps, device="cpu", amp=False,
+                                 sample_reps=None):
   import torch
   from diffusers import DDIMScheduler
-  net = peer_unet(config).eval()
+  net = peer_unet(config).to(device).eval()
   sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear",
                         clip_sample=True)
   shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
-  x = torch.randn(shape)
-  t = torch.full((batch,), 500)
+  x = torch.randn(shape, device=device)
+  t = torch.full((batch,), 500, device=device)
 
   @torch.no_grad()
   def fwd():
-    return net(x, t).sample
+    with _autocast(device, amp):
+      y = net(x, t).sample
+    _torch_sync(device)
+    return y
 
   @torch.no_grad()
   def sample():
     sched.set_timesteps(steps)
-    y = torch.randn(shape)
+    y = torch.randn(shape, device=device)
     for ti in sched.timesteps:
-      y = sched.step(net(y, ti).sample, ti, y, eta=0.0).prev_sample
+      with _autocast(device, amp):
+        eps = net(y, ti).sample
+      y = sched.step(eps.float(), ti, y, eta=0.0).prev_sample
+    _torch_sync(device)
     return y
 
   fwd()
   sample()
-  return _best(fwd, reps), _best(sample, max(1, reps // 3))
+  return _best(fwd, reps), _best(sample, sample_reps or max(1, reps // 3))
 
 
 # --------------------------------------------------------------------------
