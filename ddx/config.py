@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.sample_every = 2000      # 0 = no sample grids during training
   t.label_dropout = 0.0      # classifier-free guidance: p(label -> null)
   t.nan_policy = "stop"      # non-finite loss/grads: stop (with the step) | skip the update
+  t.steps_per_dispatch = 1   # updates per jitted call (a lax.scan over batches); >1 for
+                             # small models on GPU/TPU, where launching each step costs
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 2e-4
@@ -184,6 +186,17 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
     _require(isinstance(t[k], int) and t[k] >= 0,
              f"training.{k}={t[k]!r} must be an integer >= 0 (0 = never)")
   _require(t.log_every >= 1, "training.log_every must be >= 1")
+  k = t.steps_per_dispatch
+  _require(isinstance(k, int) and k >= 1,
+           f"training.steps_per_dispatch={k!r} must be a positive integer (1 = one "
+           "update per call)")
+  for name, every in (("training.log_every", t.log_every),
+                      ("training.checkpoint_every", t.checkpoint_every),
+                      ("training.sample_every", t.sample_every),
+                      ("eval.every_steps", config.eval.every_steps)):
+    _require(not (isinstance(every, int) and every > 0 and every % k),
+             f"{name}={every} is not a multiple of training.steps_per_dispatch={k}; "
+             f"use a multiple of {k}, or a steps_per_dispatch that divides it")
   _require(t.keep_checkpoints >= 1, "training.keep_checkpoints must be >= 1")
   _require(0.0 <= t.label_dropout < 1.0,
            f"training.label_dropout={t.label_dropout} must be in [0, 1)")

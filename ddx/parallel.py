@@ -97,6 +97,18 @@ def global_batch(local_batch, mesh: Mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def stacked_global_batch(local_batches, mesh: Mesh):
+  """k host-local batches -> one global pytree [k, global batch, ...].
+
+  The leading (step) axis is not split; the batch axis is split over every
+  device, as in `global_batch` (for `training.steps_per_dispatch` > 1).
+  """
+  sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *local_batches)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), stacked)
+
+
 def gather(x) -> np.ndarray:
   """A (possibly multi-process) jax.Array as a full numpy array on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:

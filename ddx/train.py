@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
@@ -193,6 +194,22 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net: UNet
   return new_state, metrics
 
 
+def train_steps(state: TrainState, batches: dict, base_rng: jax.Array, *,
+                unroll: bool = False, **static) -> tuple[TrainState, dict]:
+  """k updates in one program: `train_step` scanned over batches [k, B, ...].
+
+  The same updates as k calls of `train_step` (each step's key is
+  fold_in(base_rng, step)); metrics come back stacked, [k, ...]. This is
+  `training.steps_per_dispatch`, score_sde's n_jitted_steps. `unroll=True`
+  writes the k steps out in full, which costs k times the compile time: the
+  training loop does this on CPU, where XLA ran a rolled scan of the digits
+  step 17x slower than single steps (BENCHMARKS.md, "Updates per call").
+  """
+  def body(s, batch):
+    return train_step(s, batch, base_rng, **static)
+  return jax.lax.scan(body, state, batches, unroll=unroll)
+
+
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. a non-finite loss with nan_policy=stop)."""
 
@@ -331,9 +348,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("resumed from the checkpoint at step %d", restored_step)
   step = int(state.step)
 
+  static = dict(net=net, sched=sched, tx=tx, config=config)
   step_fn = jax.jit(
-      functools.partial(train_step, net=net, sched=sched, tx=tx, config=config),
+      functools.partial(train_step, **static),
       in_shardings=(state_sharding, parallel.data_sharded(mesh), repl),
+      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  # steps_per_dispatch > 1: k updates per call (compiled once per k it sees:
+  # k, and a shorter call to reach the grid after an off-grid resume or at the end).
+  # Rolled on accelerators; unrolled on CPU (see train_steps).
+  multi_fn = jax.jit(
+      functools.partial(train_steps, unroll=mesh.devices.flat[0].platform == "cpu",
+                        **static),
+      in_shardings=(state_sharding, NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
+                    repl),
       out_shardings=(state_sharding, repl), donate_argnums=(0,))
   frozen = config_lib.freeze(config)
   t = config.training
@@ -355,14 +382,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   first_logged = False
   try:
     while step < t.num_steps and not preemption.reached(step):
-      _, local = next(loader)
-      batch = parallel.global_batch(local, mesh)
-      state, metrics = step_fn(state, batch, train_rng)
-      pending.append(metrics)
-      step += 1
+      k = t.steps_per_dispatch
+      n = min(k - step % k, t.num_steps - step)   # back on the grid of k after a resume
+      if n == 1:
+        _, local = next(loader)
+        batch = parallel.global_batch(local, mesh)
+        state, metrics = step_fn(state, batch, train_rng)
+        pending.append((False, metrics))
+      else:
+        batches = parallel.stacked_global_batch([next(loader)[1] for _ in range(n)], mesh)
+        state, metrics = multi_fn(state, batches, train_rng)
+        pending.append((True, metrics))   # stacked over the n steps
+      step += n
       done = step == t.num_steps
       if step % t.log_every == 0 or done:
-        fetched = jax.device_get(pending)
+        fetched = []   # one dict per step
+        for stacked, m in jax.device_get(pending):
+          fetched += ([jax.tree.map(lambda x, j=j: x[j], m) for j in range(len(m["loss"]))]
+                      if stacked else [m])
         pending = []
         bad = [step - len(fetched) + j + 1 for j, m in enumerate(fetched) if not m["finite"]]
         if bad and t.nan_policy == "stop":

@@ -153,6 +153,52 @@ def test_resume_is_bitwise_exact(trained, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
+def test_steps_per_dispatch_gives_the_same_run(trained, tmp_path):
+  """3 one-step calls, then a resume with 2 updates per call (one call of 1 to get
+  back on the grid at step 4, then one of 2): the same run as 6 single steps."""
+  config, workdir, straight = trained
+  wd = str(tmp_path / "wd")
+  c3 = load_config()
+  c3.training.num_steps = 3
+  train.train_and_evaluate(c3, wd)
+  c2 = load_config()
+  c2.training.steps_per_dispatch = 2
+  c2.training.checkpoint_every = 2
+  calls = []
+  real = train.train_steps
+  train.train_steps = lambda *a, **k: calls.append(a[1]["image"].shape[0]) or real(*a, **k)
+  try:
+    resumed = train.train_and_evaluate(c2, wd)
+  finally:
+    train.train_steps = real
+  assert calls == [2]    # traced once, for the 2-step call (4 -> 6)
+  assert int(resumed.step) == 6
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints")), key=int)[-2:] == ["4", "6"]
+
+  def logged(d):
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+      return {r["step"]: r for r in map(json.loads, f)}
+  ref, got = logged(workdir), logged(wd)
+  assert sorted(got) == [2, 3, 4, 6]   # 3: the end of the first run
+  for key in ("loss", "grad_norm", "param_norm", "lr"):   # steps 5-6, from one scan
+    np.testing.assert_allclose(got[6][key], ref[6][key], rtol=1e-5)
+
+
+def test_steps_per_dispatch_must_divide_the_cadences():
+  config = load_config()
+  config.training.steps_per_dispatch = 2   # checkpoint_every is 3
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^training\.checkpoint_every=3 is not a multiple of "
+                           r"training\.steps_per_dispatch=2"):
+    config_lib.validate(config)
+  config.training.steps_per_dispatch = 0
+  with pytest.raises(config_lib.ConfigError, match=r"^training\.steps_per_dispatch=0 "):
+    config_lib.validate(config)
+
+
 def test_load_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(ddx.checkpoint.CheckpointError, match="no checkpoint"):
     ddx.load(str(tmp_path))
