@@ -10,16 +10,8 @@ both alike) and reports the median seconds per step, as JSON with --out.
 """
 import argparse
 import functools
-import importlib.util
 import json
 import time
-
-
-def _load_config(path):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def main():
@@ -31,10 +23,10 @@ def main():
   args = ap.parse_args()
   import jax
   import numpy as np
-  from ddx import data, schedules, train
+  from ddx import config as config_lib, data, schedules, train
   from ddx.models import UNet
 
-  base = _load_config(args.config)
+  base = config_lib.from_file(args.config)
   tx = train.make_optimizer(base.optim)
   src = data.make_source(base.data)
   batch = data.get_batch(src, 0, batch_size=base.training.batch_size, seed=0,
@@ -43,7 +35,7 @@ def main():
       jax.random.key(0))
   steps, states, compile_s = {}, {}, {}
   for dtype in ("float32", "bfloat16"):
-    c = _load_config(args.config)
+    c = config_lib.from_file(args.config)
     c.model.dtype = dtype
     fn = jax.jit(functools.partial(train.train_step, net=UNet(**c.model),
                                    sched=schedules.from_config(c.diffusion), tx=tx,

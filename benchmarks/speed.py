@@ -43,13 +43,9 @@ OVERHEAD_STEPS = (10, 50, 250, 1000)
 
 
 def _config(name, overrides):
-  import importlib.util
+  from ddx import config as config_lib
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs",
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.from_file(os.path.join(root, "configs", f"{name}.py"))
   for key, value in overrides.items():
     group, field = key.split(".")
     config[group][field] = value
@@ -119,7 +115,6 @@ def ddx_train_time(config, batch, steps):
   """Seconds per train step (after compile) of the real jitted train_step."""
   import functools
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from ddx import schedules, train
   from ddx.models import UNet
@@ -146,7 +141,6 @@ def ddx_train_time(config, batch, steps):
   for _ in range(steps):
     state, m = step(state, b, rng)
   jax.block_until_ready((state, m))
-  del jnp
   return (time.perf_counter() - t0) / steps
 
 

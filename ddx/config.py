@@ -5,6 +5,7 @@ wrong and how to fix it; `ddx.main` prints that line and exits with code 2.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -269,6 +270,19 @@ def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
              f"eval.metrics has digits, which scores 8x8 grey digits, but the images are "
              f"{d.image_size}x{d.image_size}x{d.channels}; use "
              "--config.eval.metrics=\"('fid','kid','is')\" with Inception weights")
+
+
+def from_file(path: str) -> ml_collections.ConfigDict:
+  """get_config() of the config file at `path`, loaded by path as --config loads it.
+
+  configs/ is not a package; a config derives from another with
+  `config.from_file(os.path.join(os.path.dirname(__file__), "digits.py"))`.
+  """
+  spec = importlib.util.spec_from_file_location(
+      "ddx_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
