@@ -68,25 +68,25 @@ def _best(fn, reps):
 
 def ddx_model(config, seed=0):
   import jax
-  from ddx import config as config_lib, sampling, train
+  from ddx import config as config_lib, model as model_lib, train
   from ddx.models import UNet
   net = UNet(**config.model)
   variables = train.init_variables(net, config, jax.random.key(seed))
-  return sampling.Model(variables, config_lib.freeze(config))
+  return model_lib.Model(variables, config_lib.freeze(config))
 
 
 def ddx_forward_time(model, batch, reps):
   """One jitted network call at `batch`, sharded over the devices as the sampler is."""
   import jax
   import jax.numpy as jnp
-  from ddx import sampling
+  from ddx import model as model_lib
   mesh = parallel.make_mesh()
   x = jax.device_put(jnp.zeros((batch,) + model.image_shape), parallel.data_sharded(mesh))
   i = jnp.full((batch,), 500, jnp.int32)
 
   @jax.jit
   def fwd(model, x, i):
-    return sampling._denoiser(model, None, 1.0, False)(x, i)
+    return model_lib.denoiser(model)(x, i)
 
   fwd(model, x, i).block_until_ready()
   return _best(lambda: fwd(model, x, i).block_until_ready(), reps)
@@ -95,17 +95,17 @@ def ddx_forward_time(model, batch, reps):
 def ddx_sampler(model, batch, steps, reps, sampler="ddim"):
   """Compile seconds, XLA memory estimate and run seconds of `sampler` with `steps`."""
   import jax
-  from ddx import sampling
+  from ddx import model as model_lib
   rng = jax.random.key(0)
   kw = dict(num_samples=batch, steps=steps, sampler=sampler, clip_x0=True, guided=False,
-            ddpm_variance="posterior", return_trajectory=False)
+            ddpm_variance="posterior", spacing=None, return_trajectory=False)
   t0 = time.perf_counter()
-  compiled = sampling._sample_jit.lower(model, rng, None, 1.0, 0.0, None, **kw).compile()
+  compiled = model_lib.sample_jit.lower(model, rng, None, 1.0, 0.0, None, **kw).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   mem_bytes = None if mem is None else int(mem.temp_size_in_bytes + mem.output_size_in_bytes
                                            + mem.argument_size_in_bytes)
-  run = lambda: sampling.sample_fn(model, rng, steps=steps, num_samples=batch,
+  run = lambda: model_lib.sample_fn(model, rng, steps=steps, num_samples=batch,
                                    sampler=sampler, eta=0.0).block_until_ready()
   run()
   return compile_s, mem_bytes, _best(run, reps)

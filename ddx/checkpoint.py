@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from ddx import config as config_lib
-from ddx.sampling import Model
+from ddx.model import Model
 
 
 class CheckpointError(RuntimeError):

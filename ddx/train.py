@@ -33,7 +33,7 @@ from ddx import eval_run
 from ddx import evaluation
 from ddx import logging as log_lib
 from ddx import parallel
-from ddx import sampling
+from ddx import model as model_lib
 from ddx import schedules
 from ddx.models import UNet
 
@@ -278,11 +278,11 @@ class _Preemption:
       self._old = None
 
 
-def save_samples(model: sampling.Model, rng: jax.Array, path: str,
+def save_samples(model: model_lib.Model, rng: jax.Array, path: str,
                  writer: log_lib.MetricWriter | None = None, step: int = 0):
   """Samples a grid with the model's sampling config and writes it as PNG."""
-  images = sampling.sample_fn(model, rng)
-  u8 = sampling.to_uint8(images)
+  images = model_lib.sample_fn(model, rng)
+  u8 = model_lib.to_uint8(images)
   grid = evaluation.save_grid(u8, path)
   if writer is not None:
     writer.write_image(step, "samples", grid)
@@ -421,12 +421,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if t.checkpoint_every and step % t.checkpoint_every == 0 or done:
         ck.save(step, state, config)
       if t.sample_every and (step % t.sample_every == 0 or done):
-        model = sampling.Model(ema_variables(state), frozen)
+        model = model_lib.Model(ema_variables(state), frozen)
         save_samples(model, jax.random.fold_in(sample_rng, step),
                      os.path.join(samples_dir, f"step_{step:07d}.png") if is_main else None,
                      writer, step)
       if evaluator and step % config.eval.every_steps == 0:
-        evaluator(sampling.Model(ema_variables(state), frozen), step, writer)
+        evaluator(model_lib.Model(ema_variables(state), frozen), step, writer)
     if step < t.num_steps:  # preempted
       logging.warning("preempted: saving a checkpoint at step %d and stopping", step)
       ck.save(step, state, config)
