@@ -68,10 +68,8 @@ def _best(fn, reps):
 
 def ddx_model(config, seed=0):
   import jax
-  from ddx import config as config_lib, model as model_lib, train
-  from ddx.models import UNet
-  net = UNet(**config.model)
-  variables = train.init_variables(net, config, jax.random.key(seed))
+  from ddx import config as config_lib, model as model_lib
+  variables = model_lib.init_variables(config, jax.random.key(seed))
   return model_lib.Model(variables, config_lib.freeze(config))
 
 
@@ -113,24 +111,14 @@ def ddx_sampler(model, batch, steps, reps, sampler="ddim"):
 
 def ddx_train_time(config, batch, steps):
   """Seconds per train step (after compile) of the real jitted train_step."""
-  import functools
   import jax
   import numpy as np
-  from ddx import schedules, train
-  from ddx.models import UNet
+  from ddx import config as config_lib, train
   config.training.batch_size = batch
   mesh = parallel.make_mesh()
-  net = UNet(**config.model)
-  tx = train.make_optimizer(config.optim)
-  sched = schedules.from_config(config.diffusion)
-  repl = parallel.replicated(mesh)
-  init = functools.partial(train.create_state, config, net, tx)
-  state = jax.jit(init, out_shardings=repl)(jax.random.key(0))
-  step = jax.jit(functools.partial(train.train_step, net=net, sched=sched, tx=tx,
-                                   config=config),
-                 in_shardings=(repl, parallel.data_sharded(mesh), repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
-  shape = (batch,) + train.image_shape(config)
+  setup = train.make_setup(config, mesh)     # what training compiles
+  state, step = setup.init(jax.random.key(0)), setup.step
+  shape = (batch,) + config_lib.image_shape(config)
   images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
   b = parallel.global_batch({"image": images, "label": np.zeros((batch,), np.int32)}, mesh)
   rng = jax.random.key(1)

@@ -337,32 +337,45 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fix(d))
 
 
+def with_defaults(d: dict) -> ml_collections.ConfigDict:
+  """A saved config dict (config.json, a checkpoint's config) with today's
+  defaults filled in for keys that the ddx which wrote it did not have."""
+  def merge(base, new):
+    out = dict(base)
+    for k, v in new.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  return from_dict(merge(to_dict(base_config()), d))
+
+
 def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
   """A hashable copy of the config (the static part of `ddx.Model`)."""
   return ml_collections.FrozenConfigDict(from_dict(to_dict(config)))
 
 
-# The parts of a config that fix the shapes of a checkpoint: a workdir whose
-# checkpoint was made with other values cannot be resumed with this config.
-ARCHITECTURE_KEYS = ("model", "data.image_size", "data.channels")
-# Model keys that change no shape: an f32 run may be resumed in bfloat16.
-_NOT_ARCHITECTURE = ("dtype",)
+# Keys that may change a train state's structure (shapes, which leaves exist).
+# Whether they do is decided from the shapes themselves (ddx.checkpoint); these
+# are the keys named when they do. Everything else (lr, dropout, cadences,
+# sampling, eval, num_steps, ...) never blocks a resume.
+_STRUCTURE_GROUPS = ("model", "optim", "data.image_size", "data.channels")
+_NEVER_STRUCTURE = ("model.dtype", "model.dropout", "optim.lr", "optim.warmup_steps",
+                    "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
+                    "optim.eps")
 
 
-def architecture(config) -> dict:
-  """The ARCHITECTURE_KEYS values of a config, keyed by their dotted names.
-
-  Keys missing from an older run's config get today's defaults, which are
-  what that run used (e.g. model.norm = group), so old workdirs still resume.
-  """
-  d, base = to_dict(config), to_dict(base_config())
-  out = {}
-  for key in ARCHITECTURE_KEYS:
-    value, default = d, base
-    for part in key.split("."):
-      value, default = value[part], default[part]
-    if isinstance(value, dict):
-      value = {k: v for k, v in {**default, **value}.items()
-               if k not in _NOT_ARCHITECTURE}
-    out[key] = value
-  return out
+def structure_changes(old, new) -> list[tuple[str, object, object]]:
+  """(key, old value, new value) for every key that may change the state's structure."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      key = f"{prefix}{k}"
+      if isinstance(v, dict):
+        out.update(flat(v, key + "."))
+      else:
+        out[key] = v
+    return out
+  a, b = flat(to_dict(old)), flat(to_dict(new))
+  keys = sorted(k for k in set(a) | set(b)
+                if any(k == g or k.startswith(g + ".") for g in _STRUCTURE_GROUPS)
+                and k not in _NEVER_STRUCTURE and a.get(k) != b.get(k))
+  return [(k, a.get(k), b.get(k)) for k in keys]

@@ -20,13 +20,13 @@ from ddx import config as config_lib
 from ddx import parallel
 from ddx import sampling
 from ddx import schedules
-from ddx.models import UNet
+from ddx import models
 from ddx.schedules import Schedule
 
 
 def network(config):
-  """The Flax network a run config names (config.model)."""
-  return UNet(**config.model)
+  """The Flax network a run config names (config.model.name: unet | dit)."""
+  return models.build(config.model)
 
 
 def init_variables(config, rng: jax.Array) -> dict:
