@@ -166,31 +166,6 @@ def test_article_config_batchnorm_end_to_end(tmp_path):
     assert (float(jnp.abs(diff).max()) > 1e-2) == differs, train_mode
 
 
-def test_checkpoint_from_before_batch_stats_loads_and_resumes(tmp_path):
-  """A GroupNorm checkpoint without batch_stats: ddx.load and resume still work."""
-  c = load_config()
-  net, tx = UNet(**c.model), train.make_optimizer(c.optim)
-  abstract = jax.eval_shape(lambda: train.create_state(c, tx, jax.random.key(0)))
-  assert abstract.batch_stats == {}
-  rng = np.random.default_rng(0)
-  state = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype),
-                       abstract)
-  old = {k: getattr(state, k) for k in ("step", "params", "ema_params", "opt_state")}
-  ck = ckpt_lib.Checkpointer(str(tmp_path))
-  ck.save(5, old, c)
-  ck.close()
-  model = ddx.load(str(tmp_path))
-  assert set(model.variables) == {"params"}
-  for a, b in zip(jax.tree.leaves(model.variables), jax.tree.leaves(state.ema_params)):
-    np.testing.assert_array_equal(a, b)
-  ck = ckpt_lib.Checkpointer(str(tmp_path))
-  restored, step = ck.restore_latest(abstract)
-  ck.close()
-  assert step == 5 and restored.batch_stats == {}
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-    np.testing.assert_array_equal(a, b)
-
-
 _GLOBAL_STATS = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
