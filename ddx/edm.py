@@ -18,6 +18,7 @@ Everything here is pure; the process itself is `EDM`, a static pytree.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 import flax.struct
@@ -56,7 +57,7 @@ class EDM:
     """
     for name in ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std"):
       v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ValueError(f"diffusion.{name}={v!r} must be a finite number")
     if self.sigma_data <= 0:
       raise ValueError(f"diffusion.sigma_data={self.sigma_data} must be > 0 "

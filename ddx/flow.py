@@ -21,6 +21,7 @@ and v̂ = (x_t − x̂_0)/t; JiT, Li & He 2025).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 import flax.struct
@@ -65,7 +66,7 @@ class Flow:
                        f"prediction; use one of {PREDICTIONS}")
     for name in ("logit_mean", "logit_std", "shift", "t_min"):
       v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ValueError(f"diffusion.{name}={v!r} must be a finite number")
     if self.logit_std <= 0:
       raise ValueError(f"diffusion.logit_std={self.logit_std} must be > 0 (SD3: 1.0)")

@@ -58,6 +58,8 @@ def integrate(deriv_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
   Returns:
     x at grid[-1] (and the trajectory).
   """
+  if method not in ("euler", "heun"):
+    raise ValueError(f"method={method!r} is unknown; use 'euler' or 'heun'")
   grid = jnp.asarray(grid, jnp.float32)
 
   def body(x, inp):
