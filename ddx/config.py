@@ -20,7 +20,17 @@ PREDICTIONS = ("eps", "x0", "v")           # diffusion.prediction (ddx.diffusion
 SCHEDULES = ("linear", "cosine")           # diffusion.schedule (ddx.schedules)
 NORMS = ("group", "batch")                 # model.norm (ddx.models.layers)
 DTYPES = ("float32", "bfloat16")           # model.dtype: the network's compute dtype
-SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")   # sampling/eval.sampler (ddx.sampling)
+PROCESSES = ("ddpm", "edm", "flow")       # diffusion.process
+# sampling/eval.sampler by process (ddx.sampling.SAMPLERS_BY_PROCESS)
+SAMPLERS_BY_PROCESS = {
+    "ddpm": ("ddpm", "ddim", "dpm_solver_pp", "euler", "heun", "stochastic"),
+    "edm": ("euler", "heun", "stochastic", "dpm_solver_pp"),
+    "flow": ("euler", "heun"),
+}
+SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")   # the discrete DDPM samplers (ddx.sampling)
+FLOW_PREDICTIONS = ("v", "x0")             # diffusion.prediction for process = flow
+MODELS = ("unet", "dit")                   # model.name (ddx.models.NAMES)
+SIGMA_INDICES = ("nearest", "interp")      # sampling.sigma_index: a DDPM model on a σ grid
 SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")   # ddx.sampling.SPACINGS
 DDPM_VARIANCES = ("posterior", "beta")     # sampling.ddpm_variance
 METRICS = ("digits", "fid", "kid", "is")   # eval.metrics (ddx.evaluation)
@@ -44,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.label_key = "label"      # tfds feature holding the class label ("" = none)
 
   c.model = m = ml_collections.ConfigDict()
+  m.name = "unet"            # unet (DDPM's U-Net) | dit (Diffusion Transformer)
   m.ch = 32
   m.ch_mult = (1, 2)
   m.num_res_blocks = 2
@@ -54,13 +65,34 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_classes = 0          # 0 = unconditional
   m.norm = "group"           # group (GroupNorm, DDPM) | batch (BatchNorm, running stats)
   m.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
+  # DiT (model.name = dit; presets: ddx.models.dit.preset("S/2") ...)
+  m.patch_size = 2
+  m.hidden_size = 384
+  m.depth = 12
+  m.num_heads = 6
+  m.mlp_ratio = 4.0
+  m.learn_sigma = False      # 2C output channels (official DiT); ddx uses the first C
 
   c.diffusion = f = ml_collections.ConfigDict()
-  f.schedule = "linear"      # linear | cosine
+  f.process = "ddpm"         # ddpm (discrete VP) | edm (Karras et al.) | flow (rectified flow)
+  f.schedule = "linear"      # ddpm: linear | cosine
   f.num_timesteps = 1000
   f.beta_start = 1e-4        # linear schedule only
   f.beta_end = 0.02
-  f.prediction = "eps"       # what the network predicts: eps | x0 | v
+  f.prediction = "eps"       # what the network predicts: ddpm eps | x0 | v; flow v | x0
+  # edm (defaults: EDM's)
+  f.sigma_data = 0.5
+  f.sigma_min = 0.002
+  f.sigma_max = 80.0
+  f.rho = 7.0
+  f.p_mean = -1.2            # training ln(sigma) ~ N(p_mean, p_std^2)
+  f.p_std = 1.2
+  # flow
+  f.t_sampling = "logit_normal"   # logit_normal (SD3) | uniform
+  f.logit_mean = 0.0
+  f.logit_std = 1.0
+  f.shift = 1.0              # SD3's resolution time shift (1 = none), training and sampling
+  f.t_min = 0.05             # x0 prediction: the velocity loss clips t below at t_min
 
   c.training = t = ml_collections.ConfigDict()
   t.batch_size = 128         # global, over all devices and processes
@@ -90,7 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.0
 
   c.sampling = s = ml_collections.ConfigDict()
-  s.sampler = "ddim"         # ddpm | ddim
+  s.sampler = "ddim"         # ddpm: ddpm | ddim | dpm_solver_pp | euler | heun | stochastic;
+                             # edm: euler | heun | stochastic | dpm_solver_pp; flow: euler | heun
   s.steps = 100
   s.eta = 0.0
   s.num_samples = 64
@@ -99,6 +132,11 @@ def base_config() -> ml_collections.ConfigDict:
   s.ddpm_variance = "posterior"  # posterior (beta tilde) | beta
   s.spacing = "auto"         # uniform | trailing | quadratic | logsnr; auto = the
                              # sampler's default (README: Samplers)
+  s.churn = 0.0              # EDM S_churn for the stochastic sampler (0 = deterministic)
+  s.s_tmin = 0.0
+  s.s_tmax = float("inf")
+  s.s_noise = 1.0
+  s.sigma_index = "nearest"  # a DDPM model on a sigma grid: nearest | interp index
 
   c.eval = e = ml_collections.ConfigDict()
   e.every_steps = 0          # in-loop evaluation of the EMA model every N steps; 0 = off
@@ -145,6 +183,23 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
            f"data.image_size={d.image_size!r} must be a positive integer")
   _require(d.channels in (1, 3), f"data.channels={d.channels!r} must be 1 or 3")
 
+  name = m.get("name", "unet")
+  _require(name in MODELS, f"model.name={name!r} is unknown; use one of {MODELS}")
+  if name == "dit":
+    _check_dit(config)
+  else:
+    _check_unet(config)
+  _require(m.dtype in DTYPES,
+           f"model.dtype={m.dtype!r} is unknown; use float32, or bfloat16 for mixed "
+           "precision on TPU/GPU")
+  _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
+           f"model.num_classes={m.num_classes!r} must be an integer >= 0 (0 = unconditional)")
+  _check_process(config)
+  _check_training(config, num_data_shards)
+
+
+def _check_unet(config) -> None:
+  d, m = config.data, config.model
   _require(isinstance(m.ch, int) and m.ch > 0, f"model.ch={m.ch!r} must be a positive integer")
   ch_mult = tuple(m.ch_mult)
   _require(len(ch_mult) >= 1 and all(isinstance(c, int) and c > 0 for c in ch_mult),
@@ -169,12 +224,46 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
            f"model.num_groups={m.num_groups!r} must divide every channel count "
            f"{channels} of model.ch={m.ch}, model.ch_mult={ch_mult}; use a divisor "
            f"of {m.ch}")
-  _require(m.dtype in DTYPES,
-           f"model.dtype={m.dtype!r} is unknown; use float32, or bfloat16 for mixed "
-           "precision on TPU/GPU")
-  _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
-           f"model.num_classes={m.num_classes!r} must be an integer >= 0 (0 = unconditional)")
 
+
+def _check_dit(config) -> None:
+  d, m = config.data, config.model
+  for k in ("patch_size", "hidden_size", "depth", "num_heads"):
+    _require(isinstance(m[k], int) and m[k] >= 1,
+             f"model.{k}={m[k]!r} must be a positive integer")
+  _require(d.image_size % m.patch_size == 0,
+           f"data.image_size={d.image_size} is not divisible by model.patch_size="
+           f"{m.patch_size}; use a patch size that divides the image size")
+  _require(m.hidden_size % m.num_heads == 0,
+           f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads="
+           f"{m.num_heads}; use a head count that divides it")
+  _require(m.hidden_size % 4 == 0,
+           f"model.hidden_size={m.hidden_size} must be a multiple of 4 (2-D sin-cos "
+           "position embedding)")
+  _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be > 0")
+
+
+def _check_process(config) -> None:
+  f = config.diffusion
+  process = f.get("process", "ddpm")
+  _require(process in PROCESSES,
+           f"diffusion.process={process!r} is unknown; use one of {PROCESSES}")
+  if process == "edm":
+    from ddx import edm   # imports JAX: only validating an EDM run needs it
+    try:
+      edm.EDM(**{k: f[k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho",
+                                    "p_mean", "p_std")}).check()
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    return
+  if process == "flow":
+    from ddx import flow
+    try:
+      flow.Flow(**{k: f[k] for k in ("t_sampling", "logit_mean", "logit_std", "shift",
+                                      "t_min", "prediction")}).check()
+    except ValueError as e:
+      raise ConfigError(f"{e} (process=flow)") from None
+    return
   _require(f.schedule in SCHEDULES,
            f"diffusion.schedule={f.schedule!r} is unknown; use one of {SCHEDULES}")
   _require(isinstance(f.num_timesteps, int) and f.num_timesteps >= 1,
@@ -185,6 +274,10 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
              "0 < beta_start <= beta_end < 1")
   _require(f.prediction in PREDICTIONS,
            f"diffusion.prediction={f.prediction!r} is unknown; use one of {PREDICTIONS}")
+
+
+def _check_training(config, num_data_shards: int) -> None:
+  t, o, s = config.training, config.optim, config.sampling
 
   _require(isinstance(t.batch_size, int) and t.batch_size >= 1,
            f"training.batch_size={t.batch_size!r} must be a positive integer")
@@ -227,6 +320,15 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(s.ddpm_variance in DDPM_VARIANCES,
            f"sampling.ddpm_variance={s.ddpm_variance!r} must be one of {DDPM_VARIANCES}")
   _check_guidance(config, "sampling")
+  _require(s.churn >= 0, f"sampling.churn={s.churn} must be >= 0 (0 = deterministic)")
+  _require(s.churn == 0 or s.sampler == "stochastic",
+           f"sampling.churn={s.churn} applies to the stochastic sampler only; set "
+           "--config.sampling.sampler=stochastic or churn=0")
+  _require(s.s_noise > 0 and s.s_tmin >= 0 and s.s_tmax >= s.s_tmin,
+           f"sampling.s_noise={s.s_noise}, s_tmin={s.s_tmin}, s_tmax={s.s_tmax}: need "
+           "s_noise > 0 and 0 <= s_tmin <= s_tmax")
+  _require(s.sigma_index in SIGMA_INDICES,
+           f"sampling.sigma_index={s.sigma_index!r} is unknown; use one of {SIGMA_INDICES}")
 
   e = config.eval
   _require(isinstance(e.every_steps, int) and e.every_steps >= 0,
@@ -241,7 +343,8 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
            "needs two samples)")
   _require(isinstance(e.batch_size, int) and e.batch_size >= 1,
            f"eval.batch_size={e.batch_size!r} must be a positive integer")
-  _check_sampler(config, "eval")
+  if e.every_steps:   # otherwise checked by --mode eval (eval_run.evaluate)
+    _check_sampler(config, "eval")
   _require(isinstance(e.feature_batch_size, int) and e.feature_batch_size >= 1,
            f"eval.feature_batch_size={e.feature_batch_size!r} must be a positive integer")
   _require(e.kid_subset_size >= 2 and e.kid_subsets >= 1,
@@ -253,14 +356,23 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
 def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
   """The sampler, steps and eta of a group that samples (sampling, eval)."""
   g, num_timesteps = config[group], config.diffusion.num_timesteps
-  _require(g.sampler in SAMPLERS,
-           f"{group}.sampler={g.sampler!r} is unknown; use one of {SAMPLERS}")
-  _require(isinstance(g.steps, int) and 1 <= g.steps <= num_timesteps,
-           f"{group}.steps={g.steps!r} must be an integer in [1, T={num_timesteps}]")
+  process = config.diffusion.get("process", "ddpm")
+  valid = SAMPLERS_BY_PROCESS[process]
+  _require(g.sampler in valid,
+           f"{group}.sampler={g.sampler!r} is not a sampler of diffusion.process="
+           f"{process}; use one of {valid}")
+  discrete = process == "ddpm" and g.sampler in SAMPLERS
+  top = num_timesteps if discrete else 100_000
+  _require(isinstance(g.steps, int) and 1 <= g.steps <= top,
+           f"{group}.steps={g.steps!r} must be an integer in [1, "
+           f"{'T=' if discrete else ''}{top}]")
   _require(g.eta >= 0, f"{group}.eta={g.eta} must be >= 0")
   spacing = g.get("spacing", "auto")
   _require(spacing == "auto" or spacing in SPACINGS,
            f"{group}.spacing={spacing!r} is unknown; use auto or one of {SPACINGS}")
+  _require(spacing == "auto" or discrete,
+           f"{group}.spacing={spacing} applies to the discrete samplers {SAMPLERS} only; "
+           f"{g.sampler} on diffusion.process={process} uses its own grid: set it to auto")
 
 
 def _check_guidance(config: ml_collections.ConfigDict, group: str) -> None:
@@ -273,12 +385,14 @@ def _check_guidance(config: ml_collections.ConfigDict, group: str) -> None:
 
 
 def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError unless config.eval.metrics can run on this config's images.
+  """Raises ConfigError unless config.eval can run: its sampler fits the process,
+  and eval.metrics fit this config's images.
 
   fid/kid/is need eval.inception_weights to name an existing file; the digits
   metric scores 8x8 grey images only.
   """
   e, d = config.eval, config.data
+  _check_sampler(config, "eval")
   metrics = tuple(e.metrics)
   needs = [k for k in metrics if k in INCEPTION_METRICS]
   if needs:

@@ -17,11 +17,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import config as config_lib
+from ddx import edm
+from ddx import flow
+from ddx import models
 from ddx import parallel
 from ddx import sampling
 from ddx import schedules
-from ddx import models
 from ddx.schedules import Schedule
+
+
+def process_from_config(diffusion_config):
+  """The process a run trains and samples: a `Schedule` (ddpm), `EDM` or `Flow`."""
+  f = diffusion_config
+  name = f.get("process", "ddpm")
+  if name == "edm":
+    return edm.EDM(sigma_data=f.sigma_data, sigma_min=f.sigma_min, sigma_max=f.sigma_max,
+                   rho=f.rho, p_mean=f.p_mean, p_std=f.p_std)
+  if name == "flow":
+    return flow.Flow(t_sampling=f.t_sampling, logit_mean=f.logit_mean,
+                     logit_std=f.logit_std, shift=f.shift, prediction=f.prediction,
+                     t_min=f.t_min)
+  return schedules.from_config(f)
+
+
+def mean_output(config, out: jnp.ndarray) -> jnp.ndarray:
+  """The network's prediction channels: the first C of a learn_sigma (2C) output.
+
+  The variance channels of a learn_sigma network (official DiT checkpoints)
+  are not trained or used by ddx.
+  """
+  if config.model.get("learn_sigma", False):
+    return out[..., :out.shape[-1] // 2]
+  return out
 
 
 def network(config):
@@ -62,11 +89,22 @@ class Model:
     return config_lib.image_shape(self.config)
 
   @property
-  def schedule(self) -> Schedule:
-    # Concrete even inside a jit trace: the schedule is a function of the
-    # static config, and samplers may need its values (log-SNR spacing).
+  def process(self):
+    """The run's process: a `Schedule` (ddpm), `ddx.edm.EDM` or `ddx.flow.Flow`."""
+    # Concrete even inside a jit trace: a function of the static config, and
+    # samplers may need its values (log-SNR spacing).
     with jax.ensure_compile_time_eval():
-      return schedules.from_config(self.config.diffusion)
+      return process_from_config(self.config.diffusion)
+
+  @property
+  def schedule(self) -> Schedule:
+    """The DDPM schedule of a ddpm-process model."""
+    process = self.process
+    if not isinstance(process, Schedule):
+      raise ValueError(f"model.schedule: this model's diffusion.process is "
+                       f"{self.config.diffusion.process}, which has no DDPM schedule; "
+                       "use model.process")
+    return process
 
   def network(self):
     return network(self.config)
@@ -94,16 +132,30 @@ def denoiser(model: Model, labels=None, guidance_scale=1.0,
   conversion is affine in the output for fixed x_t, so guiding the raw output
   is the same as guiding ε.
   """
+  net = lambda x, t, y: mean_output(model.config, model.apply(x, t, y))
   if labels is None or not guided:
-    return lambda x, t: model.apply(x, t, labels)
+    return lambda x, t: net(x, t, labels)
   null = jnp.full_like(labels, model.config.model.num_classes)
 
   def f(x, t):
-    out = model.apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                      jnp.concatenate([labels, null]))
+    out = net(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+              jnp.concatenate([labels, null]))
     c, u = jnp.split(out, 2)
     return u + guidance_scale * (c - u)
   return f
+
+
+def process_denoiser(model: Model, fn):
+  """The raw (guided) network `fn(x, time)` as what `ddx.sample` takes for the
+  model's process: ddpm: unchanged (the output in diffusion.prediction); edm:
+  D(x; σ) with EDM's preconditioning; flow: the velocity at t (the network
+  sees time 1000·t)."""
+  process = model.process
+  if isinstance(process, edm.EDM):
+    return lambda x, sigma: edm.denoise(process, fn, x, sigma)
+  if isinstance(process, flow.Flow):
+    return lambda x, t: flow.velocity(process, fn(x, flow.time_input(t)), x, t)
+  return fn
 
 
 def _shard_batch(x):
@@ -119,20 +171,28 @@ def _shard_batch(x):
 @functools.partial(
     jax.jit,
     static_argnames=("num_samples", "steps", "sampler", "clip_x0", "guided",
-                     "ddpm_variance", "spacing", "return_trajectory"))
-def sample_jit(model, rng, labels, guidance_scale, eta, x_T, *, num_samples,
-               steps, sampler, clip_x0, guided, ddpm_variance, spacing,
-               return_trajectory):
+                     "ddpm_variance", "spacing", "sigma_index", "return_trajectory"))
+def sample_jit(model, rng, labels, guidance_scale, eta, x_T, churn=0.0, *,
+               num_samples, steps, sampler, clip_x0, guided, ddpm_variance, spacing,
+               sigma_index="nearest", return_trajectory=False):
   """`sample_fn`'s compiled program; arguments already resolved (see sample_fn)."""
-  fn = denoiser(model, labels, guidance_scale, guided)
+  fn = process_denoiser(model, denoiser(model, labels, guidance_scale, guided))
   shape = (num_samples,) + model.image_shape
   if x_T is None:
     x_T = sampling.initial_noise(rng, shape)
-  res = sampling.sample(fn, model.schedule, rng, shape,
+  s = model.config.sampling
+  extra = {}
+  if sampler == "stochastic":
+    extra = dict(churn=churn, s_tmin=float(s.get("s_tmin", 0.0)),
+                 s_tmax=float(s.get("s_tmax", float("inf"))),
+                 s_noise=float(s.get("s_noise", 1.0)))
+  if isinstance(model.process, Schedule) and sampler not in sampling.SAMPLERS:
+    extra["sigma_index"] = sigma_index
+  res = sampling.sample(fn, model.process, rng, shape,
                         sampler=sampler, steps=steps, eta=eta, x_T=_shard_batch(x_T),
                         clip_x0=clip_x0, prediction=model.config.diffusion.prediction,
                         ddpm_variance=ddpm_variance, spacing=spacing,
-                        return_trajectory=return_trajectory)
+                        return_trajectory=return_trajectory, **extra)
   x, traj = res if return_trajectory else (res, None)
   x = jnp.clip(x, -1.0, 1.0)
   return (x, traj) if return_trajectory else x
@@ -188,6 +248,7 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
               guidance_scale: Optional[float] = None,
               clip_x0: Optional[bool] = None, x_T=None,
               ddpm_variance: Optional[str] = None, spacing: Optional[str] = None,
+              churn: Optional[float] = None, sigma_index: Optional[str] = None,
               return_trajectory: bool = False):
   """Samples images from a trained model; the whole trajectory is one jitted program.
 
@@ -201,7 +262,9 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
     steps: network evaluations (default config.sampling.steps).
     num_samples: batch size N (default config.sampling.num_samples, or
       len(labels), or x_T.shape[0]).
-    sampler: ddpm | ddim | dpm_solver_pp.
+    sampler: one of the process's samplers (ddx.sampling.SAMPLERS_BY_PROCESS):
+      ddpm: ddpm | ddim | dpm_solver_pp | euler | heun | stochastic;
+      edm: euler | heun | stochastic | dpm_solver_pp; flow: euler | heun.
     eta: DDIM η.
     labels: int [N] class labels in [0, num_classes) for a class-conditional
       model; None draws classes 0, 1, ..., num_classes-1, 0, 1, ...
@@ -212,6 +275,9 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
     ddpm_variance: posterior | beta, for the ddpm sampler.
     spacing: uniform | trailing | quadratic | logsnr (README: Samplers);
       default config.sampling.spacing ("auto": the sampler's own default).
+    churn: EDM S_churn of the stochastic sampler (s_tmin, s_tmax, s_noise
+      come from config.sampling).
+    sigma_index: nearest | interp, for a DDPM model on a σ-grid sampler.
     return_trajectory: also return every intermediate state.
   Returns:
     images float32 [N, H, W, C] in [-1, 1] (and the trajectory if asked).
@@ -224,6 +290,8 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
   ddpm_variance = s.ddpm_variance if ddpm_variance is None else ddpm_variance
   spacing = s.get("spacing", "auto") if spacing is None else spacing
   w = s.guidance_scale if guidance_scale is None else guidance_scale
+  churn = s.get("churn", 0.0) if churn is None else churn
+  sigma_index = s.get("sigma_index", "nearest") if sigma_index is None else sigma_index
   if num_samples is None:
     if labels is not None:
       num_samples = len(labels)
@@ -236,11 +304,11 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
   if guided:
     check_guidance(model, w)
   return sample_jit(model, rng, labels, jnp.float32(w), jnp.float32(eta), x_T,
-                    num_samples=int(num_samples), steps=int(steps),
+                    jnp.float32(churn), num_samples=int(num_samples), steps=int(steps),
                     sampler=sampler, clip_x0=bool(clip_x0), guided=guided,
                     ddpm_variance=ddpm_variance,
                     spacing=None if spacing == "auto" else spacing,
-                    return_trajectory=bool(return_trajectory))
+                    sigma_index=sigma_index, return_trajectory=bool(return_trajectory))
 
 
 def to_uint8(images: jnp.ndarray) -> np.ndarray:

@@ -30,12 +30,13 @@ from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
 from ddx import data as data_lib
 from ddx import diffusion
+from ddx import edm
+from ddx import flow
 from ddx import eval_run
 from ddx import evaluation
 from ddx import logging as log_lib
 from ddx import parallel
 from ddx import model as model_lib
-from ddx import schedules
 
 
 @flax.struct.dataclass
@@ -110,8 +111,23 @@ def create_state(config, tx: optax.GradientTransformation, rng: jax.Array) -> Tr
                     batch_stats=dict(variables.get("batch_stats", {})))
 
 
+def process_loss(apply_fn, params, process, x0, rng, config):
+  """The training loss of the run's process, with the network's auxiliary output.
+
+  ddpm: DDPM's simple loss in diffusion.prediction (`ddx.diffusion`); edm:
+  EDM's preconditioned, λ-weighted loss (`ddx.edm`); flow: the flow-matching
+  velocity loss (`ddx.flow`). `apply_fn(params, x, time) -> (out, aux)`.
+  """
+  if isinstance(process, edm.EDM):
+    return edm.edm_loss(apply_fn, params, process, x0, rng, has_aux=True)
+  if isinstance(process, flow.Flow):
+    return flow.flow_loss(apply_fn, params, process, x0, rng, has_aux=True)
+  return diffusion.diffusion_loss(apply_fn, params, process, x0, rng,
+                                  prediction=config.diffusion.prediction, has_aux=True)
+
+
 def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
-               sched: schedules.Schedule, tx: optax.GradientTransformation,
+               sched, tx: optax.GradientTransformation,
                config) -> tuple[TrainState, dict]:
   """One optimizer update on a global batch; pure.
 
@@ -119,7 +135,8 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
     state: the current TrainState.
     batch: {"image": [B, H, W, C] float32 in [-1, 1], "label": [B] int32}.
     base_rng: the run's base key; this step's key is fold_in(base_rng, step).
-    net, sched, tx, config: static (bound with functools.partial before jit).
+    net, sched, tx, config: static (bound with functools.partial before jit);
+      sched is the process (a Schedule, `ddx.edm.EDM` or `ddx.flow.Flow`).
   Returns:
     (new state, metrics): loss, grad_norm (before clipping), param_norm,
     update_norm, lr, ema_decay, mse_by_quartile [4], finite (bool). A
@@ -146,10 +163,8 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
       out, updates = net.apply({"params": p, "batch_stats": state.batch_stats}, x, t,
                                labels, train=True, rngs={"dropout": drop_rng},
                                mutable=["batch_stats"])
-      return out, dict(updates).get("batch_stats", {})
-    return diffusion.diffusion_loss(apply, params, sched, batch["image"], loss_rng,
-                                    prediction=config.diffusion.prediction,
-                                    has_aux=True)
+      return model_lib.mean_output(config, out), dict(updates).get("batch_stats", {})
+    return process_loss(apply, params, sched, batch["image"], loss_rng, config)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -282,7 +297,7 @@ def make_setup(config, mesh) -> TrainSetup:
   their steps with this too, so they measure what training runs.
   """
   net = model_lib.network(config)
-  sched = schedules.from_config(config.diffusion)
+  sched = model_lib.process_from_config(config.diffusion)
   tx = make_optimizer(config.optim)
   init = functools.partial(create_state, config, tx)
   shapes = jax.eval_shape(init, jax.random.key(0))
