@@ -328,6 +328,19 @@ def make_setup(config, mesh) -> TrainSetup:
                     multi_fn)
 
 
+def step_flops(step_fn, state, batch, rng) -> float:
+  """FLOPs of one jitted update on the global batch, from XLA's cost analysis of
+  the program (0.0 where the backend gives none). Logged as flops_per_image and
+  tflops_per_sec: divide by your chip's peak for the model FLOPs utilisation."""
+  try:
+    cost = step_fn.lower(state, batch, rng).cost_analysis()
+  except Exception:   # a backend without cost analysis: no MFU, training goes on
+    return 0.0
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
 def restore_or_init(setup: TrainSetup, ck: ckpt_lib.Checkpointer, config,
                     rng: jax.Array) -> TrainState:
   """The newest checkpoint's state (optimizer reset if asked), or a fresh one."""
@@ -448,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       source, step, batch_size=t.batch_size, seed=t.seed,
       random_flip=config.data.random_flip, process_index=jax.process_index(),
       process_count=jax.process_count())
+  flops_per_step = None  # XLA's count for one update on the global batch (MFU logging)
   pending = []          # per-step device metrics since the last log (no host sync per step)
   last_log_time, last_log_step = time.perf_counter(), step
   first_logged = False
@@ -458,6 +472,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if n == 1:
         _, local = next(loader)
         batch = parallel.global_batch(local, mesh)
+        if flops_per_step is None:
+          flops_per_step = step_flops(step_fn, state, batch, train_rng)
         state, metrics = step_fn(state, batch, train_rng)
         pending.append((False, metrics))
       else:
@@ -480,7 +496,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
               "Lower optim.lr, check the data, or set training.nan_policy=skip")
         now = time.perf_counter()
         mean = {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
-        mean["images_per_sec"] = (step - last_log_step) * t.batch_size / (now - last_log_time)
+        steps_per_sec = (step - last_log_step) / (now - last_log_time)
+        mean["images_per_sec"] = steps_per_sec * t.batch_size
+        if flops_per_step:    # model FLOPs (forward + backward) and the rate achieved
+          mean["flops_per_image"] = flops_per_step / t.batch_size
+          mean["tflops_per_sec"] = flops_per_step * steps_per_sec / 1e12
         mean["nonfinite_steps"] = len(bad)
         del mean["finite"]
         writer.write(step, mean)
