@@ -53,8 +53,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # source and the core count" (see `default_num_workers`).
 AUTO_WORKERS = -1
 
-# More workers than this rarely help one accelerator host and each costs a
-# Python process (~0.3 GB with the JAX import its start-up does).
+# More workers than this rarely help one accelerator host, and each is a whole
+# Python process (its start-up imports the main module, JAX included).
 _MAX_AUTO_WORKERS = 16
 
 _log = logging.getLogger(__name__)
@@ -726,8 +726,8 @@ class Loader:
   processes (`mp_prefetch`), each building every W-th step, and batches come
   back through shared memory in step order; with 0 they run in one background
   thread. Either way the batch at step k equals `get_batch(source, k, ...)`.
-  Prefetching starts in the constructor, so workers start while the caller
-  compiles. An exception in the pipeline is raised by the next `next()`.
+  Prefetching starts in the constructor, so workers start up while the caller
+  goes on with its own set-up. An exception in the pipeline is raised by the next `next()`.
   Call `close()` (or use `with Loader(...) as loader:`) to stop the workers.
 
   Unreadable images are replaced (see `ReadImages`); each file is logged once
@@ -812,9 +812,9 @@ class Loader:
     image, label = element["image"], element["label"]
     if self.num_workers:
       # From workers they arrive in shared memory (grain's SharedMemoryArray,
-      # unlinked when it is garbage collected, from a thread pool). Copying
-      # (~1 ms for 6 MB, in a process that does no decoding) frees each block
-      # now, so none is alive at exit, where Python would warn of leaks.
+      # unlinked from a thread pool when garbage collected). One copy, in a
+      # process that does no decoding, frees each block now, so none is still
+      # alive at exit, where Python would warn of leaked shared memory.
       image, label = np.array(image), np.array(label)
     return step, {"image": image, "label": label}
 
