@@ -253,6 +253,13 @@ def test_tfds_cifar10_mock(tfds_mock, tmp_path):
     image, label = src[3]
     assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
     batch = data.get_batch(src, 1, batch_size=16, seed=0, random_flip=True)
+    # The tfds data source travels to a worker process and reads the same records.
+    with data.Loader(src, 1, batch_size=16, seed=0, random_flip=True,
+                     num_workers=1) as loader:
+      step, loaded = next(loader)
+  assert step == 1
+  np.testing.assert_array_equal(loaded["image"], batch["image"])
+  np.testing.assert_array_equal(loaded["label"], batch["label"])
   assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
   assert batch["image"].min() >= -1 and batch["image"].max() <= 1
   assert batch["label"].dtype == np.int32 and _label_range_ok(batch["label"], 10)
