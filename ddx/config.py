@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.crop = "center"          # how non-square images are made square: center | none
   d.image_key = "image"      # tfds feature holding the image
   d.label_key = "label"      # tfds feature holding the class label ("" = none)
+  d.num_workers = -1         # loader processes: -1 = auto (digits 0, else cores - 1); 0 = a thread
 
   c.model = m = ml_collections.ConfigDict()
   m.name = "unet"            # unet (DDPM's U-Net) | dit (Diffusion Transformer)
@@ -182,6 +183,8 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(isinstance(d.image_size, int) and d.image_size > 0,
            f"data.image_size={d.image_size!r} must be a positive integer")
   _require(d.channels in (1, 3), f"data.channels={d.channels!r} must be 1 or 3")
+  _require(isinstance(d.num_workers, int) and d.num_workers >= -1,
+           f"data.num_workers={d.num_workers!r} must be an int >= 0, or -1 for auto")
 
   name = m.get("name", "unet")
   _require(name in MODELS, f"model.name={name!r} is unknown; use one of {MODELS}")

@@ -1,41 +1,63 @@
-"""Image datasets and deterministic, resumable global batches.
+"""Image datasets and the grain input pipeline of deterministic, resumable global batches.
 
 A *source* is a random-access list of `(image uint8 [H, W, C], label int)`
-pairs. Three kinds exist, picked by `config.data.name` in `make_source`:
+pairs: a grain random-access data source (`__len__`, `__getitem__`). Three kinds
+exist, picked by `config.data.name` in `make_source`:
 
 * `digits`: scikit-learn's 1,797 real 8x8 handwritten digits (no download).
 * `folder`: every image file under `config.data.path`, unlabelled.
 * any other name: a prepared TFDS dataset read with `tfds.data_source`
   (ArrayRecord random access; TensorFlow is not needed).
 
+Any other object with `num_classes`, `image_shape`, `__len__` and `__getitem__`
+plugs into the same pipeline (e.g. a latent cache).
+
 Batches are a pure function of `(seed, step)`: the global batch at step k holds
 positions `k*B .. k*B+B-1` of the endless stream made by concatenating one
-seeded permutation of the dataset per epoch. Resuming at step k therefore
-reproduces exactly the batches an uninterrupted run would have seen, and every
-process computes the same global batch and keeps only its own rows.
+seeded permutation of the dataset per epoch, and `flip_mask` says which rows are
+mirrored. Resuming at step k therefore reproduces exactly the batches an
+uninterrupted run would have seen, with no saved iterator state; every process
+computes the same global batch and reads only its own rows.
 
-This module uses only NumPy and PIL (plus TFDS when a TFDS dataset is named) so
-that host-side data work never touches the accelerator.
+`Loader` runs this as a grain pipeline: one element per step, made by grain
+transforms (plan the rows, read and decode them, flip, scale to [-1, 1]) in
+`num_workers` worker processes (`grain.IterDataset.mp_prefetch`, spawned, so
+safe after JAX has started threads) or, with 0 workers, in a background
+thread. Worker `w` of `W` builds steps `start + w, start + w + W, ...` and grain
+interleaves them back in step order, so the batches do not depend on `W`.
+
+An image file that cannot be decoded is replaced by the next readable file in
+file order (deterministically), logged once by name and counted in
+`Loader.skipped`; a dataset where nothing can be read is a `DataError`.
+
+Host-side data work never touches the accelerator: this module uses NumPy,
+PIL and grain (plus TFDS when a TFDS dataset is named).
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import logging
 import os
-import queue
-import threading
-import time
-from typing import Any, Iterator, Protocol, runtime_checkable
+import sys
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
+import grain
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
-# Folder sources keep decoded, resized images in memory up to this many bytes,
-# so small datasets are decoded once instead of once per epoch.
-_FOLDER_CACHE_BYTES = 512 * 2**20
+# `data.num_workers` / `Loader(num_workers=...)` value meaning "choose from the
+# source and the core count" (see `default_num_workers`).
+AUTO_WORKERS = -1
+
+# More workers than this rarely help one accelerator host, and each is a whole
+# Python process (its start-up imports the main module, JAX included).
+_MAX_AUTO_WORKERS = 16
+
+_log = logging.getLogger(__name__)
 
 # Seed-sequence tags keep the per-epoch permutation stream and the per-step
 # flip stream independent even when an epoch number equals a step number.
@@ -47,9 +69,33 @@ class DataError(ValueError):
   """A dataset is missing, misconfigured or unreadable; the message says how to fix it."""
 
 
+class UnreadableImageError(DataError):
+  """One record of a source cannot be decoded; the pipeline replaces it.
+
+  Attributes:
+    path: the file (or record name) that failed.
+    reason: why, on one line.
+  """
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"cannot decode image file {path}: {reason}; delete or replace it")
+    self.path = path
+    self.reason = reason
+
+  def __reduce__(self):
+    # Travels from worker processes by pickle: rebuild from the two fields.
+    return UnreadableImageError, (self.path, self.reason)
+
+
 @runtime_checkable
 class Source(Protocol):
-  """Random-access image dataset.
+  """Random-access image dataset (also a grain `RandomAccessDataSource`).
+
+  `__getitem__` may raise `UnreadableImageError` for a record that cannot be
+  decoded; the pipeline then substitutes another record. A source may also
+  define `read_batch(indices) -> (images uint8 [k, H, W, C], labels int [k])`,
+  a vectorised read used instead of k `__getitem__` calls (in-memory arrays),
+  and `in_memory = True` so that `default_num_workers` picks no workers.
 
   Attributes:
     num_classes: number of label classes; 0 when the dataset has no labels.
@@ -147,6 +193,9 @@ class ArraySource:
     num_classes: number of classes, 0 if unlabelled.
   """
 
+  # Reads are array lookups: worker processes would only add copying.
+  in_memory = True
+
   def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
     if images.ndim != 4 or images.dtype != np.uint8:
       raise DataError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
@@ -162,6 +211,10 @@ class ArraySource:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     return self.images[index], int(self.labels[index])
+
+  def read_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `indices` at once: (uint8 [k, H, W, C], int64 [k]), fresh copies."""
+    return self.images[indices], self.labels[indices]
 
 
 def digits_source(image_size: int = 8, channels: int = 1) -> ArraySource:
@@ -193,8 +246,8 @@ class FolderSource:
   Files with extensions in IMAGE_EXTENSIONS (any case) are used; hidden files
   and folders (name starting with ".", e.g. macOS "._x.jpg" sidecars) are
   skipped. Paths are sorted so that index i names the same file on every
-  machine. Images are decoded lazily on access and cached when the whole
-  dataset fits in `_FOLDER_CACHE_BYTES`.
+  machine. Images are decoded on access (in the loader's worker processes);
+  a file that cannot be decoded raises `UnreadableImageError`.
 
   Args:
     path: folder to scan.
@@ -224,17 +277,12 @@ class FolderSource:
     self.channels = channels
     self.crop = crop
     self.image_shape = (image_size, image_size, channels)
-    per_image = image_size * image_size * channels
-    self._cache = {} if per_image * len(self.files) <= _FOLDER_CACHE_BYTES else None
 
   def __len__(self) -> int:
     return len(self.files)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-    index = int(index)
-    if self._cache is not None and index in self._cache:
-      return self._cache[index], -1
-    path = self.files[index]
+    path = self.files[int(index)]
     try:
       with Image.open(path) as pil:
         pil.load()
@@ -242,9 +290,7 @@ class FolderSource:
         pil = ImageOps.exif_transpose(pil)
         image = convert_image(pil, self.image_size, self.channels, self.crop)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-      raise DataError(f"cannot decode image file {path}: {e}; delete or replace it") from e
-    if self._cache is not None:
-      self._cache[index] = image
+      raise UnreadableImageError(path, " ".join(str(e).split())) from e
     return image, -1
 
 
@@ -473,11 +519,145 @@ def _check_sharding(batch_size: int, process_index: int, process_count: int) -> 
         "processes; set --config.training.batch_size to a multiple of it")
 
 
+def _local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """Rows [p*B/P, (p+1)*B/P) of the global batch: process p's share."""
+  return slice(process_index * batch_size // process_count,
+               (process_index + 1) * batch_size // process_count)
+
+
+# ---------------------------------------------------------------------------
+# The pipeline's transforms. Each maps one step's element (a dict) to the next;
+# the Loader runs them as grain transforms (in worker processes when asked) and
+# get_batch calls them directly, so both produce the same arrays.
+
+
+class PlanBatch(grain.transforms.Map):
+  """step -> which dataset rows this process reads and which it mirrors.
+
+  Args:
+    num_examples: dataset size n.
+    batch_size: GLOBAL batch size B.
+    seed: run seed.
+    random_flip: whether rows are mirrored per `flip_mask`.
+    process_index: this process, in [0, process_count).
+    process_count: processes sharing the batch.
+  """
+
+  def __init__(self, num_examples: int, batch_size: int, seed: int, random_flip: bool,
+               process_index: int = 0, process_count: int = 1):
+    _check_sharding(batch_size, process_index, process_count)
+    self.num_examples = int(num_examples)
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.random_flip = bool(random_flip)
+    self.rows = _local_rows(batch_size, process_index, process_count)
+
+  def map(self, step: int) -> dict[str, Any]:
+    """Returns {"step": int, "index": int64 [b], "flip": bool [b]}, b = B/P."""
+    step = int(step)
+    index = global_batch_indices(self.num_examples, self.batch_size, self.seed, step)
+    flip = (flip_mask(self.batch_size, self.seed, step) if self.random_flip
+            else np.zeros(self.batch_size, bool))
+    return {"step": step, "index": index[self.rows], "flip": flip[self.rows]}
+
+
+class ReadImages(grain.transforms.Map):
+  """Reads (and so decodes, converts, crops and resizes) the planned rows.
+
+  A row whose record raises `UnreadableImageError` is replaced by the next
+  readable index in file order (i+1, i+2, ... mod n), so the batch stays a
+  function of (seed, step) and of which files are readable. Indices found bad
+  are remembered by this transform (one per worker process).
+
+  The images array it adds is always a fresh array (never a view of the
+  source's), so later transforms may change it in place.
+
+  Args:
+    source: the dataset.
+  """
+
+  def __init__(self, source: Source):
+    self.source = source
+    self._bad: dict[int, UnreadableImageError] = {}
+
+  def __getstate__(self):
+    # Workers start with an empty memory of bad indices.
+    return {"source": self.source, "_bad": {}}
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    """Adds "image": uint8 [b, H, W, C], "label": int32 [b] and "skipped":
+    the unreadable files of the replaced rows (one entry per row; a tuple)."""
+    index = element["index"]
+    read_batch = getattr(self.source, "read_batch", None)
+    if read_batch is not None:
+      images, labels = read_batch(index)
+      skipped = ()
+    else:
+      items = [self._read(int(i)) for i in index]
+      images = np.stack([image for image, _ in items])
+      labels = [label for _, label in items]
+      skipped = tuple(self._bad[int(i)].path for i in index if int(i) in self._bad)
+    return dict(element, image=images, label=np.asarray(labels, np.int32), skipped=skipped)
+
+  def _read(self, index: int) -> tuple[np.ndarray, int]:
+    """Record `index`, or the next readable one after it."""
+    n = len(self.source)
+    for k in range(n):
+      i = (index + k) % n
+      if i in self._bad:
+        continue
+      try:
+        return self.source[i]
+      except UnreadableImageError as e:
+        self._bad[i] = e
+    first = self._bad[min(self._bad)]
+    raise DataError(f"none of the {n} images can be read (e.g. {first.path}: "
+                    f"{first.reason}); replace the files or point the config at other data")
+
+
+class FlipRows(grain.transforms.Map):
+  """Mirrors (left-right) the rows whose "flip" is set; a no-op otherwise."""
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    flip = element["flip"]
+    if flip.any():
+      images = element["image"]  # ReadImages made it: ours to change
+      images[flip] = images[flip, :, ::-1]
+    return element
+
+
+class ToFloat(grain.transforms.Map):
+  """uint8 images -> float32 in [-1, 1] (u8 / 127.5 - 1); keeps what the model uses."""
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    images = element["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return {"step": element["step"], "image": images, "label": element["label"],
+            "skipped": element["skipped"]}
+
+
+def _transforms(source: Source, batch_size: int, seed: int, random_flip: bool,
+                process_index: int, process_count: int) -> list[grain.transforms.Map]:
+  return [PlanBatch(len(source), batch_size, seed, random_flip, process_index, process_count),
+          ReadImages(source), FlipRows(), ToFloat()]
+
+
+def _warn_skipped(paths: Sequence[str], warned: set[str] | None = None) -> None:
+  """Logs one warning per unreadable file not yet in `warned` (then adds it)."""
+  for path in dict.fromkeys(paths):
+    if warned is None or path not in warned:
+      _log.warning("skipping unreadable image %s (replaced by the next readable file; "
+                   "delete or replace it)", path)
+      if warned is not None:
+        warned.add(path)
+
+
 def get_batch(source: Source, step: int, *, batch_size: int, seed: int, random_flip: bool,
               process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
-  """This process's share of the global batch at `step`.
+  """This process's share of the global batch at `step`, built in this thread.
 
-  Process p of P gets rows [p*B/P, (p+1)*B/P) of the global batch.
+  Process p of P gets rows [p*B/P, (p+1)*B/P) of the global batch. Unreadable
+  images are replaced (see `ReadImages`) and logged. `Loader` yields exactly
+  these arrays.
 
   Args:
     source: dataset.
@@ -492,120 +672,163 @@ def get_batch(source: Source, step: int, *, batch_size: int, seed: int, random_f
     dict with `image`: float32 [B/P, H, W, C] in [-1, 1] (u8 / 127.5 - 1) and
     `label`: int32 [B/P] (-1 for unlabelled data).
   """
-  _check_sharding(batch_size, process_index, process_count)
-  rows = slice(process_index * batch_size // process_count,
-               (process_index + 1) * batch_size // process_count)
-  indices = global_batch_indices(len(source), batch_size, seed, step)[rows]
-  items = [source[i] for i in indices]
-  images = np.stack([im for im, _ in items])
-  labels = np.array([lb for _, lb in items], dtype=np.int32)
-  if random_flip:
-    flips = flip_mask(batch_size, seed, step)[rows]
-    images[flips] = images[flips, :, ::-1]
-  images = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-  return {"image": images, "label": labels}
+  element = step
+  for transform in _transforms(source, batch_size, seed, random_flip, process_index,
+                               process_count):
+    element = transform.map(element)
+  _warn_skipped(element["skipped"])
+  return {"image": element["image"], "label": element["label"]}
 
 
-class _Failure:
-  """Carries an exception from the prefetch thread to the consumer."""
+def available_cores() -> int:
+  """CPU cores this process may run on (its affinity mask, e.g. a cgroup's)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
 
-  def __init__(self, error: BaseException):
-    self.error = error
+
+def default_num_workers(source: Source) -> int:
+  """Worker processes for `num_workers=-1`: 0 for in-memory sources, else cores - 1.
+
+  In-memory sources (`in_memory = True`, e.g. digits) are read by array lookups
+  that a worker would only slow down with copying. Decoding sources get one
+  worker per core but one, which is left to the training loop, at least 1 and
+  at most 16.
+  """
+  if getattr(source, "in_memory", False):
+    return 0
+  return max(1, min(_MAX_AUTO_WORKERS, available_cores() - 1))
+
+
+def _default_grain_profiling_flag() -> None:
+  """Lets grain's worker processes start where absl has not parsed flags.
+
+  grain 0.2.18 reads the absl flag --grain_enable_multiprocess_worker_profiling
+  when it starts workers with JAX imported, which raises UnparsedFlagAccessError
+  in programs that do not run `absl.app` (scripts, notebooks, pytest); grain
+  fixed this after 0.2.18 (google/grain#1355). Marking that one flag as given,
+  with its default value, changes nothing else; a later parse still sets it.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  name = "grain_enable_multiprocess_worker_profiling"
+  if name in flags.FLAGS and not flags.FLAGS.is_parsed() and not flags.FLAGS[name].present:
+    flags.FLAGS[name].present = 1
 
 
 class Loader:
-  """Iterator over `(step, batch)` from `start_step` on, prefetched in a thread.
+  """Iterator over `(step, batch)` from `start_step` on: the grain pipeline.
 
-  A daemon thread builds batches with `get_batch` into a bounded queue, so the
-  training loop finds the next batch ready while the accelerator works. An
-  exception in the thread is re-raised by the consumer's next `next()`. Call
-  `close()` (or use `with Loader(...) as loader:`) to stop the thread.
+  Element k of `grain.MapDataset.range(start_step, ...)` is the step; the
+  transforms `PlanBatch`, `ReadImages`, `FlipRows`, `ToFloat` turn it into this
+  process's batch. With `num_workers` > 0 they run in that many spawned worker
+  processes (`mp_prefetch`), each building every W-th step, and batches come
+  back through shared memory in step order; with 0 they run in one background
+  thread. Either way the batch at step k equals `get_batch(source, k, ...)`.
+  Prefetching starts in the constructor, so workers start up while the caller
+  goes on with its own set-up. An exception in the pipeline is raised by the next `next()`.
+  Call `close()` (or use `with Loader(...) as loader:`) to stop the workers.
+
+  Unreadable images are replaced (see `ReadImages`); each file is logged once
+  and `skipped` counts the replaced rows.
 
   Args:
-    source: dataset.
+    source: dataset (picklable when num_workers > 0).
     start_step: first step to yield (e.g. the restored checkpoint step).
     batch_size: GLOBAL batch size.
     seed: run seed.
     random_flip: see `get_batch`.
     process_index: this process.
     process_count: number of processes.
-    prefetch: batches kept ready ahead of the consumer (>= 1).
+    prefetch: batches kept ready ahead of the consumer, per worker (>= 1).
+    num_workers: worker processes; 0 = a thread in this process; -1 =
+      `default_num_workers(source)`.
+
+  Attributes:
+    num_workers: the resolved number of worker processes.
+    skipped: rows replaced because their image could not be read, so far.
+    unreadable_files: the distinct files replaced so far (sorted list).
   """
 
   def __init__(self, source: Source, start_step: int = 0, *, batch_size: int, seed: int,
                random_flip: bool = False, process_index: int = 0, process_count: int = 1,
-               prefetch: int = 2):
-    # Validate here so a bad config fails in the caller, not in the thread.
+               prefetch: int = 2, num_workers: int = AUTO_WORKERS):
+    # Validate here so a bad config fails in the caller, not in a worker.
     _check_sharding(batch_size, process_index, process_count)
     if start_step < 0:
       raise DataError(f"start_step must be >= 0, got {start_step}")
     if prefetch < 1:
       raise DataError(f"prefetch must be >= 1, got {prefetch}")
-    self._kwargs = dict(batch_size=batch_size, seed=seed, random_flip=random_flip,
-                        process_index=process_index, process_count=process_count)
-    self._source = source
-    self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-    self._stop = threading.Event()
-    self._done = False
-    self._thread = threading.Thread(target=self._work, args=(int(start_step),),
-                                    name="ddx-data-loader", daemon=True)
-    self._thread.start()
+    if not isinstance(num_workers, (int, np.integer)) or num_workers < AUTO_WORKERS:
+      raise DataError(f"data.num_workers must be an int >= 0, or -1 for one per core, "
+                      f"got {num_workers!r}")
+    if len(source) <= 0:
+      raise DataError("the dataset is empty")
+    self.num_workers = (default_num_workers(source) if num_workers == AUTO_WORKERS
+                        else int(num_workers))
+    self.skipped = 0
+    self._warned: set[str] = set()
+    self._next_step = int(start_step)
+    # Endless in practice; grain wants a finite length (< 2**63).
+    ds = grain.MapDataset.range(self._next_step, self._next_step + sys.maxsize // 2)
+    for transform in _transforms(source, batch_size, seed, random_flip, process_index,
+                                 process_count):
+      ds = ds.map(transform)
+    # One thread per process builds batches ahead: in a worker it overlaps the
+    # hand-over of the previous batch; with no workers it is the prefetch thread.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+    if self.num_workers:
+      _default_grain_profiling_flag()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers, per_worker_buffer_size=prefetch))
+    self._iter = iter(ds)
+    self._closed = False
+    self._iter.start_prefetch()
 
-  def _put(self, item: Any) -> bool:
-    """Enqueues item, giving up (False) once close() was called."""
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def _work(self, step: int) -> None:
-    try:
-      while not self._stop.is_set():
-        batch = get_batch(self._source, step, **self._kwargs)
-        if not self._put((step, batch)):
-          return
-        step += 1
-    except BaseException as e:  # pylint: disable=broad-except
-      self._put(_Failure(e))
+  @property
+  def unreadable_files(self) -> list[str]:
+    return sorted(self._warned)
 
   def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     return self
 
   def __next__(self) -> tuple[int, dict[str, np.ndarray]]:
-    while not self._done:
-      try:
-        item = self._queue.get(timeout=0.05)
-      except queue.Empty:
-        if self._stop.is_set():
-          break
-        continue
-      if isinstance(item, _Failure):
-        self.close()
-        raise item.error
-      return item
-    raise StopIteration
+    if self._closed:
+      raise StopIteration
+    try:
+      element = next(self._iter)
+    except BaseException:
+      self.close()
+      raise
+    step = int(element["step"])
+    if step != self._next_step:  # grain's ordering guarantee, checked cheaply
+      self.close()
+      raise RuntimeError(f"data pipeline returned step {step}, expected {self._next_step}")
+    self._next_step += 1
+    if element["skipped"]:
+      self.skipped += len(element["skipped"])
+      _warn_skipped(element["skipped"], self._warned)
+    image, label = element["image"], element["label"]
+    if self.num_workers:
+      # From workers they arrive in shared memory (grain's SharedMemoryArray,
+      # unlinked from a thread pool when garbage collected). One copy, in a
+      # process that does no decoding, frees each block now, so none is still
+      # alive at exit, where Python would warn of leaked shared memory.
+      image, label = np.array(image), np.array(label)
+    return step, {"image": image, "label": label}
 
-  def close(self, timeout: float = 10.0) -> None:
-    """Stops the prefetch thread and drops queued batches; idempotent."""
-    self._done = True
-    self._stop.set()
-    deadline = time.monotonic() + timeout
-    # Drain so a thread blocked in put() notices the stop promptly.
-    while self._thread.is_alive() and time.monotonic() < deadline:
-      try:
-        while True:
-          self._queue.get_nowait()
-      except queue.Empty:
-        pass
-      self._thread.join(timeout=0.05)
+  def close(self) -> None:
+    """Stops the workers (or thread) and drops prefetched batches; idempotent."""
+    if not self._closed:
+      self._closed = True
+      self._iter.close()
+      self._iter = None  # frees grain's queues and semaphores now, not at exit
 
   @property
   def alive(self) -> bool:
-    """Whether the prefetch thread is still running."""
-    return self._thread.is_alive()
+    """Whether the pipeline is open (not closed, no error raised)."""
+    return not self._closed
 
   def __enter__(self) -> "Loader":
     return self

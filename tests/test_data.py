@@ -1,14 +1,18 @@
-"""Tests for ddx.data: sources, deterministic batching, sharding, Loader."""
+"""Tests for ddx.data: sources, deterministic batching, sharding, the grain Loader."""
 
+import logging
+import multiprocessing
 import os
 import threading
 import time
 
+import grain
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from ddx import config as config_lib
 from ddx import data
 
 
@@ -16,7 +20,7 @@ def _data_config(**overrides) -> ml_collections.ConfigDict:
   """A `config.data` group like configs/default.py's, with overrides."""
   c = ml_collections.ConfigDict(dict(
       name="digits", image_size=8, channels=1, path="", data_dir="", split="train",
-      random_flip=False, crop="center", image_key="image", label_key="label"))
+      random_flip=False, crop="center", image_key="image", label_key="label", num_workers=-1))
   c.update(overrides)
   return c
 
@@ -59,6 +63,7 @@ class _PatternSource(_RangeSource):
 
 def test_digits_source(digits):
   assert isinstance(digits, data.Source)
+  assert isinstance(digits, grain.sources.RandomAccessDataSource)
   assert len(digits) == 1797
   assert digits.num_classes == 10
   assert digits.image_shape == (8, 8, 1)
@@ -145,6 +150,35 @@ def test_straddling_batch_images_match_indices():
   np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], want)
 
 
+def _reference_batch(source, step, batch_size, seed, random_flip):
+  """Today's (517a35e) batch definition, transcribed: rows from the per-epoch
+  permutation stream, flips from default_rng([seed, 1, step]), u8 / 127.5 - 1."""
+  n = len(source)
+  stream = _reference_stream(n, seed, (step + 1) * batch_size // n + 1)
+  rows = stream[step * batch_size:(step + 1) * batch_size]
+  images = np.stack([source[int(i)][0] for i in rows])
+  labels = np.array([source[int(i)][1] for i in rows], np.int32)
+  if random_flip:
+    flips = np.random.default_rng([seed, 1, step]).random(batch_size) < 0.5
+    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+  return images.astype(np.float32) / np.float32(127.5) - np.float32(1), labels
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_batches_pinned_to_the_reference_definition(digits, flip):
+  for step in (0, 13, 14, 500):  # 14 * 128 = 1792 straddles the epoch end (1797)
+    want_images, want_labels = _reference_batch(digits, step, 128, 4, flip)
+    got = data.get_batch(digits, step, batch_size=128, seed=4, random_flip=flip)
+    np.testing.assert_array_equal(got["image"], want_images)
+    np.testing.assert_array_equal(got["label"], want_labels)
+  with data.Loader(digits, 13, batch_size=128, seed=4, random_flip=flip) as loader:
+    for _ in range(2):
+      step, batch = next(loader)
+      want_images, want_labels = _reference_batch(digits, step, 128, 4, flip)
+      np.testing.assert_array_equal(batch["image"], want_images)
+      np.testing.assert_array_equal(batch["label"], want_labels)
+
+
 # ---------------------------------------------------------------------------
 # sharding and flips
 
@@ -219,6 +253,13 @@ def test_tfds_cifar10_mock(tfds_mock, tmp_path):
     image, label = src[3]
     assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
     batch = data.get_batch(src, 1, batch_size=16, seed=0, random_flip=True)
+    # The tfds data source travels to a worker process and reads the same records.
+    with data.Loader(src, 1, batch_size=16, seed=0, random_flip=True,
+                     num_workers=1) as loader:
+      step, loaded = next(loader)
+  assert step == 1
+  np.testing.assert_array_equal(loaded["image"], batch["image"])
+  np.testing.assert_array_equal(loaded["label"], batch["label"])
   assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
   assert batch["image"].min() >= -1 and batch["image"].max() <= 1
   assert batch["label"].dtype == np.int32 and _label_range_ok(batch["label"], 10)
@@ -375,16 +416,67 @@ def test_folder_empty_or_missing(tmp_path):
     data.make_source(_data_config(name="folder", path=""))
 
 
-def test_folder_corrupt_file(tmp_path):
-  _write_images(tmp_path)
-  bad = tmp_path / "sub" / "broken.png"
-  bad.write_bytes(np.random.default_rng(1).bytes(300))
+def _truncated_jpeg(path, seed=0):
+  """Writes the first 200 bytes of a valid JPEG: the header opens, the data is cut."""
+  arr = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  Image.fromarray(arr).save(path, format="JPEG")
+  path.write_bytes(path.read_bytes()[:200])
+
+
+def _distinct_folder(root, count, bad=()):
+  """count 12x10 images whose pixels identify them (and flips), plus truncated files."""
+  rng = np.random.default_rng(2)
+  for i in range(count):
+    arr = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(root / f"img{i:02d}.png")
+  for name in bad:
+    _truncated_jpeg(root / name)
+
+
+def test_folder_corrupt_file_is_replaced_and_warned_once(tmp_path, caplog):
+  _distinct_folder(tmp_path, 9, bad=["img04b.jpg"])
+  src = data.make_source(_data_config(name="folder", path=str(tmp_path), image_size=8,
+                                      channels=3))
+  bad = src.files.index(str(tmp_path / "img04b.jpg"))
+  with pytest.raises(data.UnreadableImageError, match="img04b.jpg") as info:
+    src[bad]
+  assert info.value.path == str(tmp_path / "img04b.jpg") and "\n" not in str(info.value)
+  kw = dict(batch_size=4, seed=1, random_flip=True)
+  steps = 12  # 48 rows: every file about five times
+  with caplog.at_level(logging.WARNING, logger="ddx.data"):
+    with data.Loader(src, 0, num_workers=0, **kw) as loader:
+      got = [next(loader) for _ in range(steps)]
+      skipped = loader.skipped
+      unreadable = loader.unreadable_files
+  warned = [r for r in caplog.records if "img04b.jpg" in r.getMessage()]
+  assert len(warned) == 1 and "skipping unreadable image" in warned[0].getMessage()
+  rows = np.concatenate([data.global_batch_indices(len(src), 4, 1, k) for k in range(steps)])
+  assert skipped == np.sum(rows == bad) > 0
+  assert unreadable == [str(tmp_path / "img04b.jpg")]
+  # A bad row holds the next file in sorted order (flipped like any other row).
+  for step, batch in got:
+    index = data.global_batch_indices(len(src), 4, 1, step)
+    flips = data.flip_mask(4, 1, step)
+    for r, i in enumerate(index):
+      want = src[(i + 1) % len(src) if i == bad else i][0]
+      want = want[:, ::-1] if flips[r] else want
+      np.testing.assert_array_equal(batch["image"][r],
+                                    want.astype(np.float32) / np.float32(127.5) - 1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_folder_of_only_unreadable_files(tmp_path, workers):
+  for k in range(3):
+    _truncated_jpeg(tmp_path / f"bad{k}.jpg", seed=k)
   src = data.make_source(_data_config(name="folder", path=str(tmp_path)))
-  index = src.files.index(str(bad))
-  with pytest.raises(data.DataError, match="broken.png"):
-    src[index]
-  with pytest.raises(data.DataError, match="broken.png"):
-    data.get_batch(src, 0, batch_size=len(src), seed=0, random_flip=False)
+  with pytest.raises(data.DataError, match=r"none of the 3 images can be read.*bad0\.jpg") as info:
+    data.get_batch(src, 0, batch_size=2, seed=0, random_flip=False)
+  assert "\n" not in str(info.value)
+  # From a worker process the same one-line error reaches the training loop.
+  with data.Loader(src, 0, batch_size=2, seed=0, num_workers=workers) as loader:
+    with pytest.raises(data.DataError, match="none of the 3 images can be read") as info:
+      next(loader)
+    assert "\n" not in str(info.value) and not loader.alive
 
 
 # ---------------------------------------------------------------------------
@@ -394,18 +486,71 @@ def test_folder_corrupt_file(tmp_path):
 def test_loader_matches_get_batch(digits):
   kw = dict(batch_size=32, seed=2, random_flip=True, process_index=1, process_count=2)
   with data.Loader(digits, 55, prefetch=3, **kw) as loader:
+    assert loader.num_workers == 0  # in memory: auto picks no workers
     got = [next(loader) for _ in range(5)]
   assert [s for s, _ in got] == list(range(55, 60))
   for step, batch in got:
     want = data.get_batch(digits, step, **kw)
+    assert type(batch["image"]) is np.ndarray and batch["image"].dtype == np.float32
     np.testing.assert_array_equal(batch["image"], want["image"])
     np.testing.assert_array_equal(batch["label"], want["label"])
 
 
-def test_loader_close_stops_thread(digits):
+def test_workers_processes_and_resume_give_the_same_batches(tmp_path):
+  """Batch k is a function of (seed, k) only: 0, 1 or 2 worker processes, 1 or 2
+  JAX processes (the union of the local shares), a run resumed at step 3."""
+  _distinct_folder(tmp_path, 11, bad=["img07b.jpg"])
+  src = data.make_source(_data_config(name="folder", path=str(tmp_path), image_size=8,
+                                      channels=3))
+  kw = dict(batch_size=6, seed=3, random_flip=True)
+  steps = range(3, 9)
+  want = [data.get_batch(src, k, **kw) for k in steps]
+  runs = {}
+  for workers in (0, 1, 2):
+    with data.Loader(src, steps[0], num_workers=workers, **kw) as loader:
+      assert loader.num_workers == workers
+      runs[workers] = [next(loader) for _ in steps]
+      runs[workers, "skipped"] = loader.skipped
+    assert not multiprocessing.active_children()  # close() stopped the workers
+  for process in (0, 1):
+    with data.Loader(src, steps[0], num_workers=0, process_index=process, process_count=2,
+                     **kw) as loader:
+      runs["process", process] = [next(loader) for _ in steps]
+  for j, k in enumerate(steps):
+    for workers in (0, 1, 2):
+      step, batch = runs[workers][j]
+      assert step == k
+      np.testing.assert_array_equal(batch["image"], want[j]["image"])
+      np.testing.assert_array_equal(batch["label"], want[j]["label"])
+    halves = [runs["process", p][j][1] for p in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), want[j]["image"])
+  # The unreadable file's rows come back from the workers as counted skips.
+  assert runs[0, "skipped"] == runs[1, "skipped"] == runs[2, "skipped"] > 0
+
+
+def test_default_num_workers(digits, tmp_path):
+  _distinct_folder(tmp_path, 2)
+  folder = data.make_source(_data_config(name="folder", path=str(tmp_path)))
+  cores = len(os.sched_getaffinity(0))
+  assert data.default_num_workers(digits) == 0
+  assert data.default_num_workers(folder) == max(1, min(16, cores - 1))
+  with pytest.raises(data.DataError, match="num_workers"):
+    data.Loader(digits, 0, batch_size=8, seed=0, num_workers=-2)
+
+
+@pytest.mark.parametrize("value", [-2, 1.5, "4"])
+def test_config_rejects_bad_num_workers(value):
+  c = config_lib.base_config()
+  with c.ignore_type():
+    c.data.num_workers = value
+  with pytest.raises(config_lib.ConfigError, match="data.num_workers"):
+    config_lib.validate(c)
+
+
+def test_loader_close_stops_it(digits):
   loader = data.Loader(digits, 0, batch_size=8, seed=0, prefetch=1)
   next(loader)
-  time.sleep(0.05)  # Let the thread block on the full queue.
+  time.sleep(0.05)  # Let the prefetch thread fill its buffer.
   loader.close()
   assert not loader.alive
   with pytest.raises(StopIteration):
@@ -422,7 +567,7 @@ class _FailingSource(_RangeSource):
 
 
 def test_loader_propagates_exceptions():
-  loader = data.Loader(_FailingSource(10), 0, batch_size=2, seed=0)
+  loader = data.Loader(_FailingSource(10), 0, batch_size=2, seed=0, num_workers=0)
   with pytest.raises(RuntimeError, match="boom in source"):
     next(loader)
   assert not loader.alive
