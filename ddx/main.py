@@ -57,8 +57,21 @@ def _parse_flags(argv):
   except SyntaxError as e:   # the --config file itself does not parse
     _fail(f"config file {e.filename} line {e.lineno}: {e.msg}; fix the file")
   except Exception as e:     # the --config file raised while loading
-    _fail(f"the --config file failed to load: {type(e).__name__}: "
-          f"{str(e).splitlines()[0] if str(e) else ''}")
+    _config_load_failed(e)
+
+
+def _config_load_failed(e: BaseException) -> None:
+  """One line for a --config file that does not exist, load or run."""
+  # ml_collections wraps the cause in a multi-line OSError; keep the line that
+  # says why, and name the file from the command line.
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  why = next((l for l in lines if "Errno" in l), None) or (
+      f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__)
+  paths = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")]
+  paths += [sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--config"]
+  bad = [p for p in paths if not os.path.isfile(p)] or paths
+  _fail(f"--config {bad[-1] if bad else ''} could not be loaded ({why}); pass an "
+        "existing config file with get_config(), e.g. --config configs/digits.py")
 
 
 def _enable_compile_cache() -> None:
@@ -129,16 +142,9 @@ def main(argv):
     if config is not None:
       config.training   # a file that failed to load raises on first attribute access
   except (OSError, AttributeError, ImportError, SyntaxError) as e:
-    # ml_collections reports a config file that fails to load when the value
-    # is first read, as a multi-line OSError; keep the line that says why.
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    why = next((l for l in lines if "Errno" in l or "Error" in l), lines[-1] if lines else "")
-    path = next((a.split("=", 1)[1] if "=" in a else None for a in sys.argv
-                 if a.startswith("--config=")), None)
-    if path is None and "--config" in sys.argv[:-1]:
-      path = sys.argv[sys.argv.index("--config") + 1]
-    _fail(f"--config {path or ''} could not be loaded ({why}); pass an existing config "
-          "file with get_config(), e.g. --config configs/digits.py")
+    # ml_collections reports a config file that failed to load when the value
+    # is first read.
+    _config_load_failed(e)
   if config is None:
     _fail("--config is required, e.g. --config configs/digits.py")
   if not _WORKDIR.value:

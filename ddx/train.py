@@ -460,7 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   loader = data_lib.Loader(
       source, step, batch_size=t.batch_size, seed=t.seed,
       random_flip=config.data.random_flip, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), num_workers=config.data.num_workers)
   flops_per_step = None  # XLA's count for one update on the global batch (MFU logging)
   pending = []          # per-step device metrics since the last log (no host sync per step)
   last_log_time, last_log_step = time.perf_counter(), step
@@ -502,6 +502,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           mean["flops_per_image"] = flops_per_step / t.batch_size
           mean["tflops_per_sec"] = flops_per_step * steps_per_sec / 1e12
         mean["nonfinite_steps"] = len(bad)
+        mean["data_skipped"] = loader.skipped   # unreadable images replaced so far
         del mean["finite"]
         writer.write(step, mean)
         progress.report(step, mean)

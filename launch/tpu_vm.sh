@@ -20,9 +20,12 @@
 # readable from every worker: copy it with `gcloud compute tpus tpu-vm scp
 # --worker=all` or put it on a shared disk and set --config.data.data_dir.
 # On a pod slice the WORKDIR must be one directory that every worker sees
-# (orbax writes each host's shards of a checkpoint into it): a Filestore/NFS
-# mount is the simple choice. Set SHARED_MOUNT="IP:/share" to have `setup`
-# mount an NFS share at /mnt/shared on every worker. On a single host any
+# (orbax writes each host's shards of a checkpoint into it). The simplest is a
+# Cloud Storage bucket: ddx reads and writes workdirs through etils.epath, so
+#   bash launch/tpu_vm.sh train configs/cifar10.py gs://BUCKET/runs/cifar10
+# needs no shared disk (the VM's service account needs write access to the
+# bucket). A Filestore/NFS mount works too: set SHARED_MOUNT="IP:/share" to
+# have `setup` mount it at /mnt/shared on every worker. On a single host any
 # local path works.
 set -euo pipefail
 cmd=${1:?usage: tpu_vm.sh create|setup|train CONFIG WORKDIR [overrides]|logs|stop|delete}

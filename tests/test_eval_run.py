@@ -79,7 +79,7 @@ def test_sample_chunks_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     f.truncate(100)
   calls = []
   real = model_lib.sample_fn
-  monkeypatch.setattr(sampling, "sample_fn",
+  monkeypatch.setattr(model_lib, "sample_fn",
                       lambda *a, **k: calls.append(a[1]) or real(*a, **k))
   resumed = eval_run.sample_chunks(model, c, out, progress=False)
   assert len(calls) == 2   # chunk 0 was reused from disk
@@ -90,6 +90,10 @@ def test_sample_chunks_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch)
   calls.clear()
   other = eval_run.sample_chunks(model, c, out, progress=False)
   assert len(calls) == 3 and not np.array_equal(other, full)
+  # Nor do other weights with the same settings (a retrain in the same workdir).
+  calls.clear()
+  retrained = eval_run.sample_chunks(_model(c, seed=1), c, out, progress=False)
+  assert len(calls) == 3 and not np.array_equal(retrained, other)
 
 
 @pytest.fixture(scope="module")

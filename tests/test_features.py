@@ -205,7 +205,7 @@ def test_readme_guidance_example_runs(monkeypatch):
               if "runs/digits_cond" in b]
   assert len(blocks) == 1
   c = load_config()
-  c.model.num_classes = 10
+  c.model.num_classes, c.training.label_dropout = 10, 0.1
   net = UNet(**c.model)
   shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
                           jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
