@@ -12,7 +12,7 @@ from testutils import ROOT
 def test_configs_load_with_ml_collections_alone():
   """As big_vision's: a config file pulls in neither JAX nor Flax."""
   code = ("import sys; from ddx import config as c\n"
-          "for n in ('default', 'digits', 'digits_cond', 'cifar10', 'article', 'test'):\n"
+          "for n in ('default', 'digits', 'digits_cond', 'cifar10', 'article', 'test', 'digits_dit'):\n"
           "  cfg = c.from_file(f'configs/{n}.py'); cfg.data.path = cfg.data.path or 'x'; c.validate(cfg)\n"
           "bad = [m for m in ('jax', 'flax', 'optax', 'orbax', 'PIL') if m in sys.modules]\n"
           "assert not bad, bad\n")
@@ -40,3 +40,12 @@ def test_from_file_errors_are_one_line(tmp_path):
   (tmp_path / "empty.py").write_text("x = 1\n")
   with pytest.raises(config_lib.ConfigError, match="has no get_config"):
     config_lib.from_file(str(tmp_path / "empty.py"))
+
+
+def test_every_shipped_config_validates():
+  import glob
+  import os
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+    config = config_lib.from_file(path)
+    config.data.path = config.data.path or "some/folder"   # article.py: user's images
+    config_lib.validate(config)
