@@ -403,7 +403,7 @@ def evaluate(config, workdir: str) -> dict:
   """
   evaluator = Evaluator(config, workdir)
   step, model = _newest_model(workdir)
-  want = (config.data.image_size, config.data.image_size, config.data.channels)
+  want = config_lib.image_shape(config)
   if tuple(model.image_shape) != want:
     raise config_lib.ConfigError(
         f"the checkpoint in {workdir} makes {model.image_shape} images but --config says "
