@@ -1,7 +1,10 @@
 """ddx: diffusion models (DDPM, DDIM and after) in pure JAX.
 
 Public API (see README):
-  ddx.schedules.linear / cosine       noise schedules
+  ddx.schedules.linear / cosine       DDPM noise schedules
+  ddx.edm, ddx.flow                   the EDM and flow-matching processes
+  ddx.models.build                    the network a config names (U-Net, DiT)
+  ddx.sampling                        the pure samplers
   ddx.q_sample, ddx.diffusion_loss    forward process and training loss
   ddx.sample                          any sampler as one lax.scan
   ddx.load, ddx.sample_fn, ddx.Model  a trained model, and sampling from it
@@ -15,6 +18,10 @@ import importlib
 
 _API = {
     "schedules": ("ddx.schedules", None),
+    "edm": ("ddx.edm", None),
+    "flow": ("ddx.flow", None),
+    "models": ("ddx.models", None),
+    "sampling": ("ddx.sampling", None),
     "load": ("ddx.checkpoint", "load"),
     "diffusion_loss": ("ddx.diffusion", "diffusion_loss"),
     "q_sample": ("ddx.diffusion", "q_sample"),

@@ -7,7 +7,6 @@ import pytest
 import ddx
 from ddx import config as config_lib
 from ddx import model as model_lib
-from ddx.models import UNet
 
 
 def _model(num_classes=0, seed=0):
@@ -18,7 +17,7 @@ def _model(num_classes=0, seed=0):
   c.training.label_dropout = 0.1 if num_classes else 0.0
   c.diffusion.num_timesteps = 50
   c.sampling.steps, c.sampling.num_samples = 5, 3
-  net = UNet(**c.model)
+  net = ddx.models.build(c.model)
   labels = jnp.zeros((1,), jnp.int32) if num_classes else None
   params = net.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 1)),
                     jnp.zeros((1,), jnp.int32), labels)["params"]
@@ -133,7 +132,7 @@ def test_model_apply_is_the_network():
   model = _model(num_classes=3)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
   t = jnp.array([3, 40], jnp.int32)
-  want = UNet(**model.config.model).apply(model.variables, x, t, jnp.array([1, 2]))
+  want = ddx.models.build(model.config.model).apply(model.variables, x, t, jnp.array([1, 2]))
   np.testing.assert_array_equal(model.apply(x, t, jnp.array([1, 2])), want)
-  null = UNet(**model.config.model).apply(model.variables, x, t, jnp.array([3, 3]))
+  null = ddx.models.build(model.config.model).apply(model.variables, x, t, jnp.array([3, 3]))
   np.testing.assert_array_equal(model.apply(x, t), null)

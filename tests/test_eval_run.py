@@ -8,6 +8,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import ddx
 import pytest
 
 from ddx import config as config_lib
@@ -15,7 +17,6 @@ from ddx import eval_run
 from ddx import evaluation
 from ddx import model as model_lib
 from ddx import train
-from ddx.models import UNet
 from testutils import ROOT, load_config
 
 
@@ -48,7 +49,7 @@ def test_eval_config_errors_are_one_line(tmp_path):
 def _model(config, seed=0):
   """A random tiny U-Net; NumPy draws the weights (a jitted threefry init of even
   this model cost 20-30 s of CPU here)."""
-  net = UNet(**config.model)
+  net = ddx.models.build(config.model)
   abstract = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
                             jnp.zeros((1,), jnp.int32))["params"]
   rng = np.random.default_rng(seed)

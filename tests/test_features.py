@@ -60,7 +60,7 @@ def _batches(config, n):
 
 
 def _run_steps(config, state, batches):
-  net = UNet(**config.model)
+  net = ddx.models.build(config.model)
   step = jax.jit(lambda s, b, k: train.train_step(
       s, b, k, net=net, sched=schedules.from_config(config.diffusion),
       tx=train.make_optimizer(config.optim), config=config))
@@ -206,7 +206,7 @@ def test_readme_guidance_example_runs(monkeypatch):
   assert len(blocks) == 1
   c = load_config()
   c.model.num_classes, c.training.label_dropout = 10, 0.1
-  net = UNet(**c.model)
+  net = ddx.models.build(c.model)
   shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
                           jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
   rng = np.random.default_rng(0)   # random everywhere: the output conv is not 0

@@ -7,7 +7,6 @@ import pytest
 import ddx
 from ddx import config as config_lib
 from ddx import inversion, schedules
-from ddx.models import UNet
 from testutils import as_prediction, gaussian_denoiser
 
 
@@ -28,7 +27,7 @@ def _model(seed=0):
   c.model.attn_resolutions, c.model.num_groups = (4,), 4
   c.diffusion.num_timesteps = 50
   c.sampling.steps, c.sampling.num_samples = 5, 3
-  net = UNet(**c.model)
+  net = ddx.models.build(c.model)
   params = jax.jit(net.init)(jax.random.key(seed), jnp.zeros((1, 8, 8, 1)),
                              jnp.zeros((1,), jnp.int32))["params"]
   rng = np.random.default_rng(seed + 1)
