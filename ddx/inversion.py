@@ -65,8 +65,8 @@ def invert(denoise_fn: DenoiseFn, sched: Schedule, x0: jnp.ndarray,
     steps: network evaluations S, 1 <= S <= T (static); use the same number
       when sampling back.
     prediction: what denoise_fn returns: eps | x0 | v.
-    spacing: "uniform" | "logsnr" (see `sampling.timesteps`); use the spacing
-      the sampler will use ("uniform" is DDIM's default).
+    spacing: one of `ddx.sampling.SPACINGS`; sample back with the same one
+      (`ddx.sample_fn` defaults DDIM to "trailing": pass spacing="uniform").
     return_trajectory: also return the state after every step, [S, B, ...],
       in ascending noise order: trajectory[j] is x at index seq[S-1-j] of the
       sampler's sequence, and trajectory[-1] is x_T.
@@ -111,7 +111,7 @@ def _invert_jit(model, images, labels, guidance_scale, *, steps, guided):
   n = parallel.num_data_shards(mesh)
   if n > 1 and images.shape[0] % n == 0:
     images = jax.lax.with_sharding_constraint(images, parallel.data_sharded(mesh))
-  # Uniform spacing: what sample_fn's ddim sampler walks.
+  # Uniform spacing: pass spacing="uniform" to sample_fn to sample back.
   return invert(fn, model.schedule, images, steps=steps,
                 prediction=model.config.diffusion.prediction, spacing="uniform")
 
@@ -126,7 +126,7 @@ def invert_fn(model: Model, images: jnp.ndarray, steps: Optional[int] = None, *,
 
     x_T = ddx.invert_fn(model, x0, steps=s)
     x0_rec = ddx.sample_fn(model, rng, steps=s, sampler="ddim", eta=0.0,
-                           x_T=x_T, clip_x0=False)
+                           x_T=x_T, clip_x0=False, spacing="uniform")
 
   Pass sampler="ddim", eta=0.0 and clip_x0=False explicitly: configs default
   to clip_x0=True, and clipping x̂_0 is not part of the map being inverted.

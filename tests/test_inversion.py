@@ -121,7 +121,7 @@ def test_invert_fn_round_trip_through_sample_fn_on_a_unet():
     x_T = ddx.invert_fn(MODEL, x0, steps=steps)
     assert x_T.shape == x0.shape and x_T.dtype == jnp.float32
     rec = ddx.sample_fn(MODEL, jax.random.key(0), steps=steps, sampler="ddim",
-                        eta=0.0, x_T=x_T, clip_x0=False)
+                        eta=0.0, x_T=x_T, clip_x0=False, spacing="uniform")
     errs.append(float(jnp.sqrt(jnp.mean((rec - x0) ** 2))))
   assert errs[1] < 0.3 * errs[0] and errs[1] < 0.005, errs
   # Same shapes and steps: the compiled program is reused.

@@ -47,7 +47,7 @@ def test_ddim_eta0_matches_numpy_eq12(steps):
     ref.append(x)
   out, traj = ddx.sample(lambda x, i: 0.1 * x, _sched(T), jax.random.key(0),
                          x_T.shape, sampler="ddim", steps=steps, eta=0.0,
-                         x_T=jnp.asarray(x_T), return_trajectory=True)
+                         x_T=jnp.asarray(x_T), spacing="uniform", return_trajectory=True)
   assert traj.shape == (steps,) + x_T.shape
   np.testing.assert_allclose(traj, np.stack(ref), rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(out, ref[-1], rtol=2e-4, atol=2e-5)
@@ -238,3 +238,39 @@ def test_bad_sampler_arguments():
     ddx.sample(lambda x, i: x, sched, jax.random.key(0), (1, 1), steps=11)
   with pytest.raises(ValueError, match="ddpm_variance"):
     ddx.sample(lambda x, i: x, sched, jax.random.key(0), (1, 1), ddpm_variance="big")
+
+
+def test_trailing_and_quadratic_spacings_follow_their_papers():
+  # Lin et al. (2024), Table 2, "trailing": round(arange(T, 0, -T/S)) - 1.
+  want = np.round(np.arange(1000, 0, -1000 / 10)).astype(int) - 1
+  np.testing.assert_array_equal(sampling.timesteps(1000, 10, "trailing"), want)
+  assert list(sampling.timesteps(1000, 1, "trailing")) == [999]
+  np.testing.assert_array_equal(sampling.timesteps(10, 10, "trailing"), np.arange(9, -1, -1))
+  # DDIM's CIFAR-10 code: int(c**2) for c in linspace(0, sqrt(0.8 T), S), ascending.
+  ddim = [int(c ** 2) for c in np.linspace(0, np.sqrt(1000 * 0.8), 10)]
+  np.testing.assert_array_equal(sampling.timesteps(1000, 10, "quadratic"), ddim[::-1])
+  # From S = 100 DDIM's code repeats 0, 0, 0, 0, 1, ...: ddx keeps them distinct.
+  q = sampling.timesteps(1000, 100, "quadratic")
+  assert np.all(np.diff(q) < 0) and q[0] == 800 and q[-1] == 0
+  with pytest.raises(ValueError, match="spacing='logsnr' needs the schedule"):
+    sampling.timesteps(1000, 10, "logsnr")
+  with pytest.raises(ValueError, match="spacing='cubic' is unknown"):
+    sampling.timesteps(1000, 10, "cubic")
+
+
+def test_one_step_from_pure_noise_only_with_trailing():
+  """Uniform spacing's single step evaluates index 0 and returns the noise;
+  trailing starts at T-1 and lands near the data (exact Gaussian denoiser)."""
+  sched = schedules.linear(1000)
+  mu, s = 0.3, 0.1
+  fn = gaussian_denoiser(sched, mu, s)
+  x_T = jax.random.normal(jax.random.key(0), (4000, 1))
+  kw = dict(sampler="ddim", steps=1, x_T=x_T)
+  uniform = ddx.sample(fn, sched, jax.random.key(1), (4000, 1), spacing="uniform", **kw)
+  trailing = ddx.sample(fn, sched, jax.random.key(1), (4000, 1), spacing="trailing", **kw)
+  assert abs(float(uniform.std()) - 1.0) < 0.05          # still the noise
+  # One step from T-1 lands on E[x0 | x_T] ≈ mu (x_T carries almost no signal).
+  assert abs(float(trailing.mean()) - mu) < 0.01 and float(trailing.std()) < 0.02
+  # The default spacing of ddim is trailing.
+  default = ddx.sample(fn, sched, jax.random.key(1), (4000, 1), **kw)
+  np.testing.assert_array_equal(default, trailing)

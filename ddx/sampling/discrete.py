@@ -168,12 +168,14 @@ class _Sampler(NamedTuple):
   spacing: str          # default timestep spacing
 
 
-# DPM-Solver++(2M) defaults to log-SNR spacing: with the uniform skip on a
-# linear schedule its step-size ratios swing widely and the multistep
-# extrapolation lost to DDIM on a Gaussian test (tests/test_sampling.py).
+# Default spacings, chosen on the digits metric at 1-20 steps (BENCHMARKS.md,
+# "Timestep spacing"): trailing starts from pure noise and was never worse than
+# uniform. DPM-Solver++(2M) keeps log-SNR: with the uniform skip on a linear
+# schedule its step-size ratios swing widely and the multistep extrapolation
+# lost to DDIM on a Gaussian test (tests/test_sampling.py).
 SAMPLERS = {
-    "ddpm": _Sampler(_ddpm_step, lambda x: (), "uniform"),
-    "ddim": _Sampler(_ddim_step, lambda x: (), "uniform"),
+    "ddpm": _Sampler(_ddpm_step, lambda x: (), "trailing"),
+    "ddim": _Sampler(_ddim_step, lambda x: (), "trailing"),
     "dpm_solver_pp": _Sampler(
         _dpmpp_2m_step,
         lambda x: (jnp.zeros_like(x), jnp.ones((), x.dtype), jnp.zeros((), jnp.int32)),
