@@ -50,6 +50,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_classes = 0          # 0 = unconditional
   m.norm = "group"           # group (GroupNorm, DDPM) | batch (BatchNorm, running stats)
   m.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
+  # Choices DDPM fixed and diffusers' UNet2DModel exposes (ddx.convert sets them):
+  m.flip_sin_to_cos = False  # time embedding [cos, sin] instead of DDPM's [sin, cos]
+  m.freq_shift = 1           # time-embedding frequencies 10000^(-k/(ch/2 - freq_shift)); DDPM 1
+  m.downsample_padding = "bottom_right"  # stride-2 conv pad: bottom_right (DDPM) | symmetric
+  m.attn_head_dim = 0        # channels per attention head; 0 = one head (DDPM)
+  m.norm_eps = 1e-6          # GroupNorm epsilon (DDPM 1e-6; diffusers' default 1e-5)
 
   c.diffusion = f = ml_collections.ConfigDict()
   f.schedule = "linear"      # linear | cosine
