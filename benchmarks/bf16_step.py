@@ -24,20 +24,20 @@ def main():
   import jax
   import numpy as np
   from ddx import config as config_lib, data, schedules, train
-  from ddx.models import UNet
+  from ddx import models
 
   base = config_lib.from_file(args.config)
   tx = train.make_optimizer(base.optim)
   src = data.make_source(base.data)
   batch = data.get_batch(src, 0, batch_size=base.training.batch_size, seed=0,
                          random_flip=False)
-  state0 = jax.jit(functools.partial(train.create_state, base, UNet(**base.model), tx))(
+  state0 = jax.jit(functools.partial(train.create_state, base, tx))(
       jax.random.key(0))
   steps, states, compile_s = {}, {}, {}
   for dtype in ("float32", "bfloat16"):
     c = config_lib.from_file(args.config)
     c.model.dtype = dtype
-    fn = jax.jit(functools.partial(train.train_step, net=UNet(**c.model),
+    fn = jax.jit(functools.partial(train.train_step, net=models.build(c.model),
                                    sched=schedules.from_config(c.diffusion), tx=tx,
                                    config=c))
     t0 = time.perf_counter()

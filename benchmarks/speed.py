@@ -68,25 +68,23 @@ def _best(fn, reps):
 
 def ddx_model(config, seed=0):
   import jax
-  from ddx import config as config_lib, sampling, train
-  from ddx.models import UNet
-  net = UNet(**config.model)
-  variables = train.init_variables(net, config, jax.random.key(seed))
-  return sampling.Model(variables, config_lib.freeze(config))
+  from ddx import config as config_lib, model as model_lib
+  variables = model_lib.init_variables(config, jax.random.key(seed))
+  return model_lib.Model(variables, config_lib.freeze(config))
 
 
 def ddx_forward_time(model, batch, reps):
   """One jitted network call at `batch`, sharded over the devices as the sampler is."""
   import jax
   import jax.numpy as jnp
-  from ddx import sampling
+  from ddx import model as model_lib
   mesh = parallel.make_mesh()
   x = jax.device_put(jnp.zeros((batch,) + model.image_shape), parallel.data_sharded(mesh))
   i = jnp.full((batch,), 500, jnp.int32)
 
   @jax.jit
   def fwd(model, x, i):
-    return sampling._denoiser(model, None, 1.0, False)(x, i)
+    return model_lib.denoiser(model)(x, i)
 
   fwd(model, x, i).block_until_ready()
   return _best(lambda: fwd(model, x, i).block_until_ready(), reps)
@@ -95,17 +93,17 @@ def ddx_forward_time(model, batch, reps):
 def ddx_sampler(model, batch, steps, reps, sampler="ddim"):
   """Compile seconds, XLA memory estimate and run seconds of `sampler` with `steps`."""
   import jax
-  from ddx import sampling
+  from ddx import model as model_lib
   rng = jax.random.key(0)
   kw = dict(num_samples=batch, steps=steps, sampler=sampler, clip_x0=True, guided=False,
-            ddpm_variance="posterior", return_trajectory=False)
+            ddpm_variance="posterior", spacing=None, return_trajectory=False)
   t0 = time.perf_counter()
-  compiled = sampling._sample_jit.lower(model, rng, None, 1.0, 0.0, None, **kw).compile()
+  compiled = model_lib.sample_jit.lower(model, rng, None, 1.0, 0.0, None, **kw).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   mem_bytes = None if mem is None else int(mem.temp_size_in_bytes + mem.output_size_in_bytes
                                            + mem.argument_size_in_bytes)
-  run = lambda: sampling.sample_fn(model, rng, steps=steps, num_samples=batch,
+  run = lambda: model_lib.sample_fn(model, rng, steps=steps, num_samples=batch,
                                    sampler=sampler, eta=0.0).block_until_ready()
   run()
   return compile_s, mem_bytes, _best(run, reps)
@@ -113,24 +111,14 @@ def ddx_sampler(model, batch, steps, reps, sampler="ddim"):
 
 def ddx_train_time(config, batch, steps):
   """Seconds per train step (after compile) of the real jitted train_step."""
-  import functools
   import jax
   import numpy as np
-  from ddx import schedules, train
-  from ddx.models import UNet
+  from ddx import config as config_lib, train
   config.training.batch_size = batch
   mesh = parallel.make_mesh()
-  net = UNet(**config.model)
-  tx = train.make_optimizer(config.optim)
-  sched = schedules.from_config(config.diffusion)
-  repl = parallel.replicated(mesh)
-  init = functools.partial(train.create_state, config, net, tx)
-  state = jax.jit(init, out_shardings=repl)(jax.random.key(0))
-  step = jax.jit(functools.partial(train.train_step, net=net, sched=sched, tx=tx,
-                                   config=config),
-                 in_shardings=(repl, parallel.data_sharded(mesh), repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
-  shape = (batch,) + train.image_shape(config)
+  setup = train.make_setup(config, mesh)     # what training compiles
+  state, step = setup.init(jax.random.key(0)), setup.step
+  shape = (batch,) + config_lib.image_shape(config)
   images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
   b = parallel.global_batch({"image": images, "label": np.zeros((batch,), np.int32)}, mesh)
   rng = jax.random.key(1)

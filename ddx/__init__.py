@@ -7,13 +7,39 @@ Public API (see README):
   ddx.load, ddx.sample_fn, ddx.Model  a trained model, and sampling from it
   ddx.invert, ddx.invert_fn, ddx.slerp DDIM inversion and latent interpolation
   ddx.to_uint8                        [-1, 1] floats -> uint8 images
-"""
-from ddx import schedules
-from ddx.checkpoint import load
-from ddx.diffusion import diffusion_loss, q_sample
-from ddx.inversion import invert, invert_fn, slerp
-from ddx.sampling import Model, sample, sample_fn, to_uint8
 
-__all__ = ["schedules", "q_sample", "diffusion_loss", "sample", "sample_fn",
-           "load", "Model", "to_uint8", "invert", "invert_fn", "slerp"]
+Names are imported on first use (PEP 562), so `from ddx.config import
+base_config` in a config file loads ml_collections alone, not JAX.
+"""
+import importlib
+
+_API = {
+    "schedules": ("ddx.schedules", None),
+    "load": ("ddx.checkpoint", "load"),
+    "diffusion_loss": ("ddx.diffusion", "diffusion_loss"),
+    "q_sample": ("ddx.diffusion", "q_sample"),
+    "invert": ("ddx.inversion", "invert"),
+    "invert_fn": ("ddx.inversion", "invert_fn"),
+    "slerp": ("ddx.inversion", "slerp"),
+    "sample": ("ddx.sampling", "sample"),
+    "Model": ("ddx.model", "Model"),
+    "sample_fn": ("ddx.model", "sample_fn"),
+    "to_uint8": ("ddx.model", "to_uint8"),
+}
+
+__all__ = list(_API)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  if name not in _API:
+    raise AttributeError(f"module 'ddx' has no attribute {name!r}")
+  module, attr = _API[name]
+  value = importlib.import_module(module)
+  value = value if attr is None else getattr(value, attr)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_API))

@@ -1,25 +1,34 @@
-"""Checkpoints with orbax: save, restore in resume order, and `ddx.load`.
+"""Checkpoints with orbax: save, resume safely, and `ddx.load`.
 
 Layout: `workdir/checkpoints/<step>/` with two items, `state` (the whole
 TrainState: step, params, ema_params, opt_state, batch_stats — BatchNorm's
-running statistics, empty for GroupNorm) and `config` (the run's config
-as JSON, so every checkpoint says which model it holds). orbax writes into a
+running statistics, empty for GroupNorm) and `config` (the run's config as
+JSON, so every checkpoint says which model it holds). orbax writes into a
 temporary directory and renames it when complete, so a checkpoint that was
-being written when the process died is never listed as a step.
+being written when the process died is never listed as a step. Workdirs are
+`etils.epath` paths: local, or `gs://...` on a TPU pod.
+
+Resuming tells two failures apart. A checkpoint whose saved leaves differ in
+name or shape from what this config builds is a *structure mismatch* (a config
+change such as grad_clip 0 <-> > 0): it raises `StructureMismatch` and nothing
+is moved. Only a checkpoint that fails to *read* with the right structure
+(truncated or corrupt files) is set aside to `checkpoints_unreadable/`, one at
+a time, and every process takes the same decision.
 """
 from __future__ import annotations
 
 import errno
-import os
+import logging as py_logging
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from ddx import config as config_lib
-from ddx.sampling import Model
+from ddx import model as model_lib
 
 
 class CheckpointError(RuntimeError):
@@ -30,25 +39,68 @@ class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written (e.g. the disk is full)."""
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+class StructureMismatch(CheckpointError):
+  """A checkpoint's leaves differ from the state this config builds."""
 
 
-def _restore_args(abstract):
-  return ocp.checkpoint_utils.construct_restore_args(abstract)
+def checkpoint_dir(workdir) -> epath.Path:
+  path = epath.Path(workdir)
+  if not str(path).startswith("gs://"):
+    path = path.absolute()
+  return path / "checkpoints"
+
+
+class _QuietReadOnly(py_logging.Filter):
+  """orbax warns "Given directory is read only" for every read-only manager;
+  here that is the intent (loading, checking), not a problem."""
+
+  def filter(self, record):
+    return "is read only" not in record.getMessage()
+
+
+py_logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
+def _leaf_name(path) -> str:
+  """A tree path as orbax names saved leaves: keys, fields and indices joined by '.'."""
+  parts = []
+  for p in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(p, attr):
+        parts.append(str(getattr(p, attr)))
+        break
+  return ".".join(parts)
+
+
+def leaf_shapes(tree) -> dict:
+  """{leaf name: shape} of a state pytree (arrays or ShapeDtypeStructs)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {_leaf_name(p): tuple(x.shape) for p, x in flat}
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True only if `ok` on every process; one collective that all processes reach."""
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class Checkpointer:
   """Owns the orbax CheckpointManager of one workdir."""
 
-  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+  def __init__(self, workdir, keep: int = 3, read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
     if read_only:  # orbax warns unless these are already what read_only implies
       options = ocp.CheckpointManagerOptions(
           max_to_keep=None, save_interval_steps=0, create=False, read_only=True)
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
@@ -93,69 +145,115 @@ class Checkpointer:
         "space and rerun the same command to resume")
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
+    """The run config saved with the checkpoint at `step`, with today's defaults
+    for keys that run's ddx did not have."""
     out = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return config_lib.from_dict(out["config"])
+    return config_lib.with_defaults(out["config"])
 
-  def restore(self, step: int, abstract_state: Any) -> Any:
-    """Restores the full state at `step` into the structure and shardings given.
+  def saved_shapes(self, step: int) -> dict:
+    """{leaf name: shape} of the `state` saved at `step`, from its metadata only."""
+    tree = self._mngr.item_metadata(step)["state"].tree
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {leaf.name: tuple(leaf.shape) for leaf in leaves if hasattr(leaf, "name")}
 
-    A checkpoint written before TrainState had `batch_stats` restores into a
-    state whose batch_stats is {} (GroupNorm), so older runs still resume.
+  def restore(self, step: int, target: Any, partial: bool = False) -> Any:
+    """Restores the `state` item at `step` into `target`'s structure and shardings.
+
+    Args:
+      target: a pytree of jax.ShapeDtypeStruct (with shardings) or arrays.
+      partial: restore only the subtrees `target` names (e.g. without opt_state).
     """
-    def restore(partial):
-      out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=abstract_state, restore_args=_restore_args(abstract_state),
-          partial_restore=partial)))
-      return out["state"]
-    try:
-      return restore(False)
-    except ValueError:
-      if not (getattr(abstract_state, "batch_stats", None) == {}
-              and "batch_stats" not in self._state_keys(step)):
-        raise
-      return restore(True)
+    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=partial)))
+    return out["state"]
 
-  def _state_keys(self, step: int) -> set:
-    """The top-level names in the saved `state` item of a checkpoint."""
-    return set(self._mngr.item_metadata(step)["state"].tree)
+  def check_structure(self, step: int, target: Any, ignore: tuple = ()) -> None:
+    """Raises StructureMismatch unless the saved leaves are `target`'s leaves.
 
-  def restore_latest(self, abstract_state: Any):
-    """Restores the newest checkpoint that reads back; older ones are fallbacks.
+    Args:
+      ignore: top-level names (e.g. "opt_state") left out of the comparison.
+    """
+    keep = lambda d: {k: v for k, v in d.items() if k.split(".")[0] not in ignore}
+    saved, want = keep(self.saved_shapes(step)), keep(leaf_shapes(target))
+    if saved == want:
+      return
+    missing = sorted(set(want) - set(saved))
+    extra = sorted(set(saved) - set(want))
+    shape = sorted(k for k in set(saved) & set(want) if saved[k] != want[k])
+    if shape:
+      what = f"{shape[0]} has shape {saved[shape[0]]} there, {want[shape[0]]} now"
+    elif missing:
+      what = f"{missing[0]} is not in it ({len(missing)} leaves missing)"
+    else:
+      what = f"it has {extra[0]}, which this config does not ({len(extra)} extra leaves)"
+    raise StructureMismatch(
+        f"the checkpoint at step {step} in {self.directory} was written by a model or "
+        f"optimizer of another structure: {what}")
 
-    A checkpoint that fails to read (truncated, corrupt) is reported and moved
-    to `workdir/checkpoints_unreadable/<step>` (never deleted: the user may
-    want it), so that training can write that step again.
+  def resume(self, target: Any, *, keep_optimizer: bool = True):
+    """Restores the newest checkpoint that reads back, for resuming training.
+
+    Args:
+      target: the abstract TrainState this config builds (ShapeDtypeStructs
+        with shardings).
+      keep_optimizer: False restores step, params, EMA and batch stats only
+        (`training.reset_optimizer`); the caller makes a fresh opt_state.
     Returns:
-      (state, step), or (None, None) when there is no checkpoint at all.
+      (state, step): state is the restored TrainState, or a dict of the
+      restored fields when keep_optimizer is False; (None, None) when there is
+      no checkpoint.
+    Raises:
+      StructureMismatch: the newest checkpoint's leaves differ from `target`
+        (nothing is moved).
+      CheckpointError: no checkpoint reads back (all were set aside).
     """
     steps = self.steps()
+    if not keep_optimizer:
+      target = {k: getattr(target, k) for k in ("step", "params", "ema_params",
+                                                  "batch_stats")}
+    ignore = () if keep_optimizer else ("opt_state",)
     for step in reversed(steps):
       try:
-        return self.restore(step, abstract_state), step
-      except Exception as e:  # orbax/tensorstore raise many types for bad files
-        moved = self._set_aside(step)
-        logging.warning("checkpoint at step %d could not be read (%s: %s); moved it to "
-                        "%s and trying the previous one", step, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "", moved)
+        self.saved_shapes(step)
+        meta_ok = True
+      except Exception:  # no readable metadata: the files are damaged
+        meta_ok = False
+      if _all_processes_agree(meta_ok):
+        self.check_structure(step, target, ignore)   # a mismatch stops here
+        try:
+          state = self.restore(step, target, partial=not keep_optimizer)
+          ok, err = True, None
+        except Exception as e:  # orbax/tensorstore raise many types for bad files
+          ok, err = False, e
+        if _all_processes_agree(ok):
+          return state, step
+      else:
+        err = "its metadata does not read back"
+      moved = self._set_aside(step)
+      text = (f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+              if isinstance(err, Exception) else err)
+      logging.warning("checkpoint at step %d could not be read (%s); moved it to %s "
+                      "and trying the previous one", step, text, moved)
     if steps:
       raise CheckpointError(
           f"none of the checkpoints {steps} in {self.directory} could be read; they "
           f"were moved to {self._aside_dir()} (not deleted); start a new --workdir")
     return None, None
 
-  def _aside_dir(self) -> str:
-    return os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+  def _aside_dir(self) -> epath.Path:
+    return self.directory.parent / "checkpoints_unreadable"
 
-  def _set_aside(self, step: int) -> str:
+  def _set_aside(self, step: int) -> epath.Path:
     """Moves an unreadable step directory out of orbax's sight; returns where."""
-    src = os.path.join(self.directory, str(step))
-    dst_root = self._aside_dir()
-    os.makedirs(dst_root, exist_ok=True)
-    dst, n = os.path.join(dst_root, str(step)), 1
-    while os.path.exists(dst):
-      dst, n = os.path.join(dst_root, f"{step}.{n}"), n + 1
-    if jax.process_index() == 0 and os.path.exists(src):
-      os.replace(src, dst)
+    src = self.directory / str(step)
+    root = self._aside_dir()
+    dst, n = root / str(step), 1
+    while dst.exists():
+      dst, n = root / f"{step}.{n}", n + 1
+    if jax.process_index() == 0 and src.exists():
+      root.mkdir(parents=True, exist_ok=True)
+      src.rename(dst)
     if jax.process_count() > 1:  # every process must see the move before reloading
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"ddx_set_aside_{step}")
@@ -177,11 +275,11 @@ class Checkpointer:
       raise err
 
 
-def load(workdir: str, step: Optional[int] = None) -> Model:
+def load(workdir, step: Optional[int] = None) -> model_lib.Model:
   """Loads the EMA weights of a run as a `ddx.Model` ready for `ddx.sample_fn`.
 
   Args:
-    workdir: the run's directory (the one given to `--workdir`).
+    workdir: the run's directory (the one given to `--workdir`), local or gs://.
     step: which checkpoint; default the newest that reads back.
   Returns:
     Model(variables={"params": ema_params}, config=frozen run config); with
@@ -190,45 +288,36 @@ def load(workdir: str, step: Optional[int] = None) -> Model:
   Raises:
     CheckpointError: no checkpoint in workdir (the message says where it looked).
   """
-  from ddx.models import UNet  # the network's shapes give the restore target
   ckdir = checkpoint_dir(workdir)
-  if not os.path.isdir(ckdir):
+  if not ckdir.is_dir():
     raise CheckpointError(
-        f"no checkpoint in {os.path.abspath(workdir)} (looked for {ckdir}); "
-        "train first with python -m ddx.main --config ... --workdir " + str(workdir))
+        f"no checkpoint in {workdir} (looked for {ckdir}); "
+        f"train first with python -m ddx.main --config ... --workdir {workdir}")
   ck = Checkpointer(workdir, read_only=True)
   steps = ck.steps()
   if not steps:
     raise CheckpointError(f"no checkpoint in {ckdir}; train first or pass the "
                           "workdir of a finished run")
-  candidates = [step] if step is not None else list(reversed(steps))
   if step is not None and step not in steps:
     raise CheckpointError(f"no checkpoint for step {step} in {ckdir}; have {steps}")
+  candidates = [step] if step is not None else list(reversed(steps))
   last_err = None
   for s in candidates:
     try:
       config = ck.restore_config(s)
-      d = config.data
-      net = UNet(**config.model)
-      shape = (1, d.image_size, d.image_size, d.channels)
-      labels = (jax.ShapeDtypeStruct((1,), "int32") if config.model.num_classes
-                else None)
-      abstract = jax.eval_shape(
-          lambda: net.init(jax.random.key(0), jax.numpy.zeros(shape),
-                           jax.numpy.zeros((1,), "int32"), labels))
-      # Only what sampling needs: older checkpoints (GroupNorm, from before
-      # batch_stats existed) have no batch_stats and are not asked for them.
+      abstract = jax.eval_shape(lambda k: model_lib.init_variables(config, k),
+                                jax.random.key(0))
+      # Only what sampling needs: the EMA weights (and BatchNorm statistics).
       target = {"ema_params": abstract["params"]}
       if "batch_stats" in abstract:
         target["batch_stats"] = abstract["batch_stats"]
-      out = ck._mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=_restore_args(target), partial_restore=True)))
-      restored = jax.tree.map(jax.numpy.asarray, out["state"])
+      restored = jax.tree.map(jax.numpy.asarray, ck.restore(s, target, partial=True))
       variables = {"params": restored["ema_params"]}
       if "batch_stats" in target:
         variables["batch_stats"] = restored["batch_stats"]
-      return Model(variables=variables, config=config_lib.freeze(config))
+      return model_lib.Model(variables=variables, config=config_lib.freeze(config))
     except Exception as e:
       last_err = e
       logging.warning("checkpoint %d in %s could not be loaded: %s", s, ckdir, e)
-  raise CheckpointError(f"no readable checkpoint in {ckdir}: {last_err}")
+  raise CheckpointError(f"no readable checkpoint in {ckdir}: "
+                        f"{str(last_err).splitlines()[0][:300]}")

@@ -2,6 +2,11 @@
 
 Every check raises `ConfigError` with one line that names the field, what is
 wrong and how to fix it; `ddx.main` prints that line and exits with code 2.
+
+This module imports ml_collections and the standard library only, so a config
+file loads without JAX or Flax (as big_vision's do). The valid names below are
+the config's contract; tests/test_config.py checks that each equals the
+registry of the module that implements it.
 """
 from __future__ import annotations
 
@@ -11,16 +16,15 @@ import os
 
 import ml_collections
 
-from ddx import diffusion
-from ddx import evaluation
-from ddx import sampling
-from ddx import schedules
-from ddx.models import layers
-
-_PREDICTIONS = diffusion.PREDICTIONS
-NORMS = layers.NORMS                       # model.norm
-DTYPES = ("float32", "bfloat16")           # model.dtype: the U-Net's compute dtype
-_SAMPLERS = tuple(sampling.SAMPLERS)
+PREDICTIONS = ("eps", "x0", "v")           # diffusion.prediction (ddx.diffusion)
+SCHEDULES = ("linear", "cosine")           # diffusion.schedule (ddx.schedules)
+NORMS = ("group", "batch")                 # model.norm (ddx.models.layers)
+DTYPES = ("float32", "bfloat16")           # model.dtype: the network's compute dtype
+SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")   # sampling/eval.sampler (ddx.sampling)
+SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")   # ddx.sampling.SPACINGS
+DDPM_VARIANCES = ("posterior", "beta")     # sampling.ddpm_variance
+METRICS = ("digits", "fid", "kid", "is")   # eval.metrics (ddx.evaluation)
+INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -77,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.nan_policy = "stop"      # non-finite loss/grads: stop (with the step) | skip the update
   t.steps_per_dispatch = 1   # updates per jitted call (a lax.scan over batches); >1 for
                              # small models on GPU/TPU, where launching each step costs
+  t.reset_optimizer = False  # resume params, EMA (and batch stats) from the newest
+                             # checkpoint with a fresh optimizer state (README: Resuming)
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 2e-4
@@ -97,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
   s.clip_x0 = True
   s.guidance_scale = 1.0     # CFG weight w: out = u + w(c - u); 1 = plain conditional
   s.ddpm_variance = "posterior"  # posterior (beta tilde) | beta
+  s.spacing = "auto"         # uniform | trailing | quadratic | logsnr; auto = the
+                             # sampler's default (README: Samplers)
 
   c.eval = e = ml_collections.ConfigDict()
   e.every_steps = 0          # in-loop evaluation of the EMA model every N steps; 0 = off
@@ -106,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.sampler = "ddim"         # eval samples: sampler, steps, eta; clip_x0, guidance_scale
   e.steps = 50               # and ddpm_variance come from the sampling group
   e.eta = 0.0
+  e.spacing = "auto"         # as sampling.spacing
   e.seed = 0                 # chunk c uses fold_in(key(seed), c): the same noise every eval
   e.inception_weights = ""   # .npz from python -m ddx.inception --convert (README: Evaluation)
   e.reference_stats = ""     # dataset feature stats .npz; "" = workdir/eval/reference_<data>.npz
@@ -159,26 +168,29 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks} must be >= 1")
   _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
   _require(m.norm in NORMS, f"model.norm={m.norm!r} is unknown; use one of {NORMS}")
+  channels = tuple(sorted({m.ch} | {m.ch * c for c in ch_mult}))
   _require(m.norm != "group" or (
-               m.num_groups >= 1 and all((m.ch * c) % m.num_groups == 0 for c in ch_mult)),
-           f"model.num_groups={m.num_groups} must divide every channel count "
-           f"{tuple(m.ch * c for c in ch_mult)}")
+               isinstance(m.num_groups, int) and m.num_groups >= 1
+               and all(c % m.num_groups == 0 for c in channels)),
+           f"model.num_groups={m.num_groups!r} must divide every channel count "
+           f"{channels} of model.ch={m.ch}, model.ch_mult={ch_mult}; use a divisor "
+           f"of {m.ch}")
   _require(m.dtype in DTYPES,
            f"model.dtype={m.dtype!r} is unknown; use float32, or bfloat16 for mixed "
            "precision on TPU/GPU")
   _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
            f"model.num_classes={m.num_classes!r} must be an integer >= 0 (0 = unconditional)")
 
-  _require(f.schedule in schedules.names(),
-           f"diffusion.schedule={f.schedule!r} is unknown; use one of {schedules.names()}")
+  _require(f.schedule in SCHEDULES,
+           f"diffusion.schedule={f.schedule!r} is unknown; use one of {SCHEDULES}")
   _require(isinstance(f.num_timesteps, int) and f.num_timesteps >= 1,
            f"diffusion.num_timesteps={f.num_timesteps!r} must be a positive integer")
   if f.schedule == "linear":
     _require(0 < f.beta_start <= f.beta_end < 1,
              f"diffusion.beta_start={f.beta_start}, beta_end={f.beta_end}: need "
              "0 < beta_start <= beta_end < 1")
-  _require(f.prediction in _PREDICTIONS,
-           f"diffusion.prediction={f.prediction!r} is unknown; use one of {_PREDICTIONS}")
+  _require(f.prediction in PREDICTIONS,
+           f"diffusion.prediction={f.prediction!r} is unknown; use one of {PREDICTIONS}")
 
   _require(isinstance(t.batch_size, int) and t.batch_size >= 1,
            f"training.batch_size={t.batch_size!r} must be a positive integer")
@@ -218,18 +230,18 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _check_sampler(config, "sampling")
   _require(isinstance(s.num_samples, int) and s.num_samples >= 1,
            f"sampling.num_samples={s.num_samples!r} must be a positive integer")
-  _require(s.ddpm_variance in sampling.DDPM_VARIANCES,
-           f"sampling.ddpm_variance={s.ddpm_variance!r} must be one of "
-           f"{sampling.DDPM_VARIANCES}")
+  _require(s.ddpm_variance in DDPM_VARIANCES,
+           f"sampling.ddpm_variance={s.ddpm_variance!r} must be one of {DDPM_VARIANCES}")
+  _check_guidance(config, "sampling")
 
   e = config.eval
   _require(isinstance(e.every_steps, int) and e.every_steps >= 0,
            f"eval.every_steps={e.every_steps!r} must be an integer >= 0 (0 = never)")
   metrics = tuple(e.metrics) if isinstance(e.metrics, (tuple, list)) else (e.metrics,)
-  unknown = [k for k in metrics if k not in evaluation.METRICS]
+  unknown = [k for k in metrics if k not in METRICS]
   _require(not unknown and len(metrics) >= 1,
            f"eval.metrics={metrics!r}: unknown metric {unknown[0] if unknown else None!r}; "
-           f"use some of {evaluation.METRICS}")
+           f"use some of {METRICS}")
   _require(isinstance(e.num_samples, int) and e.num_samples >= 2,
            f"eval.num_samples={e.num_samples!r} must be an integer >= 2 (a covariance "
            "needs two samples)")
@@ -247,11 +259,23 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
 def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
   """The sampler, steps and eta of a group that samples (sampling, eval)."""
   g, num_timesteps = config[group], config.diffusion.num_timesteps
-  _require(g.sampler in _SAMPLERS,
-           f"{group}.sampler={g.sampler!r} is unknown; use one of {_SAMPLERS}")
+  _require(g.sampler in SAMPLERS,
+           f"{group}.sampler={g.sampler!r} is unknown; use one of {SAMPLERS}")
   _require(isinstance(g.steps, int) and 1 <= g.steps <= num_timesteps,
            f"{group}.steps={g.steps!r} must be an integer in [1, T={num_timesteps}]")
   _require(g.eta >= 0, f"{group}.eta={g.eta} must be >= 0")
+  spacing = g.get("spacing", "auto")
+  _require(spacing == "auto" or spacing in SPACINGS,
+           f"{group}.spacing={spacing!r} is unknown; use auto or one of {SPACINGS}")
+
+
+def _check_guidance(config: ml_collections.ConfigDict, group: str) -> None:
+  """Guidance (w != 1) needs a trained null label: training.label_dropout > 0."""
+  w = config[group].guidance_scale
+  _require(w == 1.0 or config.model.num_classes == 0 or config.training.label_dropout > 0,
+           f"{group}.guidance_scale={w} needs the unconditional model, but "
+           "training.label_dropout=0 never trains the null label; set "
+           f"--config.{group}.guidance_scale=1 or train with label_dropout > 0")
 
 
 def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
@@ -262,7 +286,7 @@ def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
   """
   e, d = config.eval, config.data
   metrics = tuple(e.metrics)
-  needs = [k for k in metrics if k in evaluation.INCEPTION_METRICS]
+  needs = [k for k in metrics if k in INCEPTION_METRICS]
   if needs:
     _require(bool(e.inception_weights),
              f"eval.metrics has {needs[0]} but eval.inception_weights is empty; convert "
@@ -278,16 +302,28 @@ def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
              "--config.eval.metrics=\"('fid','kid','is')\" with Inception weights")
 
 
+def image_shape(config) -> tuple[int, int, int]:
+  """(H, W, C) of the run's images: data.image_size square, data.channels."""
+  return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
 def from_file(path: str) -> ml_collections.ConfigDict:
   """get_config() of the config file at `path`, loaded by path as --config loads it.
 
   configs/ is not a package; a config derives from another with
   `config.from_file(os.path.join(os.path.dirname(__file__), "digits.py"))`.
+  Raises ConfigError (one line) for a missing file or one without get_config.
   """
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} does not exist; pass an existing file, "
+                      "e.g. --config configs/digits.py")
   spec = importlib.util.spec_from_file_location(
       "ddx_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} has no get_config(); define "
+                      "get_config() returning an ml_collections.ConfigDict")
   return module.get_config()
 
 
@@ -307,32 +343,45 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fix(d))
 
 
+def with_defaults(d: dict) -> ml_collections.ConfigDict:
+  """A saved config dict (config.json, a checkpoint's config) with today's
+  defaults filled in for keys that the ddx which wrote it did not have."""
+  def merge(base, new):
+    out = dict(base)
+    for k, v in new.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  return from_dict(merge(to_dict(base_config()), d))
+
+
 def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
   """A hashable copy of the config (the static part of `ddx.Model`)."""
   return ml_collections.FrozenConfigDict(from_dict(to_dict(config)))
 
 
-# The parts of a config that fix the shapes of a checkpoint: a workdir whose
-# checkpoint was made with other values cannot be resumed with this config.
-ARCHITECTURE_KEYS = ("model", "data.image_size", "data.channels")
-# Model keys that change no shape: an f32 run may be resumed in bfloat16.
-_NOT_ARCHITECTURE = ("dtype",)
+# Keys that may change a train state's structure (shapes, which leaves exist).
+# Whether they do is decided from the shapes themselves (ddx.checkpoint); these
+# are the keys named when they do. Everything else (lr, dropout, cadences,
+# sampling, eval, num_steps, ...) never blocks a resume.
+_STRUCTURE_GROUPS = ("model", "optim", "data.image_size", "data.channels")
+_NEVER_STRUCTURE = ("model.dtype", "model.dropout", "optim.lr", "optim.warmup_steps",
+                    "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
+                    "optim.eps")
 
 
-def architecture(config) -> dict:
-  """The ARCHITECTURE_KEYS values of a config, keyed by their dotted names.
-
-  Keys missing from an older run's config get today's defaults, which are
-  what that run used (e.g. model.norm = group), so old workdirs still resume.
-  """
-  d, base = to_dict(config), to_dict(base_config())
-  out = {}
-  for key in ARCHITECTURE_KEYS:
-    value, default = d, base
-    for part in key.split("."):
-      value, default = value[part], default[part]
-    if isinstance(value, dict):
-      value = {k: v for k, v in {**default, **value}.items()
-               if k not in _NOT_ARCHITECTURE}
-    out[key] = value
-  return out
+def structure_changes(old, new) -> list[tuple[str, object, object]]:
+  """(key, old value, new value) for every key that may change the state's structure."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      key = f"{prefix}{k}"
+      if isinstance(v, dict):
+        out.update(flat(v, key + "."))
+      else:
+        out[key] = v
+    return out
+  a, b = flat(to_dict(old)), flat(to_dict(new))
+  keys = sorted(k for k in set(a) | set(b)
+                if any(k == g or k.startswith(g + ".") for g in _STRUCTURE_GROUPS)
+                and k not in _NEVER_STRUCTURE and a.get(k) != b.get(k))
+  return [(k, a.get(k), b.get(k)) for k in keys]

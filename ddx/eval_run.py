@@ -31,6 +31,7 @@ import zipfile
 from typing import Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ddx import config as config_lib
@@ -38,7 +39,7 @@ from ddx import data as data_lib
 from ddx import evaluation
 from ddx import inception
 from ddx import logging as log_lib
-from ddx import sampling
+from ddx import model as model_lib
 
 KID_REFERENCE_SIZE = 5000   # reference features kept for KID (subsets of 1,000 by default)
 
@@ -177,13 +178,33 @@ def reference_stats(config, extractor: Extractor, path: str, *, batch_size: int 
 # Samples in chunks.
 
 
-def _settings(config) -> str:
-  """Everything besides the chunk index that decides a chunk's images."""
+@jax.jit
+def _weights_digest(variables):
+  """Two sums over every weight: differ for any other checkpoint, in practice."""
+  leaves = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(variables)]
+  flat = jnp.concatenate(leaves)
+  ramp = jnp.linspace(1.0, 2.0, flat.shape[0], dtype=jnp.float32)
+  return jnp.stack([jnp.sum(flat), jnp.sum(flat * ramp)])
+
+
+def model_fingerprint(model: model_lib.Model) -> str:
+  """A short text that identifies the model's weights (for reusing sample chunks)."""
+  return ",".join(f"{v:.9e}" for v in np.asarray(_weights_digest(model.variables)))
+
+
+def _settings(config, model: model_lib.Model) -> str:
+  """Everything besides the chunk index that decides a chunk's images.
+
+  Includes a fingerprint of the weights, so chunks left by an earlier run in
+  the same workdir at the same step are not reused after a retrain.
+  """
   e, s = config.eval, config.sampling
   return json.dumps({"sampler": e.sampler, "steps": e.steps, "eta": float(e.eta),
+                     "spacing": e.get("spacing", "auto"),
                      "seed": e.seed, "chunk": e.batch_size, "clip_x0": bool(s.clip_x0),
                      "guidance_scale": float(s.guidance_scale),
-                     "ddpm_variance": s.ddpm_variance}, sort_keys=True)
+                     "ddpm_variance": s.ddpm_variance,
+                     "weights": model_fingerprint(model)}, sort_keys=True)
 
 
 def chunk_path(out_dir: str, chunk: int) -> str:
@@ -208,10 +229,10 @@ def _to_host(images) -> np.ndarray:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     images = multihost_utils.process_allgather(images, tiled=True)
-  return sampling.to_uint8(images)
+  return model_lib.to_uint8(images)
 
 
-def sample_chunks(model: sampling.Model, config, out_dir: Optional[str] = None,
+def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
                   progress: bool = True) -> np.ndarray:
   """eval.num_samples samples of `model`, eval.batch_size (global) at a time.
 
@@ -221,7 +242,7 @@ def sample_chunks(model: sampling.Model, config, out_dir: Optional[str] = None,
 
   Args:
     model: the EMA model (`ddx.load` or built from a TrainState).
-    config: eval.{num_samples, batch_size, sampler, steps, eta, seed} and
+    config: eval.{num_samples, batch_size, sampler, steps, eta, spacing, seed} and
       sampling.{clip_x0, guidance_scale, ddpm_variance} set the samples.
     out_dir: if given, each chunk is written as samples_XXXXX.npz (uint8
       "images" [n, H, W, C]) and chunks already there are reused.
@@ -231,7 +252,7 @@ def sample_chunks(model: sampling.Model, config, out_dir: Optional[str] = None,
   """
   e, s = config.eval, config.sampling
   num, bs = int(e.num_samples), int(e.batch_size)
-  settings = _settings(config)
+  settings = _settings(config, model)
   base = jax.random.key(e.seed)
   chunks = math.ceil(num / bs)
   is_main = jax.process_index() == 0
@@ -244,10 +265,11 @@ def sample_chunks(model: sampling.Model, config, out_dir: Optional[str] = None,
     images = _read_chunk(path, settings, count, model.image_shape) if path else None
     fresh = images is None
     if fresh:
-      x = sampling.sample_fn(model, jax.random.fold_in(base, c), steps=e.steps,
+      x = model_lib.sample_fn(model, jax.random.fold_in(base, c), steps=e.steps,
                              num_samples=bs, sampler=e.sampler, eta=e.eta,
                              clip_x0=s.clip_x0, guidance_scale=s.guidance_scale,
-                             ddpm_variance=s.ddpm_variance)
+                             ddpm_variance=s.ddpm_variance,
+                             spacing=e.get("spacing", "auto"))
       images = _to_host(x)[:count]
       made += count
       if path and is_main:
@@ -328,7 +350,7 @@ class Evaluator:
         out["is"], out["is_std"] = evaluation.inception_score(logits)
     return out
 
-  def __call__(self, model: sampling.Model, step: int,
+  def __call__(self, model: model_lib.Model, step: int,
                writer: Optional[log_lib.MetricWriter] = None,
                out_dir: Optional[str] = None) -> dict:
     """Samples, scores, logs; returns the metrics ({} on processes other than 0).

@@ -11,6 +11,7 @@ import zipfile
 from typing import Optional
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -52,10 +53,12 @@ def save_grid(images: np.ndarray, path: Optional[str], **kwargs) -> np.ndarray:
   path None only builds the grid (e.g. on processes other than 0).
   """
   grid = make_grid(images, **kwargs)
-  if path is not None:
-    tmp = path + ".tmp.png"
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
-    os.replace(tmp, path)
+  if path is not None:   # local or gs:// (etils.epath)
+    path = epath.Path(path)
+    tmp = epath.Path(str(path) + ".tmp.png")
+    with tmp.open("wb") as f:
+      Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format="PNG")
+    tmp.replace(path)
   return grid
 
 
@@ -63,7 +66,7 @@ def save_grid(images: np.ndarray, path: Optional[str], **kwargs) -> np.ndarray:
 # Sample-quality metrics over feature arrays (NumPy; testable without a network).
 
 # Names accepted in config.eval.metrics (ddx/eval_run.py computes them).
-METRICS = ("digits", "fid", "kid", "is")
+METRICS = ("digits", "fid", "kid", "is")   # = ddx.config.METRICS (tested)
 INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
 
 

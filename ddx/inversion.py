@@ -38,8 +38,10 @@ import numpy as np
 
 from ddx import diffusion
 from ddx import parallel
+from ddx import model as model_lib
 from ddx import sampling
-from ddx.sampling import DenoiseFn, Model
+from ddx.model import Model
+from ddx.sampling import DenoiseFn
 from ddx.schedules import Schedule
 
 
@@ -103,7 +105,7 @@ def invert(denoise_fn: DenoiseFn, sched: Schedule, x0: jnp.ndarray,
 
 @functools.partial(jax.jit, static_argnames=("steps", "guided"))
 def _invert_jit(model, images, labels, guidance_scale, *, steps, guided):
-  fn = sampling._denoiser(model, labels, guidance_scale, guided)
+  fn = model_lib.denoiser(model, labels, guidance_scale, guided)
   # Same data-parallel split as sample_fn: the scan carry inherits it.
   mesh = parallel.make_mesh()
   n = parallel.num_data_shards(mesh)
@@ -150,8 +152,10 @@ def invert_fn(model: Model, images: jnp.ndarray, steps: Optional[int] = None, *,
   s = model.config.sampling
   steps = s.steps if steps is None else steps
   w = s.guidance_scale if guidance_scale is None else guidance_scale
-  labels = sampling.resolve_labels(model, labels, images.shape[0])
+  labels = model_lib.resolve_labels(model, labels, images.shape[0])
   guided = labels is not None and float(w) != 1.0
+  if guided:
+    model_lib.check_guidance(model, w)
   return _invert_jit(model, images, labels, jnp.float32(w),
                      steps=int(steps), guided=guided)
 

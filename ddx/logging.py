@@ -14,6 +14,7 @@ import time
 from typing import Mapping
 
 import numpy as np
+from etils import epath
 
 
 def _scalars(metrics: Mapping) -> dict:
@@ -37,10 +38,12 @@ class MetricWriter:
     self._tb = self._jsonl = None
     if not active:
       return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    # Local or gs:// (etils.epath). Remote files take appends poorly, so
+    # metrics.jsonl is kept open for the run and flushed at each write.
+    self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
     except ImportError:  # TensorBoard is a convenience; metrics.jsonl is the record
       self._tb = None
 
@@ -64,6 +67,7 @@ class MetricWriter:
     rec.update({k: (v if math.isfinite(v) else str(v)) for k, v in flat.items()})
     try:
       self._jsonl.write(json.dumps(rec) + "\n")
+      self._jsonl.flush()   # a line per log step: tail -f and crashes see it
       if self._tb is not None:
         for k, v in flat.items():
           self._tb.add_scalar(k, v, int(step))

@@ -54,6 +54,11 @@ def _parse_flags(argv):
     # --config.a.b=v overrides; its own text names the key.
     _fail(f"bad config override: {str(e).splitlines()[0]} "
           "(see configs/default.py for the keys and their types)")
+  except SyntaxError as e:   # the --config file itself does not parse
+    _fail(f"config file {e.filename} line {e.lineno}: {e.msg}; fix the file")
+  except Exception as e:     # the --config file raised while loading
+    _fail(f"the --config file failed to load: {type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}")
 
 
 def _enable_compile_cache() -> None:
@@ -74,7 +79,10 @@ def _enable_compile_cache() -> None:
 
 
 def _check_writable(workdir: str) -> None:
-  """Fails unless workdir is a writable directory or can be created."""
+  """Fails unless workdir is a writable directory or can be created (local paths;
+  a gs:// workdir is checked by its first write)."""
+  if "://" in workdir:
+    return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     _fail(f"workdir {workdir} exists and is not a directory; choose another --workdir")
@@ -87,8 +95,10 @@ def _check_writable(workdir: str) -> None:
 
 
 def _sample(config, workdir):
+  import io
   import jax
   import numpy as np
+  from etils import epath
   import ddx
   from ddx import evaluation
   model = ddx.load(workdir)
@@ -97,26 +107,43 @@ def _sample(config, workdir):
   images = ddx.sample_fn(model, jax.random.key(config.training.seed + 1), steps=s.steps,
                          num_samples=s.num_samples, sampler=s.sampler, eta=s.eta,
                          clip_x0=s.clip_x0, guidance_scale=s.guidance_scale,
-                         ddpm_variance=s.ddpm_variance)
+                         ddpm_variance=s.ddpm_variance, spacing=s.spacing)
   u8 = ddx.to_uint8(images)
   if jax.process_index() != 0:   # every process sampled its share; one writes
     return
-  out = os.path.join(workdir, "samples")
-  os.makedirs(out, exist_ok=True)
+  out = epath.Path(workdir) / "samples"
+  out.mkdir(parents=True, exist_ok=True)
   name = f"sample_{s.sampler}_{s.steps}"
-  evaluation.save_grid(u8, os.path.join(out, name + ".png"))
-  np.savez_compressed(os.path.join(out, name + ".npz"), images=u8)
-  print(f"wrote {len(u8)} samples to {os.path.join(out, name)}.png/.npz")
+  evaluation.save_grid(u8, out / (name + ".png"))
+  buf = io.BytesIO()
+  np.savez_compressed(buf, images=u8)
+  (out / (name + ".npz")).write_bytes(buf.getvalue())
+  print(f"wrote {len(u8)} samples to {out / name}.png/.npz")
 
 
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
-  if _CONFIG.value is None:
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.training   # a file that failed to load raises on first attribute access
+  except (OSError, AttributeError, ImportError, SyntaxError) as e:
+    # ml_collections reports a config file that fails to load when the value
+    # is first read, as a multi-line OSError; keep the line that says why.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    why = next((l for l in lines if "Errno" in l or "Error" in l), lines[-1] if lines else "")
+    path = next((a.split("=", 1)[1] if "=" in a else None for a in sys.argv
+                 if a.startswith("--config=")), None)
+    if path is None and "--config" in sys.argv[:-1]:
+      path = sys.argv[sys.argv.index("--config") + 1]
+    _fail(f"--config {path or ''} could not be loaded ({why}); pass an existing config "
+          "file with get_config(), e.g. --config configs/digits.py")
+  if config is None:
     _fail("--config is required, e.g. --config configs/digits.py")
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir runs/digits")
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  workdir = _WORKDIR.value
   from ddx import parallel
   # Before JAX starts: use every CPU core (one XLA:CPU device each).
   parallel.split_cpu_into_devices({"train": config.training.batch_size,
@@ -138,7 +165,10 @@ def main(argv):
       eval_run.evaluate(config, workdir)
     else:
       config_lib.validate(config)
-      _sample(config, workdir)
+      try:
+        _sample(config, workdir)
+      except ValueError as e:   # sample_fn's input checks (labels, guidance, ...)
+        _fail(str(e).splitlines()[0])
   except (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError,
           inception.InceptionWeightsError) as e:
     _fail(str(e))

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddx import checkpoint as ckpt_lib
@@ -33,9 +34,8 @@ from ddx import eval_run
 from ddx import evaluation
 from ddx import logging as log_lib
 from ddx import parallel
-from ddx import sampling
+from ddx import model as model_lib
 from ddx import schedules
-from ddx.models import UNet
 
 
 @flax.struct.dataclass
@@ -100,26 +100,9 @@ def ema_decay(optim: ml_collections.ConfigDict, n: jnp.ndarray) -> jnp.ndarray:
   return d
 
 
-def image_shape(config) -> tuple[int, int, int]:
-  return (config.data.image_size, config.data.image_size, config.data.channels)
-
-
-def init_variables(net: UNet, config, rng: jax.Array) -> dict:
-  """Initialises the network from a dummy batch of one image.
-
-  Returns:
-    {"params": ...} plus {"batch_stats": ...} (running mean 0, variance 1)
-    for a BatchNorm network.
-  """
-  x = jnp.zeros((1,) + image_shape(config), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
-  return dict(net.init(rng, x, t, labels))
-
-
-def create_state(config, net: UNet, tx: optax.GradientTransformation,
-                 rng: jax.Array) -> TrainState:
-  variables = init_variables(net, config, rng)
+def create_state(config, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """A fresh TrainState: initialised network, its copy as EMA, optimizer state."""
+  variables = model_lib.init_variables(config, rng)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),
@@ -127,7 +110,7 @@ def create_state(config, net: UNet, tx: optax.GradientTransformation,
                     batch_stats=dict(variables.get("batch_stats", {})))
 
 
-def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net: UNet,
+def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
                sched: schedules.Schedule, tx: optax.GradientTransformation,
                config) -> tuple[TrainState, dict]:
   """One optimizer update on a global batch; pure.
@@ -214,31 +197,137 @@ class TrainingError(RuntimeError):
   """Training cannot go on (e.g. a non-finite loss with nan_policy=stop)."""
 
 
-def _check_workdir(workdir: str, config) -> None:
-  """Refuses to resume a workdir whose checkpoints hold a different architecture."""
-  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
+def _check_resume(ck: ckpt_lib.Checkpointer, workdir: str, config, abstract) -> None:
+  """Refuses, before anything is restored, a config that changes the state's structure.
+
+  The newest checkpoint's saved leaves are compared with the state this config
+  builds; if they differ, the error names every changed key that can change
+  structure (model.*, optim.*, data.image_size/channels) with its old and new
+  value. A checkpoint whose metadata does not read is left to `resume`, which
+  sets it aside as unreadable.
+  """
   steps = ck.steps()
   if not steps:
     return
+  step = steps[-1]
+  reset = config.training.reset_optimizer
   try:
-    old = ck.restore_config(steps[-1])
-  except Exception:  # unreadable: restore_latest falls back and reports it
+    ck.saved_shapes(step)
+  except Exception:
     return
-  a, b = config_lib.architecture(old), config_lib.architecture(config)
-  diff = [k for k in a if a[k] != b[k]]
-  if diff:
-    raise config_lib.ConfigError(
-        f"workdir {workdir} holds checkpoints of a different model ({diff[0]}: "
-        f"{a[diff[0]]} there, {b[diff[0]]} now); use a new --workdir, or the old "
-        "config to resume")
+  try:
+    ck.check_structure(step, abstract, ignore=("opt_state",) if reset else ())
+    return
+  except ckpt_lib.StructureMismatch as e:
+    detail = str(e).split(": ", 1)[-1]
+  try:
+    old = ck.restore_config(step)
+  except Exception:
+    old = None
+  params_ok = True
+  try:
+    ck.check_structure(step, abstract, ignore=("opt_state",))
+  except ckpt_lib.StructureMismatch:
+    params_ok = False
+  changes = config_lib.structure_changes(old, config) if old is not None else []
+  named = (", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+           or f"no config key differs, but {detail}")
+  ways = ("rerun with the old values, add --config.training.reset_optimizer=True to keep "
+          "the weights and start a fresh optimizer state, or use a new --workdir"
+          if params_ok else "rerun with the old values or use a new --workdir")
+  raise config_lib.ConfigError(
+      f"workdir {workdir} holds checkpoints (step {step}) of another "
+      f"{'optimizer' if params_ok else 'model'} structure ({named}); {ways}")
+
+
+def _keep_optimizer(ck: ckpt_lib.Checkpointer, config) -> bool:
+  """With training.reset_optimizer, whether the newest checkpoint already has
+  the fresh optimizer state (written by this reset run: resume it exactly)."""
+  if not config.training.reset_optimizer:
+    return True
+  steps = ck.steps()
+  try:
+    old = ck.restore_config(steps[-1]) if steps else None
+  except Exception:
+    return False
+  return bool(old is not None and old.training.reset_optimizer
+              and config_lib.to_dict(old.optim) == config_lib.to_dict(config.optim))
 
 
 def _write_config(workdir: str, config) -> None:
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  path = epath.Path(workdir) / "config.json"
+  tmp = epath.Path(str(path) + ".tmp")
+  tmp.write_text(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
+  tmp.replace(path)
+
+
+class TrainSetup(NamedTuple):
+  """Everything compiled or derived once for a config on a mesh (see `make_setup`)."""
+  mesh: Any
+  net: Any
+  sched: Any
+  tx: optax.GradientTransformation
+  abstract: Any          # TrainState of ShapeDtypeStructs with shardings
+  state_sharding: Any
+  init: Callable         # init(rng) -> sharded TrainState
+  step: Callable         # step(state, global batch, rng) -> (state, metrics), donates state
+  steps: Callable        # steps(state, [k, B, ...] batches, rng): k updates per call
+
+
+def make_setup(config, mesh) -> TrainSetup:
+  """The network, optimizer, state shardings and jitted init/step for `config` on `mesh`.
+
+  The state is created already sharded (replicated, or split over "fsdp"):
+  its shardings come from its abstract shapes. Tests and benchmarks build
+  their steps with this too, so they measure what training runs.
+  """
+  net = model_lib.network(config)
+  sched = schedules.from_config(config.diffusion)
+  tx = make_optimizer(config.optim)
+  init = functools.partial(create_state, config, tx)
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  state_sharding = parallel.state_sharding(shapes, mesh)
+  # Init runs once: compile it without backend optimisation (XLA:CPU spent
+  # ~14 s optimising the threefry-heavy init of even a small U-Net).
+  init_fn = jax.jit(init, out_shardings=state_sharding,
+                    compiler_options={"xla_backend_optimization_level": 0})
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, state_sharding)
+  repl = parallel.replicated(mesh)
+  static = dict(net=net, sched=sched, tx=tx, config=config)
+  step_fn = jax.jit(
+      functools.partial(train_step, **static),
+      in_shardings=(state_sharding, parallel.data_sharded(mesh), repl),
+      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  # steps_per_dispatch > 1: k updates per call (compiled once per k it sees:
+  # k, and a shorter call to reach the grid after an off-grid resume or at the end).
+  # Rolled on accelerators; unrolled on CPU (see train_steps).
+  multi_fn = jax.jit(
+      functools.partial(train_steps, unroll=mesh.devices.flat[0].platform == "cpu",
+                        **static),
+      in_shardings=(state_sharding, NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
+                    repl),
+      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  return TrainSetup(mesh, net, sched, tx, abstract, state_sharding, init_fn, step_fn,
+                    multi_fn)
+
+
+def restore_or_init(setup: TrainSetup, ck: ckpt_lib.Checkpointer, config,
+                    rng: jax.Array) -> TrainState:
+  """The newest checkpoint's state (optimizer reset if asked), or a fresh one."""
+  keep = _keep_optimizer(ck, config)
+  restored, step = ck.resume(setup.abstract, keep_optimizer=keep)
+  if restored is None:
+    logging.info("initialised a new run")
+    return setup.init(rng)
+  if keep:
+    logging.info("resumed from the checkpoint at step %d", step)
+    return restored
+  logging.warning("reset_optimizer: resuming params, EMA and batch stats from step %d "
+                  "with a fresh optimizer state", step)
+  opt_init = jax.jit(setup.tx.init, out_shardings=setup.state_sharding.opt_state)
+  return TrainState(opt_state=opt_init(restored["params"]), **restored)
 
 
 class _Preemption:
@@ -278,11 +367,11 @@ class _Preemption:
       self._old = None
 
 
-def save_samples(model: sampling.Model, rng: jax.Array, path: str,
+def save_samples(model: model_lib.Model, rng: jax.Array, path: str,
                  writer: log_lib.MetricWriter | None = None, step: int = 0):
   """Samples a grid with the model's sampling config and writes it as PNG."""
-  images = sampling.sample_fn(model, rng)
-  u8 = sampling.to_uint8(images)
+  images = model_lib.sample_fn(model, rng)
+  u8 = model_lib.to_uint8(images)
   grid = evaluation.save_grid(u8, path)
   if writer is not None:
     writer.write_image(step, "samples", grid)
@@ -315,60 +404,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"model.num_classes={config.model.num_classes} is smaller than the dataset's "
         f"{source.num_classes} classes; set --config.model.num_classes={source.num_classes}")
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  _check_workdir(workdir, config)
+  setup = make_setup(config, mesh)
+  if ckpt_lib.checkpoint_dir(workdir).is_dir():   # nothing is written before this check
+    _check_resume(ckpt_lib.Checkpointer(workdir, read_only=True), workdir, config,
+                  setup.abstract)
   if is_main:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     _write_config(workdir, config)
-
-  net = UNet(**config.model)
-  sched = schedules.from_config(config.diffusion)
-  tx = make_optimizer(config.optim)
+  ck = ckpt_lib.Checkpointer(workdir, keep=config.training.keep_checkpoints)
   base = jax.random.key(config.training.seed)
   init_rng, train_rng, sample_rng = (jax.random.fold_in(base, i) for i in range(3))
-
-  repl = parallel.replicated(mesh)
-  # The state is created already sharded (replicated, or split over "fsdp"):
-  # its shardings come from its abstract shapes.
-  init = functools.partial(create_state, config, net, tx)
-  shapes = jax.eval_shape(init, init_rng)
-  state_sharding = parallel.state_sharding(shapes, mesh)
-  # Init runs once: compile it without backend optimisation (XLA:CPU spent
-  # ~14 s optimising the threefry-heavy init of even a small U-Net).
-  init_fn = jax.jit(init, out_shardings=state_sharding,
-                    compiler_options={"xla_backend_optimization_level": 0})
-  abstract = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      shapes, state_sharding)
-  ck = ckpt_lib.Checkpointer(workdir, keep=config.training.keep_checkpoints)
-  state, restored_step = ck.restore_latest(abstract)
-  if state is None:
-    state = init_fn(init_rng)
-    logging.info("initialised a new run in %s", workdir)
-  else:
-    logging.info("resumed from the checkpoint at step %d", restored_step)
+  state = restore_or_init(setup, ck, config, init_rng)
   step = int(state.step)
+  step_fn, multi_fn = setup.step, setup.steps
 
-  static = dict(net=net, sched=sched, tx=tx, config=config)
-  step_fn = jax.jit(
-      functools.partial(train_step, **static),
-      in_shardings=(state_sharding, parallel.data_sharded(mesh), repl),
-      out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  # steps_per_dispatch > 1: k updates per call (compiled once per k it sees:
-  # k, and a shorter call to reach the grid after an off-grid resume or at the end).
-  # Rolled on accelerators; unrolled on CPU (see train_steps).
-  multi_fn = jax.jit(
-      functools.partial(train_steps, unroll=mesh.devices.flat[0].platform == "cpu",
-                        **static),
-      in_shardings=(state_sharding, NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
-                    repl),
-      out_shardings=(state_sharding, repl), donate_argnums=(0,))
   frozen = config_lib.freeze(config)
   t = config.training
   writer = log_lib.MetricWriter(workdir, active=is_main)
   progress = log_lib.Progress(step, t.num_steps, active=is_main)
-  samples_dir = os.path.join(workdir, "samples")
+  samples_dir = epath.Path(workdir) / "samples"
   if is_main:
-    os.makedirs(samples_dir, exist_ok=True)
+    samples_dir.mkdir(parents=True, exist_ok=True)
   # Sample-quality metrics every eval.every_steps (set up at the first one).
   evaluator = eval_run.Evaluator(config, workdir) if config.eval.every_steps else None
 
@@ -421,12 +477,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if t.checkpoint_every and step % t.checkpoint_every == 0 or done:
         ck.save(step, state, config)
       if t.sample_every and (step % t.sample_every == 0 or done):
-        model = sampling.Model(ema_variables(state), frozen)
+        model = model_lib.Model(ema_variables(state), frozen)
         save_samples(model, jax.random.fold_in(sample_rng, step),
-                     os.path.join(samples_dir, f"step_{step:07d}.png") if is_main else None,
+                     samples_dir / f"step_{step:07d}.png" if is_main else None,
                      writer, step)
       if evaluator and step % config.eval.every_steps == 0:
-        evaluator(sampling.Model(ema_variables(state), frozen), step, writer)
+        evaluator(model_lib.Model(ema_variables(state), frozen), step, writer)
     if step < t.num_steps:  # preempted
       logging.warning("preempted: saving a checkpoint at step %d and stopping", step)
       ck.save(step, state, config)

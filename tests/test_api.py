@@ -6,7 +6,7 @@ import pytest
 
 import ddx
 from ddx import config as config_lib
-from ddx import sampling
+from ddx import model as model_lib
 from ddx.models import UNet
 
 
@@ -15,6 +15,7 @@ def _model(num_classes=0, seed=0):
   c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 8, (1, 2), 1
   c.model.attn_resolutions, c.model.num_groups = (4,), 4
   c.model.num_classes = num_classes
+  c.training.label_dropout = 0.1 if num_classes else 0.0
   c.diffusion.num_timesteps = 50
   c.sampling.steps, c.sampling.num_samples = 5, 3
   net = UNet(**c.model)
@@ -64,7 +65,7 @@ def test_sample_fn_matches_sample_with_the_network():
 
 
 def test_sample_fn_compiles_once_per_static_signature():
-  f = sampling._sample_jit
+  f = model_lib.sample_jit
   ddx.sample_fn(MODEL, jax.random.key(0), steps=4)
   n = f._cache_size()
   ddx.sample_fn(MODEL, jax.random.key(5), steps=4)           # new rng: no recompile
@@ -78,10 +79,10 @@ def test_sample_fn_compiles_once_per_static_signature():
 
 def test_weights_are_arguments_not_constants():
   """The compiled sampler takes every weight as an input, none baked in."""
-  lowered = sampling._sample_jit.lower(
+  lowered = model_lib.sample_jit.lower(
       MODEL, jax.random.key(0), None, jnp.float32(1), jnp.float32(0), None,
       num_samples=2, steps=3, sampler="ddim", clip_x0=True, guided=False,
-      ddpm_variance="posterior", return_trajectory=False)
+      ddpm_variance="posterior", spacing=None, return_trajectory=False)
   text = lowered.as_text()
   main = next(l for l in text.splitlines() if "func.func public @main" in l)
   n_weights = len(jax.tree.leaves(MODEL.variables))
@@ -94,11 +95,13 @@ def test_weights_are_arguments_not_constants():
 def test_classifier_free_guidance_limits():
   model = _model(num_classes=3)
   labels = jnp.array([0, 1, 2], jnp.int32)
-  null = jnp.full((3,), 3, jnp.int32)
   x_T = jax.random.normal(jax.random.key(4), (3, 8, 8, 1))
   kw = dict(steps=4, x_T=x_T, sampler="ddim")
+  # The unconditional model, straight from the network with labels=None.
+  uncond = jnp.clip(ddx.sample(lambda x, i: model.apply(x, i), model.schedule,
+                               jax.random.key(0), (3, 8, 8, 1), sampler="ddim", steps=4,
+                               x_T=x_T, clip_x0=True), -1, 1)
   cond = ddx.sample_fn(model, jax.random.key(0), labels=labels, guidance_scale=1.0, **kw)
-  uncond = ddx.sample_fn(model, jax.random.key(0), labels=null, guidance_scale=1.0, **kw)
   w0 = ddx.sample_fn(model, jax.random.key(0), labels=labels, guidance_scale=0.0, **kw)
   w1 = ddx.sample_fn(model, jax.random.key(0), labels=labels, guidance_scale=1.0 + 1e-9, **kw)
   w3 = ddx.sample_fn(model, jax.random.key(0), labels=labels, guidance_scale=3.0, **kw)
@@ -107,3 +110,30 @@ def test_classifier_free_guidance_limits():
   assert not np.allclose(w3, cond, atol=1e-3)
   with pytest.raises(ValueError, match="unconditional"):
     ddx.sample_fn(MODEL, jax.random.key(0), labels=labels)
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 3], [0, -1, 2], [0, 1, 7]])
+def test_labels_outside_the_classes_are_refused(labels):
+  model = _model(num_classes=3)
+  with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+    ddx.sample_fn(model, jax.random.key(0), steps=2, labels=jnp.array(labels))
+
+
+def test_guidance_needs_a_trained_null_label():
+  model = _model(num_classes=3)
+  config = model.config.as_configdict()
+  config.training.label_dropout = 0.0
+  untrained = ddx.Model(model.variables, config_lib.freeze(config))
+  with pytest.raises(ValueError, match="label_dropout=0"):
+    ddx.sample_fn(untrained, jax.random.key(0), steps=2, guidance_scale=2.0)
+  ddx.sample_fn(untrained, jax.random.key(0), steps=2, guidance_scale=1.0)   # no guidance: fine
+
+
+def test_model_apply_is_the_network():
+  model = _model(num_classes=3)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  t = jnp.array([3, 40], jnp.int32)
+  want = UNet(**model.config.model).apply(model.variables, x, t, jnp.array([1, 2]))
+  np.testing.assert_array_equal(model.apply(x, t, jnp.array([1, 2])), want)
+  null = UNet(**model.config.model).apply(model.variables, x, t, jnp.array([3, 3]))
+  np.testing.assert_array_equal(model.apply(x, t), null)

@@ -13,7 +13,7 @@ import pytest
 from ddx import config as config_lib
 from ddx import eval_run
 from ddx import evaluation
-from ddx import sampling
+from ddx import model as model_lib
 from ddx import train
 from ddx.models import UNet
 from testutils import ROOT, load_config
@@ -55,7 +55,7 @@ def _model(config, seed=0):
   params = jax.tree_util.tree_map_with_path(
       lambda path, a: jnp.asarray(rng.normal(size=a.shape) * 0.05
                                   + (path[-1].key == "scale"), jnp.float32), abstract)
-  return sampling.Model({"params": params}, config_lib.freeze(config))
+  return model_lib.Model({"params": params}, config_lib.freeze(config))
 
 
 def test_sample_chunks_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -67,9 +67,9 @@ def test_sample_chunks_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch)
   assert full.shape == (10, 8, 8, 1) and full.dtype == np.uint8
   assert sorted(os.listdir(out)) == [f"samples_0000{i}.npz" for i in range(3)]
   # Chunk c is fold_in(key(seed), c), whatever else was sampled.
-  x1 = sampling.sample_fn(model, jax.random.fold_in(jax.random.key(7), 1), steps=3,
+  x1 = model_lib.sample_fn(model, jax.random.fold_in(jax.random.key(7), 1), steps=3,
                           num_samples=4, sampler=c.eval.sampler, eta=0.0)
-  np.testing.assert_array_equal(full[4:8], sampling.to_uint8(x1))
+  np.testing.assert_array_equal(full[4:8], model_lib.to_uint8(x1))
   np.testing.assert_array_equal(np.load(eval_run.chunk_path(out, 2))["images"], full[8:])
   assert len(np.unique(full.reshape(10, -1), axis=0)) == 10
 
@@ -78,7 +78,7 @@ def test_sample_chunks_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch)
   with open(eval_run.chunk_path(out, 2), "r+b") as f:
     f.truncate(100)
   calls = []
-  real = sampling.sample_fn
+  real = model_lib.sample_fn
   monkeypatch.setattr(sampling, "sample_fn",
                       lambda *a, **k: calls.append(a[1]) or real(*a, **k))
   resumed = eval_run.sample_chunks(model, c, out, progress=False)

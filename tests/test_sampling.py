@@ -233,7 +233,7 @@ def test_sample_is_one_program_under_caller_jit():
 def test_bad_sampler_arguments():
   sched = _sched(10)
   with pytest.raises(ValueError, match="sampler"):
-    ddx.sample(lambda x, i: x, sched, jax.random.key(0), (1, 1), sampler="euler")
+    ddx.sample(lambda x, i: x, sched, jax.random.key(0), (1, 1), sampler="rk4")
   with pytest.raises(ValueError, match="steps"):
     ddx.sample(lambda x, i: x, sched, jax.random.key(0), (1, 1), steps=11)
   with pytest.raises(ValueError, match="ddpm_variance"):

@@ -12,13 +12,12 @@ import pytest
 import ddx
 from ddx import config as config_lib
 from ddx import data, schedules, train
-from ddx.models import UNet
 
 from testutils import ROOT, load_config
 
 
 def _parts(config):
-  net = UNet(**config.model)
+  net = ddx.models.build(config.model)
   tx = train.make_optimizer(config.optim)
   return net, schedules.from_config(config.diffusion), tx
 
@@ -33,7 +32,7 @@ def _batch(config, step=0):
 def step_env():
   config = load_config()
   net, sched, tx = _parts(config)
-  state = jax.jit(lambda k: train.create_state(config, net, tx, k))(jax.random.key(0))
+  state = jax.jit(lambda k: train.create_state(config, tx, k))(jax.random.key(0))
   step = jax.jit(lambda s, b, k: train.train_step(s, b, k, net=net, sched=sched, tx=tx,
                                                   config=config))
   return config, state, step
@@ -209,9 +208,46 @@ def test_refuses_a_workdir_of_another_architecture(trained):
   config = load_config()
   config.model.ch = 16
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  with pytest.raises(config_lib.ConfigError, match="different model"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"another model structure \(model.ch: 8 -> 16\); rerun with "
+                           r"the old values or use a new --workdir"):
     train.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+@pytest.mark.slow
+def test_optimizer_change_is_refused_then_reset_optimizer_resumes(trained, tmp_path):
+  """The issue's scenario: grad_clip 1 -> 0 exits with the key named and every
+  checkpoint where it was; reset_optimizer resumes params/EMA at the checkpoint's
+  step with a fresh Adam state, once (a rerun continues that state)."""
+  import shutil
+  _, src, straight = trained
+  wd = str(tmp_path / "wd")
+  shutil.copytree(src, wd)
+  ckdir = os.path.join(wd, "checkpoints")
+  before = {d: sorted(os.listdir(os.path.join(ckdir, d))) for d in os.listdir(ckdir)}
+  config = load_config()
+  config.optim.grad_clip = 0.0
+  config.training.num_steps, config.training.checkpoint_every = 7, 1
+  config.training.sample_every = 0
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"another optimizer structure \(optim.grad_clip: 1.0 -> 0.0\);"
+                           r" .*reset_optimizer=True"):
+    train.train_and_evaluate(config, wd)
+  assert {d: sorted(os.listdir(os.path.join(ckdir, d))) for d in os.listdir(ckdir)} == before
+  assert not os.path.exists(os.path.join(wd, "checkpoints_unreadable"))
+
+  config.training.reset_optimizer = True
+  state = train.train_and_evaluate(config, wd)
+  assert int(state.step) == 7
+  adam = lambda s: s.opt_state[0]    # no clip in the chain: adam's own state first
+  assert int(adam(state).count) == 1                  # fresh: one update since step 6
+  # The update started from the step-6 weights: params moved by one Adam step.
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(straight.ema_params)):
+    assert np.max(np.abs(np.asarray(a) - np.asarray(b))) < 0.05
+  config.training.num_steps = 8                       # rerun: continues, no second reset
+  state = train.train_and_evaluate(config, wd)
+  assert int(state.step) == 8 and int(adam(state).count) == 2
 
 
 def _cli(*args, timeout=600):

@@ -1,0 +1,249 @@
+"""A trained model as one pytree, its network, and sampling from it (`sample_fn`).
+
+`ddx.Model` holds the Flax variables as pytree leaves and the run's frozen
+config as static data, so `sample_fn(model, rng)` needs nothing else, and
+jit caches one program per (config, shapes, static sampling options). This is
+the face of ddx for trained networks: guidance, jit and device sharding; the
+pure samplers it drives are in `ddx.sampling`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddx import config as config_lib
+from ddx import parallel
+from ddx import sampling
+from ddx import schedules
+from ddx import models
+from ddx.schedules import Schedule
+
+
+def network(config):
+  """The Flax network a run config names (config.model.name: unet | dit)."""
+  return models.build(config.model)
+
+
+def init_variables(config, rng: jax.Array) -> dict:
+  """Initialises a run's network from a dummy batch of one image.
+
+  Use under `jax.eval_shape` for shapes only.
+  Returns:
+    {"params": ...} plus {"batch_stats": ...} (running mean 0, variance 1)
+    for a BatchNorm network.
+  """
+  x = jnp.zeros((1,) + config_lib.image_shape(config), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+  return dict(network(config).init(rng, x, t, labels))
+
+
+@flax.struct.dataclass
+class Model:
+  """A trained network: weights as pytree leaves, its config as static data.
+
+  `variables` is the Flax variables dict ({"params": ...}, EMA weights when
+  loaded by `ddx.load`; plus "batch_stats", BatchNorm's running statistics,
+  for a model.norm = batch network, which sampling normalises with).
+  `config` is the run's frozen, hashable config
+  (ml_collections.FrozenConfigDict) and says the network, the process and the
+  image shape.
+  """
+  variables: Any
+  config: Any = flax.struct.field(pytree_node=False)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return config_lib.image_shape(self.config)
+
+  @property
+  def schedule(self) -> Schedule:
+    # Concrete even inside a jit trace: the schedule is a function of the
+    # static config, and samplers may need its values (log-SNR spacing).
+    with jax.ensure_compile_time_eval():
+      return schedules.from_config(self.config.diffusion)
+
+  def network(self):
+    return network(self.config)
+
+  def apply(self, x: jnp.ndarray, t: jnp.ndarray, labels=None) -> jnp.ndarray:
+    """The network's raw output (in the run's `diffusion.prediction`), no guidance.
+
+    Args:
+      x: [B, H, W, C] float32 noisy images.
+      t: [B] the network's time input (DDPM: int32 index i in [0, T)).
+      labels: [B] int32 in [0, num_classes] (num_classes = the null label) for
+        a class-conditional model; None = unconditional (the null label).
+    Returns:
+      [B, H, W, C] float32.
+    """
+    return self.network().apply(self.variables, x, t, labels)
+
+
+def denoiser(model: Model, labels=None, guidance_scale=1.0,
+             guided: bool = False) -> sampling.DenoiseFn:
+  """The model as `denoise_fn(x, t)`, with classifier-free guidance if `guided`.
+
+  With guidance the conditional and unconditional outputs come from one
+  network call on a doubled batch: out = u + w·(c - u). Every prediction
+  conversion is affine in the output for fixed x_t, so guiding the raw output
+  is the same as guiding ε.
+  """
+  if labels is None or not guided:
+    return lambda x, t: model.apply(x, t, labels)
+  null = jnp.full_like(labels, model.config.model.num_classes)
+
+  def f(x, t):
+    out = model.apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                      jnp.concatenate([labels, null]))
+    c, u = jnp.split(out, 2)
+    return u + guidance_scale * (c - u)
+  return f
+
+
+def _shard_batch(x):
+  """Splits a sample batch over all devices when it divides evenly; the scan
+  carry inherits the sharding, so every step runs data-parallel."""
+  mesh = parallel.make_mesh()
+  n = parallel.num_data_shards(mesh)
+  if n > 1 and x.shape[0] % n == 0:
+    x = jax.lax.with_sharding_constraint(x, parallel.data_sharded(mesh))
+  return x
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("num_samples", "steps", "sampler", "clip_x0", "guided",
+                     "ddpm_variance", "spacing", "return_trajectory"))
+def sample_jit(model, rng, labels, guidance_scale, eta, x_T, *, num_samples,
+               steps, sampler, clip_x0, guided, ddpm_variance, spacing,
+               return_trajectory):
+  """`sample_fn`'s compiled program; arguments already resolved (see sample_fn)."""
+  fn = denoiser(model, labels, guidance_scale, guided)
+  shape = (num_samples,) + model.image_shape
+  if x_T is None:
+    x_T = sampling.initial_noise(rng, shape)
+  res = sampling.sample(fn, model.schedule, rng, shape,
+                        sampler=sampler, steps=steps, eta=eta, x_T=_shard_batch(x_T),
+                        clip_x0=clip_x0, prediction=model.config.diffusion.prediction,
+                        ddpm_variance=ddpm_variance, spacing=spacing,
+                        return_trajectory=return_trajectory)
+  x, traj = res if return_trajectory else (res, None)
+  x = jnp.clip(x, -1.0, 1.0)
+  return (x, traj) if return_trajectory else x
+
+
+def resolve_labels(model: Model, labels, num_samples: int):
+  """The class labels to condition on: checked ones, or classes 0, 1, ... cycled.
+
+  Returns None for an unconditional model.
+  Raises:
+    ValueError: labels given to an unconditional model, of the wrong shape,
+      or outside [0, num_classes) (the null label is not a class: sample
+      unconditionally with guidance_scale=0).
+  """
+  num_classes = model.config.model.num_classes
+  if num_classes <= 0:
+    if labels is not None:
+      raise ValueError("labels were given but the model is unconditional "
+                       "(model.num_classes = 0); drop labels=")
+    return None
+  if labels is None:
+    return jnp.arange(num_samples, dtype=jnp.int32) % num_classes
+  if not isinstance(labels, jax.core.Tracer):
+    host = np.asarray(labels)
+    if host.size and not np.issubdtype(host.dtype, np.integer):
+      raise ValueError(f"labels must be integers in [0, {num_classes}), got dtype "
+                       f"{host.dtype}")
+    bad = host[(host < 0) | (host >= num_classes)]
+    if bad.size:
+      raise ValueError(f"labels must be in [0, {num_classes}) for this model, got "
+                       f"{int(bad[0])}; for unconditional samples use "
+                       "guidance_scale=0")
+  labels = jnp.asarray(labels, jnp.int32)
+  if labels.shape != (num_samples,):
+    raise ValueError(f"labels must have shape ({num_samples},), got {labels.shape}")
+  return labels
+
+
+def check_guidance(model: Model, guidance_scale) -> None:
+  """Guidance needs a null label that was trained (training.label_dropout > 0)."""
+  if float(guidance_scale) == 1.0 or model.config.model.num_classes <= 0:
+    return
+  if float(model.config.training.get("label_dropout", 0.0)) <= 0:
+    raise ValueError(
+        f"guidance_scale={float(guidance_scale):g} needs the unconditional model, but "
+        "this model was trained with training.label_dropout=0 (its null label was "
+        "never trained); use guidance_scale=1, or train with label_dropout > 0")
+
+
+def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
+              num_samples: Optional[int] = None, sampler: Optional[str] = None,
+              eta: Optional[float] = None, labels=None,
+              guidance_scale: Optional[float] = None,
+              clip_x0: Optional[bool] = None, x_T=None,
+              ddpm_variance: Optional[str] = None, spacing: Optional[str] = None,
+              return_trajectory: bool = False):
+  """Samples images from a trained model; the whole trajectory is one jitted program.
+
+  Defaults come from `model.config.sampling`. The model pytree is a jit
+  argument (weights are never baked in as constants), so calls with the same
+  shapes and static options reuse the compiled program.
+
+  Args:
+    model: what `ddx.load(workdir)` returns (or a `ddx.Model` you build).
+    rng: PRNG key; same key and inputs -> the same images, bit for bit.
+    steps: network evaluations (default config.sampling.steps).
+    num_samples: batch size N (default config.sampling.num_samples, or
+      len(labels), or x_T.shape[0]).
+    sampler: ddpm | ddim | dpm_solver_pp.
+    eta: DDIM η.
+    labels: int [N] class labels in [0, num_classes) for a class-conditional
+      model; None draws classes 0, 1, ..., num_classes-1, 0, 1, ...
+    guidance_scale: classifier-free guidance w in out = u + w·(c - u);
+      w = 1 is plain conditional sampling, w = 0 unconditional.
+    clip_x0: clip x̂_0 to [-1, 1] at each step.
+    x_T: optional starting noise [N, H, W, C].
+    ddpm_variance: posterior | beta, for the ddpm sampler.
+    spacing: uniform | trailing | quadratic | logsnr (README: Samplers);
+      default config.sampling.spacing ("auto": the sampler's own default).
+    return_trajectory: also return every intermediate state.
+  Returns:
+    images float32 [N, H, W, C] in [-1, 1] (and the trajectory if asked).
+  """
+  s = model.config.sampling
+  steps = s.steps if steps is None else steps
+  sampler = s.sampler if sampler is None else sampler
+  eta = s.eta if eta is None else eta
+  clip_x0 = s.clip_x0 if clip_x0 is None else clip_x0
+  ddpm_variance = s.ddpm_variance if ddpm_variance is None else ddpm_variance
+  spacing = s.get("spacing", "auto") if spacing is None else spacing
+  w = s.guidance_scale if guidance_scale is None else guidance_scale
+  if num_samples is None:
+    if labels is not None:
+      num_samples = len(labels)
+    elif x_T is not None:
+      num_samples = x_T.shape[0]
+    else:
+      num_samples = s.num_samples
+  labels = resolve_labels(model, labels, num_samples)
+  guided = labels is not None and float(w) != 1.0
+  if guided:
+    check_guidance(model, w)
+  return sample_jit(model, rng, labels, jnp.float32(w), jnp.float32(eta), x_T,
+                    num_samples=int(num_samples), steps=int(steps),
+                    sampler=sampler, clip_x0=bool(clip_x0), guided=guided,
+                    ddpm_variance=ddpm_variance,
+                    spacing=None if spacing == "auto" else spacing,
+                    return_trajectory=bool(return_trajectory))
+
+
+def to_uint8(images: jnp.ndarray) -> np.ndarray:
+  """Maps float images in [-1, 1] to uint8 [0, 255] (round to nearest)."""
+  x = parallel.gather(images).astype(np.float32)   # every process gets all images
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -1,0 +1,431 @@
+"""The Diffusion Transformer, DiT (Peebles & Xie 2023, arXiv 2212.09748), in Flax linen.
+
+Architecture (channels-last; p = patch_size, D = hidden_size):
+
+  tokens = Conv(D, kernel = stride = p)(x)  reshaped to [B, N, D], N = HW/p^2,
+           + a FIXED 2-D sin-cos position embedding (a constant, not a param)
+  c      = MLP(sinusoidal(t, 256)) [+ Embed(num_classes + 1, D)(label)]
+  depth x DiTBlock (adaLN-Zero): shift/scale/gate for attention and MLP come
+           from Dense(6D)(SiLU(c));
+             x = x + gate_msa * Attn(LN(x) * (1 + scale_msa) + shift_msa)
+             x = x + gate_mlp * MLP(LN(x) * (1 + scale_mlp) + shift_mlp)
+           (LN without affine parameters, eps 1e-6; MLP = Dense(D * mlp_ratio),
+           GELU (tanh), Dense(D); multi-head attention, qkv with bias)
+  final  : LN modulated by Dense(2D)(SiLU(c)) (shift, scale), Dense(p*p*C_out),
+           unpatchified to [B, H, W, C_out].
+
+Initialisation follows the official code: Glorot-uniform dense kernels (the
+patch embedding's over its flattened kernel) and zero biases, normal(0.02)
+time-MLP kernels and label table, and zero adaLN modulation and output layers,
+so every block is the identity and the output is exactly zero at init.
+
+Calling convention (the same as the U-Net's, so callers treat both alike):
+`DiT(...).apply(variables, x, t, labels=None, train=False)` with x [B, H, W, C]
+float32, t [B] the noise-conditioning value (used as float: DDPM step index
+i in [0, T), or a continuous value), labels [B] int32 in [0, num_classes]
+where `num_classes` is the null label (None = all null); returns float32
+[B, H, W, C], or [B, H, W, 2C] with learn_sigma (the mean channels first, then
+the variance channels, as the official DiT). `train` is accepted and unused.
+
+Official layout, kept so facebookresearch/DiT checkpoints can be imported:
+  * the timestep embedding is [cos, sin] with frequencies
+    exp(-log(10000) * k / 128), k = 0..127 (unlike the U-Net's [sin, cos]);
+  * the position embedding's first D/2 channels encode the patch's COLUMN
+    (the official code names them "h" but feeds them the meshgrid's w
+    coordinate), the last D/2 its ROW; each half is [sin(pos * w_k),
+    cos(pos * w_k)] with w_k = 10000^(-k / (D/4)); tokens are in row-major
+    patch order;
+  * a patch token's channels are ordered (row in patch, column in patch,
+    channel), for both the patch embedding and the output;
+  * the qkv projection's output is laid out as [3, heads, head_dim];
+  * parameter names follow the torch module paths (`blocks_3/attn/qkv`,
+    `t_embedder/mlp_0`, `adaLN_modulation_1`, ...).
+The official parameter count includes the (frozen) position embedding; here it
+is a constant, so counts are N * D smaller.
+
+Mixed precision: with dtype=bfloat16 the dense layers, the patch conv, the
+label embedding and the attention products run in bfloat16 while parameters
+stay float32; the residual stream, LayerNorm statistics, the modulation and
+the attention softmax are float32, and the output is float32.
+"""
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (hidden_size, depth, num_heads) of the paper's Table 1 models.
+PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
+           "XL": (1152, 28, 16)}
+PATCH_SIZES = (2, 4, 8)
+
+FREQUENCY_EMBEDDING_SIZE = 256
+_LN_EPSILON = 1e-6
+
+_xavier = nn.initializers.xavier_uniform()
+# The official code initialises the patch conv like a linear layer on the
+# flattened patch: fan_in = p * p * C, fan_out = D (not D * p * p).
+_patch_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
+_normal_002 = nn.initializers.normal(stddev=0.02)
+_zeros = nn.initializers.zeros
+
+
+def preset(name: str) -> dict:
+  """The DiT fields of a paper model, e.g. "S/2", "B/4", "XL/8".
+
+  Args:
+    name: "<size>/<patch>" with size in S, B, L, XL and patch in 2, 4, 8.
+
+  Returns:
+    dict with patch_size, hidden_size, depth, num_heads, mlp_ratio.
+  """
+  size, _, patch = name.partition("/")
+  if size not in PRESETS or patch not in [str(p) for p in PATCH_SIZES]:
+    valid = ", ".join(f"{s}/{p}" for s in PRESETS for p in PATCH_SIZES)
+    raise ValueError(f"DiT preset {name!r} is unknown; use one of {valid}")
+  hidden, depth, heads = PRESETS[size]
+  return dict(patch_size=int(patch), hidden_size=hidden, depth=depth,
+              num_heads=heads, mlp_ratio=4.0)
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+  """Cuts images into non-overlapping p x p patches, one token per patch.
+
+  Args:
+    x: [B, H, W, C] with H and W divisible by p.
+    p: patch size.
+
+  Returns:
+    [B, (H/p) * (W/p), p * p * C], tokens in row-major patch order, each
+    token's channels ordered (row in patch, column in patch, channel).
+  """
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: jax.Array, p: int, h: int, w: int, c: int) -> jax.Array:
+  """Inverse of `patchify`: tokens back to images.
+
+  Args:
+    tokens: [B, (h/p) * (w/p), p * p * c] in `patchify`'s layout.
+    p: patch size.
+    h, w: image height and width (multiples of p).
+    c: channels per pixel.
+
+  Returns:
+    [B, h, w, c].
+  """
+  b = tokens.shape[0]
+  x = tokens.reshape(b, h // p, w // p, p, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h, w, c)
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """[sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-k / (dim/2)); [M, dim]."""
+  omega = 1.0 / 10000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+  out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """The fixed 2-D sin-cos position embedding of a grid of patches.
+
+  Args:
+    dim: embedding size; a multiple of 4.
+    grid_h, grid_w: patches per column and per row (H/p, W/p).
+
+  Returns:
+    [grid_h * grid_w, dim] float32 numpy, rows in row-major patch order; the
+    first dim/2 channels encode the column index, the last dim/2 the row
+    index (the official layout; see the module docstring).
+  """
+  if dim % 4:
+    raise ValueError(f"the 2-D sin-cos embedding needs dim % 4 == 0, got {dim}")
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)],
+                       axis=1)
+  return emb.astype(np.float32)
+
+
+def timestep_embedding(t: jax.Array,
+                       dim: int = FREQUENCY_EMBEDDING_SIZE,
+                       max_period: float = 10000.0) -> jax.Array:
+  """DiT's sinusoidal embedding of the noise-conditioning value.
+
+  Args:
+    t: [B] any numeric dtype (used as float32; may be fractional).
+    dim: embedding size.
+    max_period: the lowest frequency is 1 / max_period (almost).
+
+  Returns:
+    [B, dim] float32: [cos(t * f), sin(t * f)] with
+    f_k = exp(-log(max_period) * k / (dim // 2)), k = 0 .. dim//2 - 1, plus a
+    zero column if dim is odd.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period)
+                  * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+  """LayerNorm over the last axis without affine parameters, in float32.
+
+  Args:
+    x: [..., D] any float dtype.
+
+  Returns:
+    [..., D] float32, zero mean and unit variance (eps 1e-6) per row.
+  """
+  x = x.astype(jnp.float32)
+  mean = x.mean(axis=-1, keepdims=True)
+  var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + _LN_EPSILON)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation x * (1 + scale) + shift.
+
+  Args:
+    x: [B, N, D] normalised tokens.
+    shift, scale: [B, D] per-example modulation, broadcast over the tokens.
+
+  Returns:
+    [B, N, D].
+  """
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def _dense(features: int, dtype: Any, name: str, kernel_init=_xavier) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, kernel_init=kernel_init,
+                  bias_init=_zeros, name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over the tokens (qkv with bias, then proj).
+
+  Attributes:
+    num_heads: heads; must divide the token width D.
+    dtype: computation dtype (the softmax is float32 regardless).
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies attention.
+
+    Args:
+      x: [B, N, D] tokens.
+
+    Returns:
+      [B, N, D] in `dtype`.
+    """
+    b, n, d = x.shape
+    qkv = _dense(3 * d, self.dtype, "qkv")(x)
+    # The official (timm) layout of the qkv output: [3, heads, head_dim].
+    qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Scale 1/sqrt(head_dim); logits and softmax in float32 (also for bf16).
+    h = jax.nn.dot_product_attention(q, k, v)
+    return _dense(d, self.dtype, "proj")(h.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  """Dense(hidden) -> GELU (tanh approximation) -> Dense(D).
+
+  Attributes:
+    hidden: width of the hidden layer.
+    dtype: computation dtype.
+  """
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: [B, N, D]. Returns: [B, N, D] in `dtype`."""
+    h = _dense(self.hidden, self.dtype, "fc1")(x)
+    h = nn.gelu(h, approximate=True)
+    return _dense(x.shape[-1], self.dtype, "fc2")(h)
+
+
+class DiTBlock(nn.Module):
+  """A transformer block with adaLN-Zero conditioning (the paper's Fig. 3).
+
+  The modulation layer starts at zero, so the gates are zero and the block is
+  the identity at init.
+
+  Attributes:
+    num_heads: attention heads; must divide D.
+    mlp_ratio: MLP hidden width / D.
+    dtype: computation dtype of the dense layers and attention.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, N, D] float32 tokens (the residual stream).
+      c: [B, D] conditioning (time + label embedding).
+
+    Returns:
+      [B, N, D] float32.
+    """
+    d = x.shape[-1]
+    mod = _dense(6 * d, self.dtype, "adaLN_modulation_1",
+                 kernel_init=_zeros)(nn.silu(c)).astype(jnp.float32)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        jnp.split(mod, 6, axis=-1))
+    h = modulate(layer_norm(x), shift_msa, scale_msa).astype(self.dtype)
+    h = Attention(self.num_heads, self.dtype, name="attn")(h)
+    x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
+    h = modulate(layer_norm(x), shift_mlp, scale_mlp).astype(self.dtype)
+    h = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(h)
+    return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
+
+
+class TimestepEmbedder(nn.Module):
+  """sinusoidal(t, 256) -> Dense(D) -> SiLU -> Dense(D).
+
+  Attributes:
+    hidden_size: D.
+    dtype: computation dtype.
+  """
+  hidden_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    """Args: t: [B] numeric. Returns: [B, D] in `dtype`."""
+    h = timestep_embedding(t)
+    h = _dense(self.hidden_size, self.dtype, "mlp_0", _normal_002)(h)
+    return _dense(self.hidden_size, self.dtype, "mlp_2", _normal_002)(nn.silu(h))
+
+
+class FinalLayer(nn.Module):
+  """adaLN-modulated LayerNorm, then Dense(p * p * C_out); all zero at init.
+
+  Attributes:
+    out_features: p * p * C_out.
+    dtype: computation dtype.
+  """
+  out_features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    """Args: x: [B, N, D] float32; c: [B, D]. Returns: [B, N, out_features]."""
+    d = x.shape[-1]
+    mod = _dense(2 * d, self.dtype, "adaLN_modulation_1",
+                 kernel_init=_zeros)(nn.silu(c)).astype(jnp.float32)
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    h = modulate(layer_norm(x), shift, scale).astype(self.dtype)
+    return _dense(self.out_features, self.dtype, "linear", _zeros)(h)
+
+
+class DiT(nn.Module):
+  """Diffusion Transformer predicting a tensor of the input's shape.
+
+  The fields are the DiT keys of `config.model` (see `ddx.models.build`).
+
+  Attributes:
+    patch_size: p; H and W must be multiples of it.
+    hidden_size: token width D; a multiple of 4 and of num_heads.
+    depth: number of DiT blocks.
+    num_heads: attention heads.
+    mlp_ratio: MLP hidden width / D.
+    num_classes: classes for label conditioning; 0 = unconditional.
+    learn_sigma: also output C variance channels (after the C mean channels).
+    dtype: computation dtype, "float32" or "bfloat16" (a string, as in the
+      config, or a jnp dtype); parameters stay float32.
+  """
+  patch_size: int = 2
+  hidden_size: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  num_classes: int = 0
+  learn_sigma: bool = False
+  dtype: Any = jnp.float32
+
+  def _check(self, x: jax.Array, t: jax.Array,
+             labels: Optional[jax.Array]) -> None:
+    """Raises ValueError for a config or input the network cannot handle."""
+    if x.ndim != 4:
+      raise ValueError(f"DiT expects x of shape [B, H, W, C], got {x.shape}")
+    if t.ndim != 1:
+      raise ValueError(f"DiT expects t of shape [B], got {t.shape}")
+    _, hgt, wid, _ = x.shape
+    p = self.patch_size
+    if p < 1 or hgt % p or wid % p:
+      raise ValueError(
+          f"image size {hgt}x{wid} is not divisible by model.patch_size={p}; "
+          f"use a patch size that divides both")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"model.hidden_size={self.hidden_size} is not divisible by "
+          f"model.num_heads={self.num_heads}")
+    if self.hidden_size % 4:
+      raise ValueError(
+          f"model.hidden_size={self.hidden_size} must be a multiple of 4 "
+          f"(the 2-D sin-cos position embedding)")
+    if labels is not None and self.num_classes <= 0:
+      raise ValueError("labels were given but the DiT has num_classes=0")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array,
+               labels: Optional[jax.Array] = None,
+               train: bool = False) -> jax.Array:
+    """Runs the network.
+
+    Args:
+      x: [B, H, W, C] float32 noisy input.
+      t: [B] noise-conditioning value (int step index or float), used as
+        float32.
+      labels: [B] int32 class labels in [0, num_classes] (num_classes = null),
+        or None (all null). Only allowed when num_classes > 0.
+      train: unused (DiT has no dropout); accepted so callers treat every
+        backbone alike.
+
+    Returns:
+      [B, H, W, C] float32, or [B, H, W, 2C] with learn_sigma (mean first).
+    """
+    del train
+    self._check(x, t, labels)
+    b, hgt, wid, ch = x.shape
+    p, d = self.patch_size, self.hidden_size
+    out_ch = 2 * ch if self.learn_sigma else ch
+    dt = jnp.dtype(self.dtype)   # the config gives a string
+
+    tokens = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dt,
+                     kernel_init=_patch_init, bias_init=_zeros,
+                     name="x_embedder")(x.astype(dt))
+    pos = sincos_pos_embed_2d(d, hgt // p, wid // p)   # a constant
+    tokens = tokens.reshape(b, -1, d).astype(jnp.float32) + pos[None]
+
+    c = TimestepEmbedder(d, dt, name="t_embedder")(t)
+    if self.num_classes > 0:
+      if labels is None:
+        labels = jnp.full((b,), self.num_classes, dtype=jnp.int32)
+      c = c + nn.Embed(self.num_classes + 1, d, dtype=dt,
+                       embedding_init=_normal_002, name="y_embedder")(labels)
+
+    for i in range(self.depth):
+      tokens = DiTBlock(self.num_heads, self.mlp_ratio, dt,
+                        name=f"blocks_{i}")(tokens, c)
+    out = FinalLayer(p * p * out_ch, dt, name="final_layer")(tokens, c)
+    return unpatchify(out, p, hgt, wid, out_ch).astype(jnp.float32)
