@@ -485,10 +485,9 @@ def abstract_train_state(config) -> Any:
   """
   import jax
   from ddx import train
-  from ddx.models import UNet
   tx = train.make_optimizer(config.optim)
   return jax.eval_shape(lambda: train.create_state(
-      config, UNet(**config.model), tx, jax.random.key(config.training.seed)))
+      config, tx, jax.random.key(config.training.seed)))
 
 
 def params_from_state_dict(state: dict, config, source: str = "the checkpoint",
@@ -554,14 +553,15 @@ def write_workdir(workdir: str, config, params: Any,
     abstract_state: `abstract_train_state(config)`, if already computed.
   """
   import jax
+  from etils import epath
   from ddx import checkpoint as ckpt_lib
   from ddx import config as config_lib
   from ddx import train
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  tmp = root / "config.json.tmp"    # as training writes it
+  tmp.write_text(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
+  tmp.replace(root / "config.json")
   tx = train.make_optimizer(config.optim)
   state = abstract_state if abstract_state is not None else abstract_train_state(config)
   params = jax.tree.map(jax.numpy.asarray, params)
@@ -598,8 +598,8 @@ def convert(src: str, workdir: str) -> Any:
   """
   from ddx import checkpoint as ckpt_lib
   unet_dir, sched_path = locate(src)
-  if os.path.isdir(ckpt_lib.checkpoint_dir(workdir)) and os.listdir(
-      ckpt_lib.checkpoint_dir(workdir)):
+  ckdir = ckpt_lib.checkpoint_dir(workdir)
+  if ckdir.exists() and any(ckdir.iterdir()):
     raise ConversionError(f"{workdir} already holds checkpoints; choose a new --workdir")
   unet_where = os.path.join(unet_dir, "config.json")
   config = ddx_config(_read_json(unet_where),

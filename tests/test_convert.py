@@ -113,9 +113,8 @@ def test_forward_matches_diffusers(converted, layout):
   t = np.array([0, 999, 1, 500][:batch])          # the ends and the middle
   labels = np.array([0, 4, 2, 1]) if "num_class_embeds" in LAYOUTS[layout] else None
   ref = _torch_forward(model, x, t, labels)
-  out = np.asarray(jax.jit(m.network().apply)(
-      m.variables, jnp.asarray(x), jnp.asarray(t),
-      None if labels is None else jnp.asarray(labels)))
+  out = np.asarray(jax.jit(lambda m, x, t, l: m.apply(x, t, l))(
+      m, jnp.asarray(x), jnp.asarray(t), None if labels is None else jnp.asarray(labels)))
   scale = np.abs(ref).max()
   assert scale > 0.5    # a real output, not a near-zero one
   assert np.abs(out - ref).max() <= 1e-4 * scale
@@ -347,9 +346,11 @@ def test_cli_refuses_a_workdir_with_checkpoints(converted):
 
 
 @pytest.mark.slow
-def test_flat_hub_layout_and_training_resumes(tmp_path):
+def test_flat_hub_layout_and_finetuning_resumes(tmp_path):
   """A flat folder (config.json beside scheduler_config.json, as the google/ddpm-*
-  repos are) converts, and training resumes from the converted weights."""
+  repos are) converts, and fine-tuning with another optimizer (no gradient
+  clipping: another optimizer-state structure) resumes from the converted
+  weights with training.reset_optimizer."""
   src = str(tmp_path / "flat")
   kw = dict(_DDPM, sample_size=8, in_channels=1, out_channels=1,
             block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
@@ -366,6 +367,8 @@ def test_flat_hub_layout_and_training_resumes(tmp_path):
   config = load_config()
   config.training.num_steps = 1
   config.training.sample_every = 0
+  config.optim.grad_clip = 0.0
+  config.training.reset_optimizer = True
   from ddx import train
   state = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 1
