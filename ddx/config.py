@@ -73,6 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_heads = 6
   m.mlp_ratio = 4.0
   m.learn_sigma = False      # 2C output channels (official DiT); ddx uses the first C
+  # U-Net choices DDPM fixed and diffusers' UNet2DModel exposes (ddx.convert sets them): fixed and diffusers' UNet2DModel exposes (ddx.convert sets them):
+  m.flip_sin_to_cos = False  # time embedding [cos, sin] instead of DDPM's [sin, cos]
+  m.freq_shift = 1           # time-embedding frequencies 10000^(-k/(ch/2 - freq_shift)); DDPM 1
+  m.downsample_padding = "bottom_right"  # stride-2 conv pad: bottom_right (DDPM) | symmetric
+  m.attn_head_dim = 0        # channels per attention head; 0 = one head (DDPM)
+  m.norm_eps = 1e-6          # GroupNorm epsilon (DDPM 1e-6; diffusers' default 1e-5)
 
   c.diffusion = f = ml_collections.ConfigDict()
   f.process = "ddpm"         # ddpm (discrete VP) | edm (Karras et al.) | flow (rectified flow)
@@ -227,6 +233,24 @@ def _check_unet(config) -> None:
            f"model.num_groups={m.num_groups!r} must divide every channel count "
            f"{channels} of model.ch={m.ch}, model.ch_mult={ch_mult}; use a divisor "
            f"of {m.ch}")
+  _check_unet_options(m)
+
+
+def _check_unet_options(m) -> None:
+  """The diffusers-layout options of the U-Net (ddx.convert sets them)."""
+  _require(isinstance(m.flip_sin_to_cos, bool),
+           f"model.flip_sin_to_cos={m.flip_sin_to_cos!r} must be True or False")
+  _require(isinstance(m.freq_shift, int) and 0 <= m.freq_shift < m.ch // 2,
+           f"model.freq_shift={m.freq_shift!r} must be an integer in [0, ch/2={m.ch // 2})")
+  _require(m.downsample_padding in ("bottom_right", "symmetric"),
+           f"model.downsample_padding={m.downsample_padding!r} must be bottom_right "
+           "or symmetric")
+  widths = [m.ch * c for c in m.ch_mult]
+  _require(isinstance(m.attn_head_dim, int) and m.attn_head_dim >= 0
+           and all(w % m.attn_head_dim == 0 for w in widths if m.attn_head_dim),
+           f"model.attn_head_dim={m.attn_head_dim!r} must be 0 (one head) or divide "
+           f"every channel count {tuple(widths)}")
+  _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be > 0")
 
 
 def _check_dit(config) -> None:

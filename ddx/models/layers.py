@@ -6,6 +6,10 @@ default). Weights use DDPM's initialiser (Glorot-uniform, `fan_avg`), and the
 last layer of every residual branch starts at zero, so each block is the
 identity at init (DDPM used a scale of 1e-10; exact zeros behave the same).
 
+The options that diffusers' `UNet2DModel` exposes and DDPM fixed (the order
+and frequency spacing of the time embedding, the downsampling pad, attention
+heads, the GroupNorm epsilon) are arguments whose defaults are DDPM's.
+
 Normalisation is GroupNorm (DDPM) or BatchNorm (`norm="batch"`). BatchNorm
 keeps running statistics in the "batch_stats" collection: `train=True` uses
 the batch's statistics and updates the running ones (apply with
@@ -26,32 +30,46 @@ default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
 
 # DDPM (via tf.contrib.layers.group_norm) used epsilon 1e-6.
-_GN_EPSILON = 1e-6
+GN_EPSILON = 1e-6
+
+# How Downsample pads its stride-2 conv: DDPM's TensorFlow 'SAME' (one row and
+# column at the bottom/right) or PyTorch's padding=1 (one on every side).
+DOWNSAMPLE_PADDINGS = ("bottom_right", "symmetric")
 
 
-def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1) -> jax.Array:
   """Sinusoidal embedding of diffusion timesteps, as in DDPM / Transformers.
 
   Args:
     t: [B] timesteps (any numeric dtype; used as float32).
     dim: embedding size; must be at least 4 so that there are two frequencies.
+    flip_sin_to_cos: put the cosines first (diffusers' `flip_sin_to_cos`).
+    freq_shift: frequency k of half = dim // 2 is 10000^(-k / (half -
+      freq_shift)); DDPM's 1 spaces them from 1 down to exactly 1/10000,
+      diffusers' default 0 stops one step short (its `freq_shift`).
 
   Returns:
-    [B, dim] float32: concat([sin(t * f), cos(t * f)]) with geometrically
-    spaced frequencies f from 1 down to 1/10000, plus a zero column if `dim`
-    is odd.
+    [B, dim] float32: concat([sin(t * f), cos(t * f)]) (cos first if
+    flipped) with geometrically spaced frequencies f, plus a zero column if
+    `dim` is odd.
   """
   if t.ndim != 1:
     raise ValueError(
         f"timestep_embedding expects t of shape [B], got {t.shape}")
   half = dim // 2
   if half < 2:
-    # The frequency spacing divides by (half - 1).
     raise ValueError(f"timestep_embedding needs dim >= 4, got {dim}")
+  if half - freq_shift <= 0:
+    # The frequency spacing divides by (half - freq_shift).
+    raise ValueError(f"timestep_embedding needs freq_shift < dim // 2 = {half}, "
+                     f"got {freq_shift}")
   freqs = jnp.exp(
-      -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+      -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32)
+      / (half - freq_shift))
   emb = t.astype(jnp.float32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+  parts = [jnp.sin(emb), jnp.cos(emb)]
+  emb = jnp.concatenate(parts[::-1] if flip_sin_to_cos else parts, axis=-1)
   if dim % 2 == 1:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
@@ -80,14 +98,15 @@ _BN_EPSILON = 1e-5
 
 
 def norm_layer(kind: str, num_groups: int, dtype: Any, name: str,
-               train: bool) -> nn.Module:
+               train: bool, eps: float = GN_EPSILON) -> nn.Module:
   """GroupNorm or BatchNorm over the channels of [B, H, W, C].
 
   Flax computes the statistics (and BatchNorm's running averages) in float32
   even when dtype is bfloat16, so mixed precision keeps stable normalisation.
+  `eps` is GroupNorm's epsilon; BatchNorm keeps PyTorch's 1e-5.
   """
   if kind == "group":
-    return nn.GroupNorm(num_groups=num_groups, epsilon=_GN_EPSILON, dtype=dtype,
+    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype,
                         name=name)
   if kind == "batch":
     return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
@@ -108,12 +127,14 @@ class ResBlock(nn.Module):
     num_groups: GroupNorm groups; must divide the input and output channels.
     dtype: computation dtype.
     norm: "group" | "batch".
+    norm_eps: GroupNorm epsilon.
   """
   out_ch: Optional[int] = None
   dropout: float = 0.0
   num_groups: int = 32
   dtype: Any = jnp.float32
   norm: str = "group"
+  norm_eps: float = GN_EPSILON
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array,
@@ -132,7 +153,7 @@ class ResBlock(nn.Module):
     in_ch = x.shape[-1]
     out_ch = in_ch if self.out_ch is None else self.out_ch
     norm = functools.partial(norm_layer, self.norm, self.num_groups,
-                             self.dtype, train=train)
+                             self.dtype, train=train, eps=self.norm_eps)
     h = nn.silu(norm("norm1")(x))
     h = _conv3x3(out_ch, self.dtype, "conv1")(h)
     # Per-channel bias from the embedding, broadcast over all positions.
@@ -147,18 +168,27 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over all H*W positions, with a residual add.
+  """Self-attention over all H*W positions, with a residual add.
 
-  The output projection starts at zero, so the block is the identity at init.
+  One head over all channels (DDPM) by default; `head_dim` > 0 splits the
+  channels into C / head_dim heads (diffusers' `attention_head_dim`), each
+  with logits scaled by head_dim^-1/2. The heads share the q/k/v/out
+  projections, so the parameter shapes do not depend on head_dim. The output
+  projection starts at zero, so the block is the identity at init.
 
   Attributes:
     num_groups: GroupNorm groups; must divide the channels.
     dtype: computation dtype.
     norm: "group" | "batch".
+    norm_eps: GroupNorm epsilon.
+    head_dim: channels per head; 0 = one head of all C channels. Must divide
+      C.
   """
   num_groups: int = 32
   dtype: Any = jnp.float32
   norm: str = "group"
+  norm_eps: float = GN_EPSILON
+  head_dim: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -172,14 +202,25 @@ class AttnBlock(nn.Module):
       [B, H, W, C].
     """
     b, hgt, wid, c = x.shape
-    h = norm_layer(self.norm, self.num_groups, self.dtype, "norm", train)(x)
+    d = self.head_dim or c
+    if c % d:
+      raise ValueError(f"attention head_dim={self.head_dim} does not divide the "
+                       f"{c} channels of an attention block")
+    h = norm_layer(self.norm, self.num_groups, self.dtype, "norm", train,
+                   eps=self.norm_eps)(x)
     q = _dense(c, self.dtype, "q")(h).reshape(b, hgt * wid, c)
     k = _dense(c, self.dtype, "k")(h).reshape(b, hgt * wid, c)
     v = _dense(c, self.dtype, "v")(h).reshape(b, hgt * wid, c)
-    logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
-    # Softmax in float32: bf16 logits lose too much precision over H*W keys.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    h = jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v)
+    if d == c:
+      logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
+      # Softmax in float32: bf16 logits lose too much precision over H*W keys.
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      h = jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v)
+    else:
+      heads = lambda a: a.reshape(b, hgt * wid, c // d, d)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", heads(q), heads(k)) * (d ** -0.5)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      h = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), heads(v))
     h = _dense(c, self.dtype, "proj_out", zero=True)(h.reshape(b, hgt, wid, c))
     return x + h
 
@@ -187,16 +228,20 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
   """Halves H and W: a 3x3 stride-2 conv, or 2x2 average pooling.
 
-  The conv pads by one row/column at the bottom/right only, which is what
-  TensorFlow's 'SAME' padding (used by DDPM) does for an even size with a 3x3
-  kernel and stride 2; the output is exactly H/2 x W/2.
+  With padding="bottom_right" (DDPM) the conv pads by one row/column at the
+  bottom/right only, which is what TensorFlow's 'SAME' padding does for an
+  even size with a 3x3 kernel and stride 2; "symmetric" pads one on every
+  side, as PyTorch's padding=1 (diffusers' `downsample_padding=1`). Either
+  way the output is exactly H/2 x W/2; the taps differ by one pixel.
 
   Attributes:
     with_conv: use the conv (True) or average pooling (False).
     dtype: computation dtype.
+    padding: "bottom_right" | "symmetric".
   """
   with_conv: bool = True
   dtype: Any = jnp.float32
+  padding: str = "bottom_right"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -209,8 +254,12 @@ class Downsample(nn.Module):
       [B, H/2, W/2, C].
     """
     if self.with_conv:
+      if self.padding not in DOWNSAMPLE_PADDINGS:
+        raise ValueError(f"downsample padding={self.padding!r} is unknown; use "
+                         f"one of {DOWNSAMPLE_PADDINGS}")
+      pad = ((0, 1), (0, 1)) if self.padding == "bottom_right" else ((1, 1), (1, 1))
       return _conv3x3(x.shape[-1], self.dtype, "conv", strides=2,
-                      padding=((0, 1), (0, 1)))(x)
+                      padding=pad)(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 

@@ -18,6 +18,12 @@ Architecture (channels-last, resolution = image height H):
   out    : GroupNorm -> SiLU -> conv 3x3 -> C (initialised to zero, so the
            network outputs exactly zero at init).
 
+Options that diffusers' `UNet2DModel` exposes (so its checkpoints convert,
+ddx/convert.py) default to DDPM's choices: the time embedding's order and
+frequency spacing (flip_sin_to_cos, freq_shift), the downsampling conv's
+padding, attention heads (attn_head_dim) and the GroupNorm epsilon
+(norm_eps). None of them changes a parameter shape.
+
 Every GroupNorm becomes a BatchNorm with norm="batch" (see layers.py: running
 statistics live in the "batch_stats" collection and are used when
 train=False).
@@ -43,9 +49,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddx.models.layers import (NORMS, AttnBlock, Downsample, ResBlock,
-                               Upsample, default_init, norm_layer,
-                               timestep_embedding, zero_init)
+from ddx.models.layers import (DOWNSAMPLE_PADDINGS, GN_EPSILON, NORMS,
+                               AttnBlock, Downsample, ResBlock, Upsample,
+                               default_init, norm_layer, timestep_embedding,
+                               zero_init)
 
 
 class UNet(nn.Module):
@@ -70,6 +77,15 @@ class UNet(nn.Module):
       config, or a jnp dtype); parameters stay float32.
     norm: "group" (GroupNorm, DDPM) or "batch" (BatchNorm with running
       statistics in the "batch_stats" collection).
+    flip_sin_to_cos: time embedding as [cos, sin] instead of DDPM's
+      [sin, cos].
+    freq_shift: time-embedding frequencies 10000^(-k / (ch/2 - freq_shift)),
+      k = 0 .. ch/2 - 1; DDPM's 1 ends exactly at 1/10000.
+    downsample_padding: "bottom_right" (DDPM, TensorFlow's SAME) or
+      "symmetric" (PyTorch's padding=1) for the stride-2 downsampling conv.
+    attn_head_dim: channels per attention head; 0 = one head over all
+      channels (DDPM). Must divide the channels of every attention block.
+    norm_eps: GroupNorm epsilon (DDPM 1e-6, diffusers' default 1e-5).
   """
   ch: int = 32
   ch_mult: Sequence[int] = (1, 2)
@@ -81,6 +97,11 @@ class UNet(nn.Module):
   num_classes: int = 0
   dtype: Any = jnp.float32
   norm: str = "group"
+  flip_sin_to_cos: bool = False
+  freq_shift: int = 1
+  downsample_padding: str = "bottom_right"
+  attn_head_dim: int = 0
+  norm_eps: float = GN_EPSILON
 
   def _check(self, x: jax.Array, labels: Optional[jax.Array]) -> None:
     """Raises ValueError for a config or input the network cannot handle."""
@@ -107,6 +128,17 @@ class UNet(nn.Module):
         raise ValueError(
             f"channel count {c} (ch={self.ch}, ch_mult={tuple(self.ch_mult)}) "
             f"is not divisible by num_groups={self.num_groups}")
+    if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+      raise ValueError(f"downsample_padding={self.downsample_padding!r} is "
+                       f"unknown; use one of {DOWNSAMPLE_PADDINGS}")
+    attn_ch = [self.ch * self.ch_mult[l] for l in range(len(self.ch_mult))
+               if hgt // 2 ** l in self.attn_resolutions]
+    attn_ch.append(self.ch * self.ch_mult[-1])   # the middle attention block
+    if self.attn_head_dim < 0 or any(
+        c % (self.attn_head_dim or c) for c in attn_ch):
+      raise ValueError(f"attn_head_dim={self.attn_head_dim} must be 0 (one "
+                       "head) or divide the channels of every attention block "
+                       f"{tuple(sorted(set(attn_ch)))}")
     if labels is not None and self.num_classes <= 0:
       raise ValueError("labels were given but the UNet has num_classes=0")
 
@@ -135,7 +167,8 @@ class UNet(nn.Module):
     dt = jnp.dtype(self.dtype)   # the config gives a string
 
     # Time (and label) embedding, shared by every ResBlock.
-    temb = timestep_embedding(t, self.ch)
+    temb = timestep_embedding(t, self.ch, self.flip_sin_to_cos,
+                              self.freq_shift)
     temb = nn.Dense(4 * self.ch, dtype=dt, kernel_init=default_init,
                     name="temb_dense0")(temb)
     temb = nn.Dense(4 * self.ch, dtype=dt, kernel_init=default_init,
@@ -149,10 +182,11 @@ class UNet(nn.Module):
     def res_block(h, ch, name):
       return ResBlock(out_ch=ch, dropout=self.dropout,
                       num_groups=self.num_groups, dtype=dt, norm=self.norm,
-                      name=name)(h, temb, train)
+                      norm_eps=self.norm_eps, name=name)(h, temb, train)
 
     def attn_block(h, name):
       return AttnBlock(num_groups=self.num_groups, dtype=dt, norm=self.norm,
+                       norm_eps=self.norm_eps, head_dim=self.attn_head_dim,
                        name=name)(h, train)
 
     # Down path; every intermediate output is a skip connection.
@@ -167,6 +201,7 @@ class UNet(nn.Module):
         skips.append(h)
       if level != n_levels - 1:
         h = Downsample(with_conv=self.resamp_with_conv, dtype=dt,
+                       padding=self.downsample_padding,
                        name=f"down_{level}_downsample")(h)
         skips.append(h)
 
@@ -188,7 +223,7 @@ class UNet(nn.Module):
     assert not skips, "every skip connection must be consumed"
 
     h = nn.silu(norm_layer(self.norm, self.num_groups, dt, "norm_out",
-                           train)(h))
+                           train, eps=self.norm_eps)(h))
     h = nn.Conv(out_ch, (3, 3), padding="SAME", dtype=dt,
                 kernel_init=zero_init, name="conv_out")(h)
     return h.astype(jnp.float32)
