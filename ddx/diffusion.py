@@ -150,9 +150,23 @@ def diffusion_loss(apply_fn: Callable[..., jnp.ndarray], params: Any,
   # Loss by quarter of the time range: shows which noise levels the model
   # has learned (a cheap diagnostic the DDPM papers plot).
   q = (t * 4) // sched.num_timesteps
-  onehot = jax.nn.one_hot(q, 4, dtype=jnp.float32)
+  return loss, loss_metrics(loss, per_ex, q, aux if has_aux else None)
+
+
+def loss_metrics(loss, per_ex: jnp.ndarray, quarter: jnp.ndarray, aux=None) -> dict:
+  """The metrics dict every process's loss returns.
+
+  Args:
+    loss: the scalar loss.
+    per_ex: [B] per-example loss; quarter: [B] int32 in [0, 4), which quarter
+      of the process's noise levels each example's draw fell in.
+    aux: the network's auxiliary output (e.g. batch_stats), kept as "aux".
+  Returns:
+    {"loss", "mse_by_quartile": [4] mean per quarter (0 where empty), "aux"?}.
+  """
+  onehot = jax.nn.one_hot(quarter, 4, dtype=jnp.float32)
   by_q = (onehot * per_ex[:, None]).sum(0) / jnp.maximum(onehot.sum(0), 1.0)
   metrics = {"loss": loss, "mse_by_quartile": by_q}
-  if has_aux:
+  if aux is not None:
     metrics["aux"] = aux
-  return loss, metrics
+  return metrics

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddx import diffusion
+
 # Quartiles of the standard normal: ln σ ~ N(P_mean, P_std²) falls in each
 # quarter of its law with probability 1/4 (the loss-by-quartile diagnostic).
 _NORMAL_QUARTILES = (-0.6744897501960817, 0.0, 0.6744897501960817)
@@ -205,9 +207,4 @@ def edm_loss(apply_fn: Callable[..., Any], params: Any, p: EDM, x0: jnp.ndarray,
   loss = jnp.mean(per_ex)
   bounds = jnp.asarray([p.p_mean + p.p_std * z for z in _NORMAL_QUARTILES], jnp.float32)
   q = jnp.sum(jnp.log(sigma)[:, None] > bounds[None, :], axis=1)
-  onehot = jax.nn.one_hot(q, 4, dtype=jnp.float32)
-  by_q = (onehot * per_ex[:, None]).sum(0) / jnp.maximum(onehot.sum(0), 1.0)
-  metrics = {"loss": loss, "mse_by_quartile": by_q}
-  if has_aux:
-    metrics["aux"] = aux
-  return loss, metrics
+  return loss, diffusion.loss_metrics(loss, per_ex, q, aux if has_aux else None)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddx import diffusion
+
 T_SAMPLINGS = ("logit_normal", "uniform")
 PREDICTIONS = ("v", "x0")
 # The smallest t that `velocity` divides by: no sampler evaluates t = 0, so
@@ -193,12 +195,7 @@ def flow_loss(apply_fn: Callable[..., Any], params: Any, p: Flow, x0: jnp.ndarra
   per_ex = jnp.mean(jnp.square(err), axis=tuple(range(1, x0.ndim)))
   loss = jnp.mean(per_ex)
   q = jnp.clip(jnp.floor(t * 4).astype(jnp.int32), 0, 3)
-  onehot = jax.nn.one_hot(q, 4, dtype=jnp.float32)
-  by_q = (onehot * per_ex[:, None]).sum(0) / jnp.maximum(onehot.sum(0), 1.0)
-  metrics = {"loss": loss, "mse_by_quartile": by_q}
-  if has_aux:
-    metrics["aux"] = aux
-  return loss, metrics
+  return loss, diffusion.loss_metrics(loss, per_ex, q, aux if has_aux else None)
 
 
 def time_grid(steps: int, shift: float = 1.0) -> np.ndarray:
