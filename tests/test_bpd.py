@@ -29,7 +29,6 @@ from ddx import flow
 from ddx import likelihood
 from ddx import model as model_lib
 from ddx import schedules
-from ddx.models import UNet
 from testutils import load_config
 
 D = 16
@@ -140,3 +139,164 @@ def test_ode_logp_bad_process_and_steps():
     bpd.ode_logp(edm.EDM(), edm_D, jnp.zeros((1,) + SHAPE), None, steps=0)
   with pytest.raises(ValueError, match="trace='tr' is unknown"):
     bpd.ode_logp(edm.EDM(), edm_D, jnp.zeros((1,) + SHAPE), None, trace="tr")
+
+
+# --- A tiny random Model through the public functions and the Evaluator ------
+
+def _model(config, seed=0):
+  """A random tiny U-Net; NumPy draws the weights (as tests/test_eval_run.py)."""
+  net = model_lib.network(config)
+  abstract = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                            jnp.zeros((1,), jnp.int32))["params"]
+  rng = np.random.default_rng(seed)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.asarray(rng.normal(size=a.shape) * 0.05
+                                  + (path[-1].key == "scale"), jnp.float32), abstract)
+  return model_lib.Model({"params": params}, config_lib.freeze(config))
+
+
+def _bpd_config(process="ddpm"):
+  c = load_config()
+  c.diffusion.process = process
+  if process != "ddpm":
+    c.diffusion.prediction = "v" if process == "flow" else c.diffusion.prediction
+    c.eval.sampler = c.sampling.sampler = "heun"
+  c.eval.metrics = ("bpd",)
+  c.eval.bpd_num_images, c.eval.batch_size = 10, 6
+  c.eval.bpd_solver, c.eval.bpd_steps, c.eval.bpd_vlb_terms = "euler", 2, 3
+  return c
+
+
+def test_evaluator_bpd_scores_held_out_digits_and_resumes(tmp_path, monkeypatch, capsys):
+  from ddx import bpd as bpd_mod
+  c = _bpd_config()
+  c.eval.bpd_estimator = "both"
+  model = _model(c)
+  ev = eval_run.Evaluator(c, str(tmp_path))
+  assert ev._extractor is None      # no Inception weights needed
+  calls = {"ode": 0, "vlb": 0, "sample": 0}
+  real_ode, real_vlb = bpd_mod.ode_bpd, bpd_mod.vlb_bpd
+
+  def count(name, fn):
+    def wrapped(*a, **k):
+      calls[name] += 1
+      return fn(*a, **k)
+    return wrapped
+  monkeypatch.setattr(bpd_mod, "ode_bpd", count("ode", real_ode))
+  monkeypatch.setattr(bpd_mod, "vlb_bpd", count("vlb", real_vlb))
+  monkeypatch.setattr(model_lib, "sample_fn", count("sample", model_lib.sample_fn))
+  out = str(tmp_path / "out")
+  m = ev(model, 7, None, out)
+  assert calls == {"ode": 2, "vlb": 2, "sample": 0}     # 10 images in batches of 6
+  assert sorted(os.listdir(out)) == ["bpd_00000.npz", "bpd_00001.npz"]
+  for k in ("bpd_ode", "bpd_ode_stderr", "bpd_vlb", "bpd_vlb_stderr"):
+    assert np.isfinite(m[k]) and m[k] > 0, (k, m)
+  # A random network is a poor model: more than the 8 bits/dim of the uniform law.
+  assert m["bpd_ode"] > 8 and m["bpd_vlb"] > 8
+  assert m["bpd_ode_nfe"] == 2 and m["bpd_vlb_nfe"] == 3
+  assert "bpd_ode" in capsys.readouterr().out
+  # The scored images are the digits metric's held-out ones, the first 10.
+  images, labels = eval_run.bpd_images(c)
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  want = np.round(d.images[1000:1010] * 255 / 16).astype(np.uint8)[..., None]
+  np.testing.assert_array_equal(images, want)
+  np.testing.assert_array_equal(labels, d.target[1000:1010])
+  # Batch 0 by hand: ode_bpd on images 0..5 with batch 0's key.
+  ode_rng, _ = jax.random.split(jax.random.fold_in(jax.random.key(c.eval.seed), 0))
+  b0, _ = real_ode(model, images[:6], ode_rng, solver="euler", steps=2)
+  np.testing.assert_allclose(np.load(os.path.join(out, "bpd_00000.npz"))["ode"], b0,
+                             rtol=1e-6)
+
+  # Resumed: batch 1 lost, batch 0 reused; same numbers.
+  os.remove(eval_run.bpd_chunk_path(out, 1))
+  calls.update(ode=0, vlb=0)
+  m2 = ev(model, 7, None, out)
+  assert calls["ode"] == 1 and calls["vlb"] == 1
+  for k in ("bpd_ode", "bpd_vlb"):
+    assert m2[k] == pytest.approx(m[k], rel=1e-6)
+  # Other weights do not reuse the batches.
+  calls.update(ode=0, vlb=0)
+  ev(_model(c, seed=1), 7, None, out)
+  assert calls["ode"] == 2
+
+
+@pytest.mark.parametrize("process", ["edm", "flow"])
+def test_ode_bpd_of_edm_and_flow_models_and_no_vlb(process):
+  c = _bpd_config(process)
+  model = _model(c)
+  images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
+  b, nfe = bpd.ode_bpd(model, images, jax.random.key(0), steps=2, solver="euler")
+  assert b.shape == (3,) and np.all(np.isfinite(b)) and int(nfe) == 2
+  with pytest.raises(ValueError, match=f"process is {process}; use ode_bpd"):
+    bpd.vlb_bpd(model, images, jax.random.key(0))
+  with pytest.raises(ValueError, match="not \\[-1, 1\\] floats"):
+    bpd.ode_bpd(model, images / 127.5 - 1, jax.random.key(0))
+  with pytest.raises(ValueError, match="images must be uint8 \\[B, 8, 8, 1\\]"):
+    bpd.ode_bpd(model, images[:, :4], jax.random.key(0))
+
+
+def test_conditional_model_labels():
+  c = load_config()
+  c.model.num_classes = 10
+  m = model_lib.Model({}, config_lib.freeze(c))
+  with pytest.raises(ValueError, match="label_dropout=0; pass labels="):
+    bpd.likelihood_labels(m, None, 2)
+  np.testing.assert_array_equal(bpd.likelihood_labels(m, np.array([3, 4]), 2), [3, 4])
+  c.training.label_dropout = 0.1
+  m = model_lib.Model({}, config_lib.freeze(c))
+  np.testing.assert_array_equal(bpd.likelihood_labels(m, None, 2), [10, 10])
+  with pytest.raises(ValueError, match="model is unconditional"):
+    bpd.likelihood_labels(model_lib.Model({}, config_lib.freeze(load_config())),
+                          np.array([1]), 1)
+
+
+def test_bpd_config_errors_are_one_line():
+  from ddx import evaluation
+  assert config_lib.METRICS == evaluation.METRICS
+  assert config_lib.BPD_ESTIMATORS == bpd.ESTIMATORS
+  assert config_lib.BPD_TRACES == likelihood.TRACES
+  assert config_lib.BPD_PROBES == likelihood.PROBES
+  assert config_lib.BPD_SOLVERS == likelihood.SOLVERS
+
+  def check(pattern, process="ddpm", **kv):
+    c = _bpd_config(process)
+    for k, v in kv.items():
+      c.eval[k] = v
+    with pytest.raises(config_lib.ConfigError, match=pattern) as info:
+      config_lib.validate(c)
+    assert "\n" not in str(info.value)
+    if "bpd" in c.eval.metrics:   # --mode eval checks them too
+      with pytest.raises(config_lib.ConfigError, match=pattern):
+        config_lib.check_eval_inputs(c)
+
+  check("eval.bpd_estimator='elbo' is unknown", bpd_estimator="elbo")
+  check("eval.bpd_trace='diag' is unknown", bpd_trace="diag")
+  check("eval.bpd_probe='sphere' is unknown", bpd_probe="sphere")
+  check("eval.bpd_solver='rk45' is unknown", bpd_solver="rk45")
+  check("eval.bpd_rtol=0.0 must be > 0", bpd_rtol=0.0)
+  check("eval.bpd_atol=-1e-05 must be > 0", bpd_atol=-1e-5)
+  check("eval.bpd_probes=0 must be a positive integer", bpd_probes=0)
+  check("eval.bpd_steps=0 must be a positive integer", bpd_steps=0)
+  check("eval.bpd_vlb_terms=101 must be an integer in \\[0, T=100\\]", bpd_vlb_terms=101)
+  check("bpd_estimator=vlb needs DDPM's variational bound, but diffusion.process=edm",
+        "edm", bpd_estimator="vlb")
+  check("bpd_estimator=both needs .*process=flow", "flow", bpd_estimator="both")
+  check("unknown metric 'bdp'", metrics=("bdp",))
+  c = _bpd_config()
+  c.eval.bpd_num_images = 798
+  with pytest.raises(config_lib.ConfigError, match="has 797 images; use at most 797"):
+    eval_run.bpd_images(c)
+  for process in ("ddpm", "edm", "flow"):
+    config_lib.validate(_bpd_config(process))
+
+
+def test_adaptive_solver_without_diffrax_is_a_config_error():
+  import importlib.util
+  if importlib.util.find_spec("diffrax") is not None:
+    pytest.skip("diffrax is installed")
+  c = _bpd_config()
+  c.eval.bpd_solver = "adaptive"
+  config_lib.validate(c)            # the value is valid; running it needs diffrax
+  with pytest.raises(config_lib.ConfigError, match="bpd_solver=adaptive needs diffrax"):
+    config_lib.check_eval_inputs(c)
