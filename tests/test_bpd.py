@@ -300,3 +300,13 @@ def test_adaptive_solver_without_diffrax_is_a_config_error():
   config_lib.validate(c)            # the value is valid; running it needs diffrax
   with pytest.raises(config_lib.ConfigError, match="bpd_solver=adaptive needs diffrax"):
     config_lib.check_eval_inputs(c)
+
+
+def test_adaptive_solver_through_the_adapter():
+  pytest.importorskip("diffrax")
+  logp, nfe = jax.jit(lambda x: bpd.ode_logp(edm.EDM(), edm_D, x, None, trace="exact",
+                                            solver="adaptive", rtol=1e-5, atol=1e-5))(
+      jnp.asarray(X0.reshape((-1,) + SHAPE), jnp.float32))
+  want = _ve_estimate(0.002, 80.0)
+  np.testing.assert_array_less(np.abs(np.asarray(logp, np.float64) - want) / D, 2e-4)
+  assert 20 < int(nfe) < 1000
