@@ -10,6 +10,7 @@ Public API (see README):
   ddx.load, ddx.sample_fn, ddx.Model  a trained model, and sampling from it
   ddx.invert, ddx.invert_fn, ddx.slerp DDIM inversion and latent interpolation
   ddx.to_uint8                        [-1, 1] floats -> uint8 images
+  ddx.bpd.ode_bpd / vlb_bpd           bits/dim of 8-bit images (likelihood)
 
 Names are imported on first use (PEP 562), so `from ddx.config import
 base_config` in a config file loads ml_collections alone, not JAX.
@@ -22,6 +23,7 @@ _API = {
     "flow": ("ddx.flow", None),
     "models": ("ddx.models", None),
     "sampling": ("ddx.sampling", None),
+    "bpd": ("ddx.bpd", None),
     "load": ("ddx.checkpoint", "load"),
     "diffusion_loss": ("ddx.diffusion", "diffusion_loss"),
     "q_sample": ("ddx.diffusion", "q_sample"),

@@ -33,8 +33,12 @@ MODELS = ("unet", "dit")                   # model.name (ddx.models.NAMES)
 SIGMA_INDICES = ("nearest", "interp")      # sampling.sigma_index: a DDPM model on a σ grid
 SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")   # ddx.sampling.SPACINGS
 DDPM_VARIANCES = ("posterior", "beta")     # sampling.ddpm_variance
-METRICS = ("digits", "fid", "kid", "is")   # eval.metrics (ddx.evaluation)
+METRICS = ("digits", "fid", "kid", "is", "bpd")   # eval.metrics (ddx.evaluation)
 INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
+BPD_ESTIMATORS = ("ode", "vlb", "both")    # eval.bpd_estimator (ddx.bpd)
+BPD_TRACES = ("hutchinson", "exact")       # eval.bpd_trace (ddx.likelihood)
+BPD_PROBES = ("rademacher", "gaussian")    # eval.bpd_probe (ddx.likelihood)
+BPD_SOLVERS = ("euler", "heun", "rk4", "adaptive")   # eval.bpd_solver (ddx.likelihood)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -147,7 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = e = ml_collections.ConfigDict()
   e.every_steps = 0          # in-loop evaluation of the EMA model every N steps; 0 = off
-  e.metrics = ("digits",)    # some of digits | fid | kid | is (fid/kid/is need Inception weights)
+  e.metrics = ("digits",)    # some of digits | fid | kid | is | bpd (fid/kid/is need
+                             # Inception weights; bpd scores held-out data, no sampling)
   e.num_samples = 512        # samples per evaluation (FID-50k: 50_000)
   e.batch_size = 500         # samples per sampler call (global) = images per chunk file
   e.sampler = "ddim"         # eval samples: sampler, steps, eta; clip_x0, guidance_scale
@@ -160,6 +165,24 @@ def base_config() -> ml_collections.ConfigDict:
   e.feature_batch_size = 100  # images per Inception forward pass
   e.kid_subset_size = 1000
   e.kid_subsets = 100
+  # Likelihood, metric "bpd" (README: Likelihood): bits/dim of held-out images,
+  # eval.batch_size at a time, seeded by eval.seed. Held out: digits from index
+  # 1000 on (the digits metric's), tfds: eval.bpd_split, folder: every image.
+  e.bpd_estimator = "ode"    # ode (probability-flow ODE, any process) | vlb (DDPM's
+                             # variational bound, ddpm only) | both (ddpm only)
+  e.bpd_trace = "hutchinson"  # ODE divergence: hutchinson (Skilling-Hutchinson) | exact
+                             # (one jvp per dimension: small images only)
+  e.bpd_probe = "rademacher"  # Hutchinson probes: rademacher | gaussian
+  e.bpd_probes = 1           # Hutchinson probes per image, averaged
+  e.bpd_solver = "rk4"       # euler | heun | rk4 (fixed steps, one lax.scan) | adaptive
+                             # (diffrax Tsit5 + PID control; pip install diffrax)
+  e.bpd_steps = 32           # fixed-step solvers: steps (rk4: 4 evaluations each)
+  e.bpd_rtol = 1e-5          # adaptive solver: relative and absolute tolerance, > 0
+  e.bpd_atol = 1e-5
+  e.bpd_vlb_terms = 0        # vlb: 0 = all T terms; K = unbiased estimate from K
+                             # random timesteps per image
+  e.bpd_num_images = 0       # held-out images scored; 0 = all (digits: 797)
+  e.bpd_split = "test"       # tfds split of the held-out images
   return c
 
 
@@ -376,8 +399,36 @@ def _check_training(config, num_data_shards: int) -> None:
            f"eval.feature_batch_size={e.feature_batch_size!r} must be a positive integer")
   _require(e.kid_subset_size >= 2 and e.kid_subsets >= 1,
            "eval.kid_subset_size must be >= 2 and eval.kid_subsets >= 1")
+  _check_bpd(config)
   if e.every_steps:   # in-loop evaluation: fail now, not hours into training
     check_eval_inputs(config)
+
+
+def _check_bpd(config: ml_collections.ConfigDict) -> None:
+  """The eval.bpd_* keys (checked whether or not eval.metrics has bpd)."""
+  e = config.eval
+  process = config.diffusion.get("process", "ddpm")
+  for key, valid in (("bpd_estimator", BPD_ESTIMATORS), ("bpd_trace", BPD_TRACES),
+                     ("bpd_probe", BPD_PROBES), ("bpd_solver", BPD_SOLVERS)):
+    _require(e[key] in valid, f"eval.{key}={e[key]!r} is unknown; use one of {valid}")
+  _require(e.bpd_estimator == "ode" or process == "ddpm",
+           f"eval.bpd_estimator={e.bpd_estimator} needs DDPM's variational bound, but "
+           f"diffusion.process={process}; use --config.eval.bpd_estimator=ode")
+  for key in ("bpd_probes", "bpd_steps"):
+    _require(isinstance(e[key], int) and not isinstance(e[key], bool) and e[key] >= 1,
+             f"eval.{key}={e[key]!r} must be a positive integer")
+  for key in ("bpd_rtol", "bpd_atol"):
+    _require(isinstance(e[key], (int, float)) and e[key] > 0,
+             f"eval.{key}={e[key]!r} must be > 0 (an adaptive-solver tolerance, e.g. 1e-5)")
+  top = config.diffusion.num_timesteps
+  _require(isinstance(e.bpd_vlb_terms, int) and 0 <= e.bpd_vlb_terms <= top,
+           f"eval.bpd_vlb_terms={e.bpd_vlb_terms!r} must be an integer in [0, T={top}] "
+           "(0 = all T terms)")
+  _require(isinstance(e.bpd_num_images, int) and e.bpd_num_images >= 0,
+           f"eval.bpd_num_images={e.bpd_num_images!r} must be an integer >= 0 (0 = all "
+           "held-out images)")
+  _require(isinstance(e.bpd_split, str) and bool(e.bpd_split),
+           f"eval.bpd_split={e.bpd_split!r} must name a tfds split, e.g. test")
 
 
 def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
@@ -430,6 +481,11 @@ def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
     _require(os.path.isfile(e.inception_weights),
              f"eval.inception_weights={e.inception_weights} does not exist; convert "
              "pytorch-fid's weights with python -m ddx.inception --convert (README: Evaluation)")
+  if "bpd" in metrics:
+    _check_bpd(config)
+    _require(e.bpd_solver != "adaptive" or importlib.util.find_spec("diffrax") is not None,
+             "eval.bpd_solver=adaptive needs diffrax, which is not installed; pip install "
+             "diffrax, or use --config.eval.bpd_solver=rk4")
   if "digits" in metrics:
     _require(d.image_size == 8 and d.channels == 1,
              f"eval.metrics has digits, which scores 8x8 grey digits, but the images are "

@@ -20,6 +20,10 @@ Metrics (eval.metrics):
   fid/kid  Inception pool3 features (ddx.inception) against reference
            statistics of the dataset (`reference_stats`).
   is       Inception Score of the samples' 1008-way logits.
+  bpd      bits/dim of held-out data (ddx.bpd; no sampling, no Inception):
+           eval/bpd_ode (+ _stderr, _nfe) and/or eval/bpd_vlb (+ _stderr),
+           eval.batch_size images at a time, each batch cached as
+           bpd_XXXXX.npz next to the sample chunks (`bpd_chunks`).
 """
 from __future__ import annotations
 
@@ -34,12 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddx import bpd as bpd_lib
 from ddx import config as config_lib
 from ddx import data as data_lib
 from ddx import evaluation
 from ddx import inception
 from ddx import logging as log_lib
 from ddx import model as model_lib
+from ddx import parallel
 
 KID_REFERENCE_SIZE = 5000   # reference features kept for KID (subsets of 1,000 by default)
 
@@ -288,6 +294,194 @@ def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
 
 
 # --------------------------------------------------------------------------
+# Bits/dim of held-out data in resumable batches.
+
+SAMPLE_METRICS = ("digits", "fid", "kid", "is")   # the metrics that score samples
+
+
+def bpd_images(config) -> tuple[np.ndarray, np.ndarray]:
+  """The held-out images the bpd metric scores, in a fixed order.
+
+  digits: load_digits()[1000:] (the digits metric's held-out 797; note that
+  the digits configs train on all 1,797); a tfds dataset: its
+  eval.bpd_split; a folder: every image. The first eval.bpd_num_images of
+  them (0 = all).
+
+  Returns:
+    (uint8 [N, H, W, C], int64 [N] labels, -1 where unlabelled).
+  Raises:
+    DataError: the data cannot be read. ConfigError: bpd_num_images exceeds
+      the held-out set.
+  """
+  e, d = config.eval, config.data
+  if d.name == "digits":
+    source, start = data_lib.make_source(d), evaluation.DIGITS_TRAIN
+  else:
+    held = config_lib.from_dict(config_lib.to_dict(d))
+    if d.name != "folder":
+      held.split = e.bpd_split
+    source, start = data_lib.make_source(held), 0
+  available = len(source) - start
+  num = int(e.bpd_num_images) or available
+  if num > available:
+    raise config_lib.ConfigError(
+        f"eval.bpd_num_images={num} but the held-out set of data.name={d.name} has "
+        f"{available} images; use at most {available}, or 0 for all")
+  if num < 1:
+    raise data_lib.DataError(f"data.name={d.name} has no held-out images to score")
+  idx = np.arange(start, start + num)
+  if hasattr(source, "read_batch"):
+    images, labels = source.read_batch(idx)
+  else:
+    pairs = [source[int(i)] for i in idx]
+    images = np.stack([np.asarray(p[0]) for p in pairs])
+    labels = np.asarray([p[1] for p in pairs], np.int64)
+  return np.asarray(images, np.uint8), np.asarray(labels, np.int64)
+
+
+def _bpd_estimators(config) -> tuple[str, ...]:
+  est = config.eval.bpd_estimator
+  return ("ode", "vlb") if est == "both" else (est,)
+
+
+def _bpd_labels(model: model_lib.Model, labels: np.ndarray) -> tuple[Optional[np.ndarray], str]:
+  """(labels to condition on, what they are): the null label for log p(x) when it
+  was trained, else the images' own classes (log p(x | y))."""
+  if model.config.model.num_classes <= 0:
+    return None, "unconditional"
+  if float(model.config.training.get("label_dropout", 0.0)) > 0:
+    return None, "null label: log p(x)"
+  if np.any(labels < 0):
+    raise data_lib.DataError(
+        "the model is class-conditional with an untrained null label "
+        "(training.label_dropout=0), but the held-out images are unlabelled; "
+        "set data.label_key")
+  return labels, "the images' classes: log p(x | y)"
+
+
+def _bpd_settings(config, model: model_lib.Model, num_images: int) -> str:
+  """Everything besides the batch index that decides a batch's bits/dim."""
+  e = config.eval
+  return json.dumps({"estimator": e.bpd_estimator, "trace": e.bpd_trace,
+                     "probe": e.bpd_probe, "probes": e.bpd_probes,
+                     "solver": e.bpd_solver, "steps": e.bpd_steps,
+                     "rtol": float(e.bpd_rtol), "atol": float(e.bpd_atol),
+                     "vlb_terms": e.bpd_vlb_terms, "num_images": num_images,
+                     "split": e.bpd_split, "data": _data_fingerprint(config.data),
+                     "seed": e.seed, "chunk": e.batch_size,
+                     "ddpm_variance": config.sampling.ddpm_variance,
+                     "weights": model_fingerprint(model)}, sort_keys=True)
+
+
+def bpd_chunk_path(out_dir: str, chunk: int) -> str:
+  return os.path.join(out_dir, f"bpd_{chunk:05d}.npz")
+
+
+def _read_bpd_chunk(path: str, settings: str, count: int, keys) -> Optional[dict]:
+  """A finished batch's results, or None if absent, unreadable or made otherwise."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if str(f["settings"]) != settings:
+        return None
+      out = {k: np.asarray(f[k]) for k in keys}
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    return None
+  ok = all(out[k].shape == (count,) for k in keys if not k.endswith("nfe"))
+  return out if ok else None
+
+
+def bpd_chunks(model: model_lib.Model, config, images: np.ndarray, labels: np.ndarray,
+               out_dir: Optional[str] = None, progress: bool = True) -> dict:
+  """Bits/dim of every image, eval.batch_size (global) at a time, resumable.
+
+  Batch c holds images c·B .. c·B+B-1 (the last one padded with copies of
+  its last image to a full batch, so one program serves every batch) and
+  draws its dequantisation, probes and x_t with fold_in(key(eval.seed), c).
+
+  Args:
+    model: the EMA model.
+    config: eval.bpd_* (the estimators and their settings), eval.batch_size
+      and eval.seed.
+    images: uint8 [N, H, W, C] (`bpd_images`); labels: int64 [N].
+    out_dir: if given, batch c is written as bpd_XXXXX.npz and batches
+      already there (same settings and weights) are reused.
+    progress: print a line per batch.
+  Returns:
+    {"ode": float32 [N] bits/dim, "ode_nfe": int32 [chunks]} and/or
+    {"vlb": float32 [N], "vlb_nfe": int32 [chunks]}.
+  """
+  e = config.eval
+  num, bs = len(images), int(e.batch_size)
+  estimators = _bpd_estimators(config)
+  keys = [k for est in estimators for k in (est, est + "_nfe")]
+  settings = _bpd_settings(config, model, num)
+  cond_labels, what = _bpd_labels(model, labels)
+  base = jax.random.key(e.seed)
+  chunks = math.ceil(num / bs)
+  is_main = jax.process_index() == 0
+  if out_dir and is_main:
+    os.makedirs(out_dir, exist_ok=True)
+  if progress and is_main:
+    print(f"eval: bits/dim of {num} held-out images ({', '.join(estimators)}; "
+          f"{what})", flush=True)
+  parts, t0, made = [], time.perf_counter(), 0
+  for c in range(chunks):
+    count = min(bs, num - c * bs)
+    path = bpd_chunk_path(out_dir, c) if out_dir else None
+    res = _read_bpd_chunk(path, settings, count, keys) if path else None
+    fresh = res is None
+    if fresh:
+      pad = np.concatenate([np.arange(c * bs, c * bs + count),
+                            np.full(bs - count, c * bs + count - 1)])
+      batch = images[pad]
+      y = None if cond_labels is None else jnp.asarray(cond_labels[pad], jnp.int32)
+      ode_rng, vlb_rng = jax.random.split(jax.random.fold_in(base, c))
+      res = {}
+      if "ode" in estimators:
+        b, nfe = bpd_lib.ode_bpd(model, batch, ode_rng, labels=y, trace=e.bpd_trace,
+                                 probe=e.bpd_probe, num_probes=e.bpd_probes,
+                                 solver=e.bpd_solver, steps=e.bpd_steps,
+                                 rtol=e.bpd_rtol, atol=e.bpd_atol,
+                                 trace_chunk=16 if e.bpd_trace == "exact" else None)
+        res["ode"] = np.asarray(parallel.gather(b), np.float32)[:count]
+        res["ode_nfe"] = np.asarray(nfe, np.int32)
+      if "vlb" in estimators:
+        b, nfe = bpd_lib.vlb_bpd(model, batch, vlb_rng, labels=y,
+                                 num_terms=e.bpd_vlb_terms or None)
+        res["vlb"] = np.asarray(parallel.gather(b), np.float32)[:count]
+        res["vlb_nfe"] = np.asarray(nfe, np.int32)
+      made += count
+      if path and is_main:
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, settings=settings, **res)
+        os.replace(tmp, path)   # a batch on disk is always complete
+    parts.append(res)
+    if progress and is_main:
+      done = sum(len(p[estimators[0]]) for p in parts)
+      rate = made / (time.perf_counter() - t0) if made else float("nan")
+      eta = (num - done) / rate if rate == rate and rate > 0 else float("nan")
+      speed = f", {rate:.1f} img/s, ETA {_hms(eta)}" if made else ""
+      print(f"eval: bits/dim {done}/{num} (batch {c + 1}/{chunks} "
+            f"{'scored' if fresh else 'reused from disk'}){speed}", flush=True)
+  return {k: (np.concatenate([p[k] for p in parts]) if not k.endswith("nfe")
+              else np.stack([p[k] for p in parts])) for k in keys}
+
+
+def bpd_metrics(results: dict) -> dict:
+  """Flat metrics of `bpd_chunks` results: the mean bits/dim over images, its
+  standard error (over images: the spread of the data, the dequantisation and
+  the probes together) and the mean NFE per image."""
+  out = {}
+  for est in ("ode", "vlb"):
+    if est in results:
+      v = np.asarray(results[est], np.float64)
+      out[f"bpd_{est}"] = float(v.mean())
+      out[f"bpd_{est}_stderr"] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+      out[f"bpd_{est}_nfe"] = float(np.mean(results[est + "_nfe"]))
+  return out
+
+
+# --------------------------------------------------------------------------
 # Metrics.
 
 
@@ -310,7 +504,7 @@ class Evaluator:
     """
     self.config, self.workdir = config, workdir
     self.metrics = tuple(config.eval.metrics)
-    self._digits = self._ref = None
+    self._digits = self._ref = self._bpd_data = None
     self._extractor = extractor
     if extractor is None:
       config_lib.check_eval_inputs(config)
@@ -320,8 +514,11 @@ class Evaluator:
                                               config.eval.feature_batch_size)
 
   def setup(self) -> None:
-    """Fits or reads the digits classifier; computes or reads the reference stats."""
+    """Fits or reads the digits classifier; computes or reads the reference stats;
+    reads the held-out images of the bpd metric."""
     e = self.config.eval
+    if "bpd" in self.metrics and self._bpd_data is None:
+      self._bpd_data = bpd_images(self.config)
     if "digits" in self.metrics and self._digits is None:
       self._digits = evaluation.DigitsMetric(
           os.path.join(self.workdir, "eval", "digits_classifier.npz"))
@@ -356,13 +553,21 @@ class Evaluator:
     """Samples, scores, logs; returns the metrics ({} on processes other than 0).
 
     Every process samples (the sampler is one program over all devices);
-    process 0 scores and writes.
+    process 0 scores and writes. Sampling happens only for the sample
+    metrics (digits, fid, kid, is); bpd scores held-out data.
     """
     t0 = time.perf_counter()
-    samples = sample_chunks(model, self.config, out_dir)
+    metrics = {}
+    if set(self.metrics) & set(SAMPLE_METRICS):
+      samples = sample_chunks(model, self.config, out_dir)
+      if jax.process_index() == 0:
+        metrics.update(self.scores(samples))
+    if "bpd" in self.metrics:
+      if self._bpd_data is None:
+        self._bpd_data = bpd_images(self.config)
+      metrics.update(bpd_metrics(bpd_chunks(model, self.config, *self._bpd_data, out_dir)))
     if jax.process_index() != 0:
       return {}
-    metrics = self.scores(samples)
     metrics["eval_seconds"] = time.perf_counter() - t0
     if writer is not None:
       writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
@@ -392,7 +597,8 @@ def evaluate(config, workdir: str) -> dict:
   """`--mode eval`: metrics of the newest checkpoint's EMA model, resumable.
 
   Samples go to workdir/eval/step_XXXXXXX_<sampler><steps>/samples_XXXXX.npz
-  (reused when present, also by a later evaluation with more samples), the
+  (reused when present, also by a later evaluation with more samples), bpd
+  batches to bpd_XXXXX.npz in the same folder (reused likewise), the
   metrics to metrics.jsonl / TensorBoard under eval/ and to
   metrics_<num_samples>.json in the same folder.
 

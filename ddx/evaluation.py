@@ -66,7 +66,7 @@ def save_grid(images: np.ndarray, path: Optional[str], **kwargs) -> np.ndarray:
 # Sample-quality metrics over feature arrays (NumPy; testable without a network).
 
 # Names accepted in config.eval.metrics (ddx/eval_run.py computes them).
-METRICS = ("digits", "fid", "kid", "is")   # = ddx.config.METRICS (tested)
+METRICS = ("digits", "fid", "kid", "is", "bpd")   # = ddx.config.METRICS (tested)
 INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
 
 
