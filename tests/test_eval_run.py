@@ -31,7 +31,7 @@ def test_eval_config_errors_are_one_line(tmp_path):
 
   check("unknown metric 'fidd'", metrics=("digits", "fidd"))
   check("num_samples=1 must be", num_samples=1)
-  check("eval.steps=500", steps=500)
+  check("eval.steps=500", steps=500, every_steps=2)   # checked when eval runs
   check("inception_weights is empty", metrics=("fid",), every_steps=10)
   check("does not exist", metrics=("kid",), every_steps=10,
         inception_weights=str(tmp_path / "none.npz"))
