@@ -31,5 +31,7 @@ def test_readme_research_example_runs(tmp_path, monkeypatch):
       continue
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
-  # The inversion example: 8 interpolants between two inverted digits.
-  assert scope["imgs"].shape == (8, 8, 8, 1)
+    if "invert_fn" in block:   # the inversion example: 8 interpolants of two digits
+      assert scope["imgs"].shape == (8, 8, 8, 1)
+    if "ddx.bpd" in block:     # the likelihood example: finite bits/dim per image
+      assert scope["bpd"].shape == (4,) and bool((scope["bpd"] > 0).all())
