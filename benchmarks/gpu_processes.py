@@ -1,0 +1,164 @@
+"""The GPU measurements of the EDM/flow and DiT issues, in one invocation.
+
+  pip install -e '.[bench]'
+  python benchmarks/gpu_processes.py --out benchmarks/gpu_processes.json
+  python benchmarks/gpu_processes.py --quick     # a CPU smoke run of this script
+
+1. EDM's CIFAR-10 sampler, Heun with 18 steps (35 network evaluations), on the
+   CIFAR-10 U-Net at batch 256, float32 and bfloat16: images/s.
+2. Training steps/s and model FLOPs utilisation at batch 128 in bfloat16 for
+   DiT-B/2 (32x32x4 latents, 1,000 classes, the paper's setting) and the
+   CIFAR-10 U-Net. FLOPs come from XLA's cost analysis of the compiled update
+   (what `metrics.jsonl` logs as flops_per_image); MFU divides the achieved
+   rate by --peak_tflops (H100 SXM dense bf16: 989).
+3. DiT-B/2 against diffusers' DiTTransformer2DModel at the same size: one
+   AdamW training step on the same batch, torch eager and torch.compile,
+   bfloat16 autocast.
+
+Results are written to --out after every measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import speed  # noqa: E402  (shared measurement helpers)
+
+
+def _dit_b2(quick: bool):
+  c = speed._config("cifar10", {"model.dropout": 0.0})
+  c.model.name = "dit"
+  c.model.update(dict(patch_size=2, hidden_size=768, depth=12, num_heads=12,
+                      mlp_ratio=4.0, num_classes=1000, learn_sigma=True,
+                      dtype="bfloat16"))
+  c.data.image_size, c.data.channels = 32, 4
+  c.training.label_dropout = 0.1
+  if quick:
+    c.model.update(dict(hidden_size=64, depth=2, num_heads=2))
+    c.data.image_size = 8
+  return c
+
+
+def _ddx_train(config, batch, steps):
+  """(seconds per step, FLOPs per step) of the real jitted update."""
+  import jax
+  import numpy as np
+  from ddx import config as config_lib, parallel, train
+  config.training.batch_size = batch
+  mesh = parallel.make_mesh()
+  setup = train.make_setup(config, mesh)
+  state = setup.init(jax.random.key(0))
+  shape = (batch,) + config_lib.image_shape(config)
+  rng = np.random.default_rng(0)
+  b = parallel.global_batch({"image": rng.uniform(-1, 1, shape).astype(np.float32),
+                             "label": rng.integers(0, max(config.model.num_classes, 1),
+                                                   batch).astype(np.int32)}, mesh)
+  flops = train.step_flops(setup.step, state, b, jax.random.key(1))
+  for _ in range(2):
+    state, m = setup.step(state, b, jax.random.key(1))
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = setup.step(state, b, jax.random.key(1))
+  jax.block_until_ready((state, m))
+  return (time.perf_counter() - t0) / steps, flops
+
+
+def _peer_dit_train(config, batch, steps, device, compile_):
+  """Seconds per AdamW step of diffusers' DiTTransformer2DModel (bf16 autocast)."""
+  import torch
+  from diffusers import DiTTransformer2DModel
+  m = config.model
+  net = DiTTransformer2DModel(
+      num_attention_heads=m.num_heads, attention_head_dim=m.hidden_size // m.num_heads,
+      in_channels=config.data.channels, out_channels=2 * config.data.channels,
+      num_layers=m.depth, patch_size=m.patch_size, sample_size=config.data.image_size,
+      num_embeds_ada_norm=m.num_classes).to(device)
+  opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0)
+  x = torch.randn(batch, config.data.channels, config.data.image_size,
+                  config.data.image_size, device=device)
+  t = torch.randint(0, 1000, (batch,), device=device)
+  y = torch.randint(0, m.num_classes, (batch,), device=device)
+
+  def step():
+    with torch.autocast(device, dtype=torch.bfloat16):
+      out = net(x, timestep=t, class_labels=y).sample[:, :config.data.channels]
+      loss = torch.nn.functional.mse_loss(out.float(), x)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+  fn = torch.compile(step) if compile_ else step
+  for _ in range(3):
+    fn()
+  speed._torch_sync(device)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  speed._torch_sync(device)
+  return (time.perf_counter() - t0) / steps
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default="")
+  ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+  ap.add_argument("--no_peer", action="store_true")
+  ap.add_argument("--peak_tflops", type=float, default=989.0,
+                  help="the chip's dense bf16 peak, for MFU (H100 SXM: 989; H200: 989)")
+  args = ap.parse_args()
+  import jax
+  start = time.perf_counter()
+  q = args.quick
+  sample_batch, heun_steps, train_batch, train_steps = (
+      (2, 3, 2, 2) if q else (256, 18, 128, 20))
+  out = {"jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()],
+         "date": time.strftime("%Y-%m-%d"), "peak_tflops": args.peak_tflops}
+
+  def save(key, value):
+    out[key] = value
+    print(f"[{time.perf_counter() - start:6.1f} s] {key}: {json.dumps(value)}", flush=True)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+  import ddx
+  for dtype in ("float32", "bfloat16"):   # 1. EDM Heun-18 on the CIFAR-10 U-Net
+    c = speed._config("cifar10", {"model.dropout": 0.0, "model.dtype": dtype,
+                                  "diffusion.process": "edm"})
+    model = speed.ddx_model(c)
+    run = lambda: ddx.sample_fn(model, jax.random.key(0), steps=heun_steps,
+                                sampler="heun", num_samples=sample_batch,
+                                clip_x0=False).block_until_ready()
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0
+    s = speed._best(run, 1 if q else 3)
+    save(f"edm_heun{heun_steps}_{dtype}", {"seconds": s, "images_per_s": sample_batch / s,
+                                          "nfe": 2 * heun_steps - 1, "compile_s": compile_s})
+  unet = speed._config("cifar10", {"model.dropout": 0.0, "model.dtype": "bfloat16"})
+  for name, config in (("dit_b2", _dit_b2(q)), ("unet_cifar10", unet)):   # 2. steps/s, MFU
+    s, flops = _ddx_train(config, train_batch, train_steps)
+    save(f"train_{name}_bf16", {"steps_per_s": 1 / s, "flops_per_step": flops,
+                                "tflops_per_s": flops / s / 1e12,
+                                "mfu": flops / s / 1e12 / args.peak_tflops})
+  if not args.no_peer:                    # 3. diffusers DiT-B/2, eager and compiled
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for compile_ in (False, True):
+      if compile_ and device == "cpu":
+        continue   # torch.compile on CPU needs a C++ toolchain run; GPU only
+      s = _peer_dit_train(_dit_b2(q), train_batch, train_steps, device, compile_)
+      save(f"peer_dit_b2_bf16_{'compile' if compile_ else 'eager'}", {"steps_per_s": 1 / s})
+  out["total_s"] = time.perf_counter() - start
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
