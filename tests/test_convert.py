@@ -148,7 +148,8 @@ def test_ddim_matches_diffusers_pipeline(converted, layout, clip):
   x_T = torch.randn((n, 3, size, size), generator=torch.Generator().manual_seed(0)).numpy()
   ref = _ddim_pipeline_images(model, x_T, steps=10, clip=clip)
   imgs = ddx.sample_fn(m, jax.random.key(0), steps=10, sampler="ddim", eta=0.0,
-                       x_T=jnp.asarray(x_T.transpose(0, 2, 3, 1)), clip_x0=clip)
+                       x_T=jnp.asarray(x_T.transpose(0, 2, 3, 1)), clip_x0=clip,
+                       spacing="uniform")   # diffusers' "leading"
   imgs = (np.asarray(imgs) + 1.0) / 2.0
   assert ref.std() > 0.05                # not a blank image
   np.testing.assert_allclose(imgs, ref, atol=2e-4, rtol=0)
@@ -172,8 +173,10 @@ def test_config_read_from_diffusers(converted):
   assert (m["flip_sin_to_cos"], m["freq_shift"], m["downsample_padding"],
           m["attn_head_dim"], m["norm_eps"]) == (False, 1, "bottom_right", 0, 1e-6)
   assert (cfg["data"]["image_size"], cfg["data"]["channels"]) == (32, 3)
-  assert cfg["diffusion"] == {"schedule": "linear", "num_timesteps": 1000,
-                              "beta_start": 1e-4, "beta_end": 0.02, "prediction": "eps"}
+  assert {k: cfg["diffusion"][k] for k in ("process", "schedule", "num_timesteps",
+                                            "beta_start", "beta_end", "prediction")} == {
+      "process": "ddpm", "schedule": "linear", "num_timesteps": 1000,
+      "beta_start": 1e-4, "beta_end": 0.02, "prediction": "eps"}
   assert cfg["sampling"]["clip_x0"] is False
   assert json.load(open(os.path.join(converted["256"][2], "config.json")))["model"][
       "attn_resolutions"] == [16]

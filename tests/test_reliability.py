@@ -260,7 +260,16 @@ def test_nonfinite_loss_with_skip_policy_finishes_with_finite_params(tmp_path):
 
 # Config values the validator refuses, checked in-process (no subprocess each).
 BAD_CONFIGS = [
-    ({"sampling.sampler": "euler"}, "sampling.sampler"),
+    ({"sampling.sampler": "rk4"}, "sampling.sampler='rk4' is not a sampler of"),
+    ({"diffusion.process": "edm", "sampling.sampler": "ddim"},
+     "not a sampler of diffusion.process=edm"),
+    ({"diffusion.process": "edm", "diffusion.sigma_min": 100.0},
+     "diffusion.sigma_min=100.0 must be below"),
+    ({"diffusion.process": "flow", "diffusion.prediction": "v", "diffusion.shift": 0.0},
+     "diffusion.shift=0.0 must be > 0"),
+    ({"model.name": "vit"}, "model.name='vit' is unknown"),
+    ({"model.name": "dit", "model.patch_size": 3}, "not divisible by model.patch_size=3"),
+    ({"model.name": "dit", "model.num_heads": 5}, "not divisible by model.num_heads=5"),
     ({"diffusion.schedule": "quadratic"}, "diffusion.schedule"),
     ({"diffusion.prediction": "score"}, "diffusion.prediction"),
     ({"data.image_size": 10, "model.ch_mult": (1, 2, 2)}, "not divisible"),
@@ -271,7 +280,7 @@ BAD_CONFIGS = [
     ({"model.attn_resolutions": (3,)}, "not a U-Net level"),
     ({"model.num_groups": 3}, "model.num_groups=3 must divide"),
     ({"sampling.spacing": "cubic"}, "sampling.spacing='cubic' is unknown"),
-    ({"eval.spacing": "cubic"}, "eval.spacing='cubic' is unknown"),
+    ({"eval.spacing": "cubic", "eval.every_steps": 2}, "eval.spacing='cubic' is unknown"),
     ({"model.num_classes": 10, "sampling.guidance_scale": 2.0},
      "training.label_dropout=0 never trains the null label"),
 ]

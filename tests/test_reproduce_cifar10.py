@@ -107,7 +107,7 @@ def test_reproduce_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
   for row, kw in (("ddim_eta1_2_quadratic", dict(sampler="ddim", steps=2, eta=1.0,
                                                    spacing="quadratic", clip_x0=False)),
                   ("ddpm_eta1_3_uniform", dict(sampler="ddpm", steps=3, clip_x0=True,
-                                                 ddpm_variance="beta"))):
+                                                 ddpm_variance="beta", spacing="uniform"))):
     want = model_lib.to_uint8(model_lib.sample_fn(model, key, num_samples=5, **kw))
     with np.load(os.path.join(base, row, "samples_00000.npz")) as f:
       np.testing.assert_array_equal(f["images"], want)
