@@ -87,6 +87,15 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
+def has_checkpoints(workdir) -> bool:
+  """Whether workdir has a checkpoints directory, decided alike on every process.
+
+  A collective: every process must call it at the same point, before any of
+  them writes into the workdir (else one could see what another just made).
+  """
+  return not _all_processes_agree(not checkpoint_dir(workdir).is_dir())
+
+
 class Checkpointer:
   """Owns the orbax CheckpointManager of one workdir."""
 

@@ -433,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"{source.num_classes} classes; set --config.model.num_classes={source.num_classes}")
   is_main = jax.process_index() == 0
   setup = make_setup(config, mesh)
-  if ckpt_lib.checkpoint_dir(workdir).is_dir():   # nothing is written before this check
+  if ckpt_lib.has_checkpoints(workdir):   # nothing is written before this check
     _check_resume(ckpt_lib.Checkpointer(workdir, read_only=True), workdir, config,
                   setup.abstract)
   if is_main:
