@@ -155,12 +155,7 @@ def likelihood_labels(model, labels, n: int):
       for a conditional model whose null label was never trained.
   """
   num_classes = model.config.model.num_classes
-  if num_classes <= 0:
-    if labels is not None:
-      raise ValueError("labels were given but the model is unconditional "
-                       "(model.num_classes = 0); drop labels=")
-    return None
-  if labels is None:
+  if labels is None and num_classes > 0:
     if float(model.config.training.get("label_dropout", 0.0)) <= 0:
       raise ValueError("labels=None scores log p(x) with the null label, but this model "
                        "was trained with training.label_dropout=0; pass labels= (the "
@@ -174,7 +169,7 @@ def likelihood_labels(model, labels, n: int):
 def _ode_bpd_jit(model, images, rng, labels, *, trace, probe, num_probes, solver, steps,
                  rtol, atol, trace_chunk):
   dq_rng, probe_rng = jax.random.split(rng)
-  x = model_lib._shard_batch(likelihood.dequantize(images, dq_rng))
+  x = model_lib.shard_batch(likelihood.dequantize(images, dq_rng))
   fn = model_lib.process_denoiser(model, model_lib.denoiser(model, labels))
   logp, nfe = ode_logp(model.process, fn, x, probe_rng,
                        prediction=model.config.diffusion.prediction, trace=trace,
@@ -222,7 +217,7 @@ def ode_bpd(model, images_u8, rng: jax.Array, *, labels=None,
 
 @functools.partial(jax.jit, static_argnames=("num_terms", "variance", "clip_x0"))
 def _vlb_bpd_jit(model, images, rng, labels, *, num_terms, variance, clip_x0):
-  x0 = model_lib._shard_batch(images.astype(jnp.float32) / 127.5 - 1.0)
+  x0 = model_lib.shard_batch(images.astype(jnp.float32) / 127.5 - 1.0)
   fn = model_lib.denoiser(model, labels)
   out = likelihood.ddpm_vlb_terms(fn, model.process, x0, rng,
                                   prediction=model.config.diffusion.prediction,

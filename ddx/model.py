@@ -158,7 +158,7 @@ def process_denoiser(model: Model, fn):
   return fn
 
 
-def _shard_batch(x):
+def shard_batch(x):
   """Splits a sample batch over all devices when it divides evenly; the scan
   carry inherits the sharding, so every step runs data-parallel."""
   mesh = parallel.make_mesh()
@@ -189,7 +189,7 @@ def sample_jit(model, rng, labels, guidance_scale, eta, x_T, churn=0.0, *,
   if isinstance(model.process, Schedule) and sampler not in sampling.SAMPLERS:
     extra["sigma_index"] = sigma_index
   res = sampling.sample(fn, model.process, rng, shape,
-                        sampler=sampler, steps=steps, eta=eta, x_T=_shard_batch(x_T),
+                        sampler=sampler, steps=steps, eta=eta, x_T=shard_batch(x_T),
                         clip_x0=clip_x0, prediction=model.config.diffusion.prediction,
                         ddpm_variance=ddpm_variance, spacing=spacing,
                         return_trajectory=return_trajectory, **extra)
