@@ -78,6 +78,27 @@ def leaf_shapes(tree) -> dict:
   return {_leaf_name(p): tuple(x.shape) for p, x in flat}
 
 
+def structure_difference(saved: dict, target: Any, ignore: tuple = ()) -> Optional[str]:
+  """How saved leaf shapes ({name: shape}, `saved_shapes`) differ from `target`'s
+  leaves, in words; None when they match.
+
+  Args:
+    ignore: top-level names (e.g. "opt_state") left out of the comparison.
+  """
+  keep = lambda d: {k: v for k, v in d.items() if k.split(".")[0] not in ignore}
+  saved, want = keep(saved), keep(leaf_shapes(target))
+  if saved == want:
+    return None
+  missing = sorted(set(want) - set(saved))
+  extra = sorted(set(saved) - set(want))
+  shape = sorted(k for k in set(saved) & set(want) if saved[k] != want[k])
+  if shape:
+    return f"{shape[0]} has shape {saved[shape[0]]} there, {want[shape[0]]} now"
+  if missing:
+    return f"{missing[0]} is not in it ({len(missing)} leaves missing)"
+  return f"it has {extra[0]}, which this config does not ({len(extra)} extra leaves)"
+
+
 def _all_processes_agree(ok: bool) -> bool:
   """True only if `ok` on every process; one collective that all processes reach."""
   if jax.process_count() == 1:
@@ -183,19 +204,9 @@ class Checkpointer:
     Args:
       ignore: top-level names (e.g. "opt_state") left out of the comparison.
     """
-    keep = lambda d: {k: v for k, v in d.items() if k.split(".")[0] not in ignore}
-    saved, want = keep(self.saved_shapes(step)), keep(leaf_shapes(target))
-    if saved == want:
+    what = structure_difference(self.saved_shapes(step), target, ignore)
+    if what is None:
       return
-    missing = sorted(set(want) - set(saved))
-    extra = sorted(set(saved) - set(want))
-    shape = sorted(k for k in set(saved) & set(want) if saved[k] != want[k])
-    if shape:
-      what = f"{shape[0]} has shape {saved[shape[0]]} there, {want[shape[0]]} now"
-    elif missing:
-      what = f"{missing[0]} is not in it ({len(missing)} leaves missing)"
-    else:
-      what = f"it has {extra[0]}, which this config does not ({len(extra)} extra leaves)"
     raise StructureMismatch(
         f"the checkpoint at step {step} in {self.directory} was written by a model or "
         f"optimizer of another structure: {what}")

@@ -203,8 +203,7 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
     num_data_shards: how many ways the global batch is split (devices on the
       "data" mesh axis); the batch size must divide by it.
   """
-  d, m, f, t, o, s = (config.data, config.model, config.diffusion, config.training,
-                      config.optim, config.sampling)
+  d, m = config.data, config.model
   _require(isinstance(d.name, str) and d.name,
            "data.name is empty; use digits, folder, cifar10 or a tfds dataset name")
   _require(d.name != "folder" or bool(d.path),

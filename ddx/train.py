@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import time
 from typing import Any, Callable, NamedTuple
@@ -227,23 +226,18 @@ def _check_resume(ck: ckpt_lib.Checkpointer, workdir: str, config, abstract) -> 
   step = steps[-1]
   reset = config.training.reset_optimizer
   try:
-    ck.saved_shapes(step)
+    saved = ck.saved_shapes(step)
   except Exception:
     return
-  try:
-    ck.check_structure(step, abstract, ignore=("opt_state",) if reset else ())
+  detail = ckpt_lib.structure_difference(saved, abstract,
+                                         ignore=("opt_state",) if reset else ())
+  if detail is None:
     return
-  except ckpt_lib.StructureMismatch as e:
-    detail = str(e).split(": ", 1)[-1]
   try:
     old = ck.restore_config(step)
   except Exception:
     old = None
-  params_ok = True
-  try:
-    ck.check_structure(step, abstract, ignore=("opt_state",))
-  except ckpt_lib.StructureMismatch:
-    params_ok = False
+  params_ok = ckpt_lib.structure_difference(saved, abstract, ignore=("opt_state",)) is None
   changes = config_lib.structure_changes(old, config) if old is not None else []
   named = (", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
            or f"no config key differs, but {detail}")

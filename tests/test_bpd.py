@@ -12,8 +12,6 @@ Each process's ODE gives the density of the data smoothed by N(0, s_min² I)
 (s_min = σ_min, σ_0 of the schedule, ε/(1 − ε)), so the closed form is
 log N(x; mu, Σ + s_min² I), in float64 NumPy.
 """
-import json
-import math
 import os
 
 import jax
@@ -29,7 +27,7 @@ from ddx import flow
 from ddx import likelihood
 from ddx import model as model_lib
 from ddx import schedules
-from testutils import load_config
+from testutils import load_config, random_model
 
 D = 16
 SHAPE = (2, 2, 4)
@@ -143,18 +141,6 @@ def test_ode_logp_bad_process_and_steps():
 
 # --- A tiny random Model through the public functions and the Evaluator ------
 
-def _model(config, seed=0):
-  """A random tiny U-Net; NumPy draws the weights (as tests/test_eval_run.py)."""
-  net = model_lib.network(config)
-  abstract = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
-                            jnp.zeros((1,), jnp.int32))["params"]
-  rng = np.random.default_rng(seed)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, a: jnp.asarray(rng.normal(size=a.shape) * 0.05
-                                  + (path[-1].key == "scale"), jnp.float32), abstract)
-  return model_lib.Model({"params": params}, config_lib.freeze(config))
-
-
 def _bpd_config(process="ddpm"):
   c = load_config()
   c.diffusion.process = process
@@ -171,7 +157,7 @@ def test_evaluator_bpd_scores_held_out_digits_and_resumes(tmp_path, monkeypatch,
   from ddx import bpd as bpd_mod
   c = _bpd_config()
   c.eval.bpd_estimator = "both"
-  model = _model(c)
+  model = random_model(c)
   ev = eval_run.Evaluator(c, str(tmp_path))
   assert ev._extractor is None      # no Inception weights needed
   calls = {"ode": 0, "vlb": 0, "sample": 0}
@@ -217,14 +203,14 @@ def test_evaluator_bpd_scores_held_out_digits_and_resumes(tmp_path, monkeypatch,
     assert m2[k] == pytest.approx(m[k], rel=1e-6)
   # Other weights do not reuse the batches.
   calls.update(ode=0, vlb=0)
-  ev(_model(c, seed=1), 7, None, out)
+  ev(random_model(c, seed=1), 7, None, out)
   assert calls["ode"] == 2
 
 
 @pytest.mark.parametrize("process", ["edm", "flow"])
 def test_ode_bpd_of_edm_and_flow_models_and_no_vlb(process):
   c = _bpd_config(process)
-  model = _model(c)
+  model = random_model(c)
   images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
   b, nfe = bpd.ode_bpd(model, images, jax.random.key(0), steps=2, solver="euler")
   assert b.shape == (3,) and np.all(np.isfinite(b)) and int(nfe) == 2

@@ -24,6 +24,8 @@ from ddx.models import NAMES, DiT, UNet, build
 from ddx.models import dit as dit_lib
 from ddx.models.unet import count_params
 
+from testutils import jaxpr_eqns
+
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 # Conditional, learn_sigma, D = 32 with 4 heads of 8: most tests use it.
@@ -304,25 +306,13 @@ def test_bfloat16_close_to_float32():
   assert 1e-5 < err < 3e-2, err    # bf16 really ran, and stays close
 
 
-def _eqns(jaxpr):
-  """Every equation of a jaxpr, including those of nested (sub-)jaxprs."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for p in eqn.params.values():
-      for sub in (p if isinstance(p, (tuple, list)) else [p]):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          yield from _eqns(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          yield from _eqns(sub)
-
-
 def test_bfloat16_matmuls_in_bf16_statistics_in_f32():
   x = jax.ShapeDtypeStruct(SHAPE, jnp.float32)
   t = jax.ShapeDtypeStruct(SHAPE[:1], jnp.float32)
   labels = jax.ShapeDtypeStruct(SHAPE[:1], jnp.int32)
   variables = jax.eval_shape(TINY_BF16.init, jax.random.key(0), x, t, labels)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(variables))
-  eqns = list(_eqns(jax.make_jaxpr(TINY_BF16.apply)(variables, x, t, labels).jaxpr))
+  eqns = list(jaxpr_eqns(jax.make_jaxpr(TINY_BF16.apply)(variables, x, t, labels).jaxpr))
   dtypes = lambda e: {str(v.aval.dtype) for v in e.invars if hasattr(v.aval, "dtype")}
   matmuls = [e for e in eqns if e.primitive.name in ("conv_general_dilated",
                                                      "dot_general")]

@@ -6,10 +6,8 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import ddx
 import pytest
 
 from ddx import config as config_lib
@@ -17,7 +15,7 @@ from ddx import eval_run
 from ddx import evaluation
 from ddx import model as model_lib
 from ddx import train
-from testutils import ROOT, load_config
+from testutils import ROOT, load_config, random_model
 
 
 def test_eval_config_errors_are_one_line(tmp_path):
@@ -46,23 +44,10 @@ def test_eval_config_errors_are_one_line(tmp_path):
   config_lib.validate(load_config("digits"))
 
 
-def _model(config, seed=0):
-  """A random tiny U-Net; NumPy draws the weights (a jitted threefry init of even
-  this model cost 20-30 s of CPU here)."""
-  net = ddx.models.build(config.model)
-  abstract = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
-                            jnp.zeros((1,), jnp.int32))["params"]
-  rng = np.random.default_rng(seed)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, a: jnp.asarray(rng.normal(size=a.shape) * 0.05
-                                  + (path[-1].key == "scale"), jnp.float32), abstract)
-  return model_lib.Model({"params": params}, config_lib.freeze(config))
-
-
 def test_sample_chunks_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
   c = load_config()
   c.eval.num_samples, c.eval.batch_size, c.eval.steps, c.eval.seed = 10, 4, 3, 7
-  model = _model(c)
+  model = random_model(c)
   out = str(tmp_path / "chunks")
   full = eval_run.sample_chunks(model, c, out, progress=False)
   assert full.shape == (10, 8, 8, 1) and full.dtype == np.uint8
@@ -93,7 +78,7 @@ def test_sample_chunks_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch)
   assert len(calls) == 3 and not np.array_equal(other, full)
   # Nor do other weights with the same settings (a retrain in the same workdir).
   calls.clear()
-  retrained = eval_run.sample_chunks(_model(c, seed=1), c, out, progress=False)
+  retrained = eval_run.sample_chunks(random_model(c, seed=1), c, out, progress=False)
   assert len(calls) == 3 and not np.array_equal(retrained, other)
 
 

@@ -12,10 +12,8 @@ import pytest
 from PIL import Image
 
 import ddx
-from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
 from ddx import data, sampling, schedules, train
-from ddx.models import UNet
 
 from testutils import ROOT, load_config
 

@@ -22,6 +22,8 @@ from ddx.models import UNet
 from ddx.models.layers import Downsample, Upsample, timestep_embedding
 from ddx.models.unet import count_params
 
+from testutils import jaxpr_eqns
+
 # DDPM's CIFAR-10 model has 35.7M parameters (Ho et al. 2020, Sec. 4); this
 # implementation has exactly this many.
 CIFAR10_PARAMS = 35_746_307
@@ -120,18 +122,6 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   assert out.shape == shape and out.dtype == jnp.float32
 
 
-def _eqns(jaxpr):
-  """Every equation of a jaxpr, including those of nested (sub-)jaxprs."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for p in eqn.params.values():
-      for sub in (p if isinstance(p, (tuple, list)) else [p]):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          yield from _eqns(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          yield from _eqns(sub)
-
-
 @pytest.mark.parametrize("norm", ["group", "batch"])
 def test_bfloat16_runs_every_matmul_in_bf16_and_statistics_in_f32(norm):
   """dtype="bfloat16" (as the config spells it) reaches every conv, dense,
@@ -146,7 +136,7 @@ def test_bfloat16_runs_every_matmul_in_bf16_and_statistics_in_f32(norm):
   fn = lambda v, x, t, y: model.apply(v, x, t, y, train=True,
                                       mutable=["batch_stats"])[0]
   closed = jax.make_jaxpr(fn)(variables, x, t, labels)
-  eqns = list(_eqns(closed.jaxpr))
+  eqns = list(jaxpr_eqns(closed.jaxpr))
   dtypes = lambda e: {str(v.aval.dtype) for v in e.invars if hasattr(v.aval, "dtype")}
   matmuls = [e for e in eqns if e.primitive.name in ("conv_general_dilated",
                                                      "dot_general")]

@@ -31,3 +31,35 @@ def gaussian_denoiser(sched, mu, s):
     x0 = mu + jnp.sqrt(a) * s ** 2 / (a * s ** 2 + 1 - a) * (x - jnp.sqrt(a) * mu)
     return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
   return fn
+
+
+def random_model(config, seed: int = 0):
+  """A ddx.Model of config's network with random weights drawn by NumPy (a jitted
+  threefry init of even a tiny U-Net cost 20-30 s of CPU here); GroupNorm/LayerNorm
+  scales start at 1."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ddx import config as config_lib
+  from ddx import model as model_lib
+  net = model_lib.network(config)
+  abstract = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                            jnp.zeros((1,), jnp.int32))["params"]
+  rng = np.random.default_rng(seed)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.asarray(rng.normal(size=a.shape) * 0.05
+                                  + (path[-1].key == "scale"), jnp.float32), abstract)
+  return model_lib.Model({"params": params}, config_lib.freeze(config))
+
+
+def jaxpr_eqns(jaxpr):
+  """Every equation of a jaxpr, including those of nested (sub-)jaxprs."""
+  import jax
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else [p]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from jaxpr_eqns(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from jaxpr_eqns(sub)
