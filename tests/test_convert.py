@@ -26,6 +26,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import ddx
 from ddx import convert
+from ddx.convert import unet
 from ddx.models.layers import timestep_embedding
 
 from testutils import ROOT, load_config
@@ -198,7 +199,7 @@ def test_unet_defaults_are_diffusers_defaults():
   sig = inspect.signature(diffusers.UNet2DModel.__init__).parameters
   got = {k: p.default for k, p in sig.items() if k != "self"}
   assert {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in got.items()} \
-      == convert.UNET_DEFAULTS
+      == unet.UNET_DEFAULTS
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -207,7 +208,7 @@ def test_unet_defaults_are_diffusers_defaults():
 ])
 def test_schedule_betas_match_diffusers(name, kw):
   sched = _scheduler(num_train_timesteps=500, **kw)
-  keys = convert.schedule_keys(dict(sched.config))
+  keys = unet.schedule_keys(dict(sched.config))
   assert keys["diffusion"]["schedule"] == name
   from ddx import schedules, config as config_lib
   d = config_lib.base_config().diffusion
@@ -220,11 +221,11 @@ def test_schedule_betas_match_diffusers(name, kw):
 
 
 def test_scheduler_fields_map():
-  k = convert.schedule_keys({"prediction_type": "v_prediction", "clip_sample": False,
+  k = unet.schedule_keys({"prediction_type": "v_prediction", "clip_sample": False,
                              "variance_type": "fixed_large"})
   assert k["diffusion"]["prediction"] == "v"
   assert k["sampling"] == {"clip_x0": False, "ddpm_variance": "beta"}
-  assert convert.schedule_keys(None)["diffusion"] == {
+  assert unet.schedule_keys(None)["diffusion"] == {
       "schedule": "linear", "num_timesteps": 1000, "beta_start": 1e-4,
       "beta_end": 0.02, "prediction": "eps"}
 
@@ -245,7 +246,7 @@ def test_legacy_bin_checkpoint(converted, tmp_path):
   model, src, workdir = converted["cifar10"]
   legacy = str(tmp_path / "legacy")
   shutil.copytree(src, legacy)
-  os.remove(os.path.join(legacy, "unet", convert.WEIGHT_FILES[0]))
+  os.remove(os.path.join(legacy, "unet", unet.WEIGHT_FILES[0]))
   old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
   sd = {}
   for k, v in model.state_dict().items():
@@ -253,10 +254,10 @@ def test_legacy_bin_checkpoint(converted, tmp_path):
       k = k.replace(f".{new}.", f".{name}.")
     sd[k] = v
   assert any(".query." in k for k in sd)
-  torch.save(sd, os.path.join(legacy, "unet", convert.WEIGHT_FILES[1]))
-  cfg = convert.ddx_config(json.load(open(os.path.join(legacy, "unet", "config.json"))), None)
-  params = convert.params_from_state_dict(
-      convert.read_state_dict(convert.weight_files(os.path.join(legacy, "unet"))), cfg)
+  torch.save(sd, os.path.join(legacy, "unet", unet.WEIGHT_FILES[1]))
+  cfg = unet.ddx_config(json.load(open(os.path.join(legacy, "unet", "config.json"))), None)
+  params = unet.params_from_state_dict(
+      unet.read_state_dict(unet.weight_files(os.path.join(legacy, "unet"))), cfg)
   ref = ddx.load(workdir).variables["params"]
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(a, b)
@@ -296,7 +297,7 @@ def test_unsupported_config_is_one_line_exit_2(converted, tmp_path, capsys, fiel
 
 def _edit_weights(src, dst, edit):
   shutil.copytree(src, dst)
-  path = os.path.join(dst, "unet", convert.WEIGHT_FILES[0])
+  path = os.path.join(dst, "unet", unet.WEIGHT_FILES[0])
   from safetensors.torch import load_file, save_file
   sd = load_file(path)
   edit(sd)
@@ -316,7 +317,7 @@ def test_bad_weights_name_the_weight(converted, tmp_path, capsys):
     bad = _edit_weights(src, str(tmp_path / name), edit)
     code, err = _run_main(capsys, bad, str(tmp_path / f"{name}_out"))
     assert code == 2 and len(err.splitlines()) == 1 and named in err, (name, err)
-  for name, path in (("no_weights", convert.WEIGHT_FILES[0]), ("no_config", "config.json")):
+  for name, path in (("no_weights", unet.WEIGHT_FILES[0]), ("no_config", "config.json")):
     bad = str(tmp_path / name)
     shutil.copytree(src, bad)
     os.remove(os.path.join(bad, "unet", path))

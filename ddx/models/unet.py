@@ -19,7 +19,7 @@ Architecture (channels-last, resolution = image height H):
            network outputs exactly zero at init).
 
 Options that diffusers' `UNet2DModel` exposes (so its checkpoints convert,
-ddx/convert.py) default to DDPM's choices: the time embedding's order and
+ddx/convert/unet.py) default to DDPM's choices: the time embedding's order and
 frequency spacing (flip_sin_to_cos, freq_shift), the downsampling conv's
 padding, attention heads (attn_head_dim) and the GroupNorm epsilon
 (norm_eps). None of them changes a parameter shape.

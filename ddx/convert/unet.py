@@ -1,6 +1,6 @@
 """Imports diffusers checkpoints (`UNet2DModel` + its scheduler) as ddx workdirs.
 
-    python -m ddx.convert SRC --workdir OUT
+    python -m ddx.convert SRC --workdir OUT     (SRC: a diffusers UNet2DModel folder)
 
 SRC is a folder as diffusers' `save_pretrained` writes it: a pipeline folder
 (`unet/` and `scheduler/`, as `DDPMPipeline.save_pretrained` makes), a hub
@@ -39,24 +39,19 @@ file, a missing or extra weight, or a weight of the wrong shape.
 Time indices agree: diffusers' timesteps are the indices 0 .. T-1 into its
 alphas_cumprod, whose entry 0 is 1 - β_1, exactly ddx's index i.
 
-torch (and safetensors) are needed here only: pip install 'ddx[convert]'.
-ddx itself never imports them.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import sys
-import time
 from typing import Any, Optional
 
 import numpy as np
 
-EXIT_BAD_INPUT = 2
-
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+from ddx.convert.common import (ConversionError, WEIGHT_FILES, abstract_train_state,
+                                read_json, read_state_dict, require, weight_files,
+                                write_workdir)
 
 # UNet2DModel's constructor defaults (diffusers 0.42): a field missing from a
 # config.json takes these, as diffusers' own from_config does.
@@ -100,25 +95,8 @@ _DOWN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}
 _UP_BLOCKS = {"UpBlock2D": False, "AttnUpBlock2D": True}
 
 
-class ConversionError(ValueError):
-  """A source that cannot be converted; the message names the file/field/weight."""
-
-
-def _require(cond: bool, msg: str) -> None:
-  if not cond:
-    raise ConversionError(msg)
-
-
 # --------------------------------------------------------------------------
 # Reading the diffusers folder.
-
-
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{path} is not valid JSON ({e}); re-download it") from None
 
 
 def locate(src: str) -> tuple[str, Optional[str]]:
@@ -130,11 +108,11 @@ def locate(src: str) -> tuple[str, Optional[str]]:
   Returns:
     (unet_dir, scheduler_config_path or None when SRC has none).
   """
-  _require(os.path.isdir(src), f"{src} does not exist or is not a folder; pass "
+  require(os.path.isdir(src), f"{src} does not exist or is not a folder; pass "
            "the folder diffusers' save_pretrained (or huggingface-cli download) wrote")
   unet = os.path.join(src, "unet")
   unet = unet if os.path.isfile(os.path.join(unet, "config.json")) else src
-  _require(os.path.isfile(os.path.join(unet, "config.json")),
+  require(os.path.isfile(os.path.join(unet, "config.json")),
            f"{os.path.join(src, 'unet', 'config.json')} (or {src}/config.json) does "
            "not exist; SRC must be a diffusers pipeline or UNet2DModel folder")
   for path in (os.path.join(src, "scheduler", "scheduler_config.json"),
@@ -142,69 +120,6 @@ def locate(src: str) -> tuple[str, Optional[str]]:
     if os.path.isfile(path):
       return unet, path
   return unet, None
-
-
-def weight_files(unet_dir: str) -> list[str]:
-  """The weight file(s) of a UNet folder: safetensors first, then .bin.
-
-  Returns:
-    paths of every shard (one path for an unsharded checkpoint).
-  """
-  for name in WEIGHT_FILES:
-    path = os.path.join(unet_dir, name)
-    if os.path.isfile(path):
-      return [path]
-    index = path + ".index.json"
-    if os.path.isfile(index):
-      shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-      _require(bool(shards), f"{index} has no weight_map; re-download the checkpoint")
-      paths = [os.path.join(unet_dir, s) for s in shards]
-      for p in paths:
-        _require(os.path.isfile(p), f"{p} does not exist (named by {index}); "
-                 "download every shard of the checkpoint")
-      return paths
-  others = sorted(f for f in os.listdir(unet_dir)
-                  if f.endswith((".safetensors", ".bin")))
-  raise ConversionError(
-      f"{os.path.join(unet_dir, WEIGHT_FILES[0])} (or .bin) does not exist"
-      + (f"; the folder has {others}: rename the one to convert" if others else
-         "; download the weights too (huggingface-cli download fetches them)"))
-
-
-def _torch():
-  try:
-    import torch
-  except ImportError:
-    raise ConversionError("ddx.convert reads PyTorch weights and needs torch: "
-                          "pip install 'ddx[convert]' (torch, safetensors)") from None
-  return torch
-
-
-def read_state_dict(paths: list[str]) -> dict[str, np.ndarray]:
-  """Reads diffusers weight files into float32 NumPy arrays keyed by name.
-
-  Args:
-    paths: .safetensors or .bin files (the shards of one checkpoint).
-  Returns:
-    {state_dict key: float32 array in PyTorch layout}.
-  """
-  torch = _torch()
-  out = {}
-  for path in paths:
-    try:
-      if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        tensors = load_file(path)
-      else:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-      raise ConversionError(f"{path} could not be read ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); "
-                            "re-download it") from None
-    for k, v in tensors.items():
-      if torch.is_tensor(v):
-        out[k] = v.detach().to(torch.float32).numpy()
-  return out
 
 
 # --------------------------------------------------------------------------
@@ -227,25 +142,25 @@ def model_keys(unet_cfg: dict, where: str = "config.json") -> dict:
     ConversionError: a field ddx's U-Net cannot represent, named.
   """
   name = unet_cfg.get("_class_name", "UNet2DModel")
-  _require(name == "UNet2DModel",
+  require(name == "UNet2DModel",
            f"{where}: _class_name={name!r} is not supported; ddx.convert takes "
            "diffusers' UNet2DModel (cross-attention and conditional UNets are not ddx models)")
   c = _filled(unet_cfg, UNET_DEFAULTS)
-  unsupported = lambda field, ok: _require(
+  unsupported = lambda field, ok: require(
       ok, f"{where}: {field}={c[field]!r} is not supported by ddx's U-Net")
 
   size = c["sample_size"]
   if isinstance(size, (list, tuple)):
-    _require(len(size) == 2 and size[0] == size[1],
+    require(len(size) == 2 and size[0] == size[1],
              f"{where}: sample_size={size!r} is not square; ddx models square images")
     size = size[0]
-  _require(isinstance(size, int) and size > 0,
+  require(isinstance(size, int) and size > 0,
            f"{where}: sample_size={c['sample_size']!r} must be the image size "
            "(an integer); set it in config.json")
-  _require(c["in_channels"] in (1, 3),
+  require(c["in_channels"] in (1, 3),
            f"{where}: in_channels={c['in_channels']!r} is not supported; ddx "
            "models 1- or 3-channel images")
-  _require(c["out_channels"] == c["in_channels"],
+  require(c["out_channels"] == c["in_channels"],
            f"{where}: out_channels={c['out_channels']!r} differs from in_channels="
            f"{c['in_channels']}; ddx's U-Net predicts a tensor of the input's shape "
            "(learned variances are not supported)")
@@ -263,42 +178,42 @@ def model_keys(unet_cfg: dict, where: str = "config.json") -> dict:
 
   boc = [int(x) for x in c["block_out_channels"]]
   ch = boc[0]
-  _require(all(b % ch == 0 for b in boc),
+  require(all(b % ch == 0 for b in boc),
            f"{where}: block_out_channels={boc} is not supported: every width must "
            f"be a multiple of the first ({ch}), ddx's model.ch")
   unsupported("time_embedding_dim", c["time_embedding_dim"] in (None, 4 * ch))
   down, up = list(c["down_block_types"]), list(c["up_block_types"])
   levels = len(boc)
-  _require(len(down) == levels and len(up) == levels,
+  require(len(down) == levels and len(up) == levels,
            f"{where}: down_block_types and up_block_types need one entry per "
            f"block_out_channels ({levels})")
   for i, b in enumerate(down):
-    _require(b in _DOWN_BLOCKS, f"{where}: down_block_types[{i}]={b!r} is not "
+    require(b in _DOWN_BLOCKS, f"{where}: down_block_types[{i}]={b!r} is not "
              f"supported; ddx's U-Net has {tuple(_DOWN_BLOCKS)}")
   for i, b in enumerate(up):
-    _require(b in _UP_BLOCKS, f"{where}: up_block_types[{i}]={b!r} is not "
+    require(b in _UP_BLOCKS, f"{where}: up_block_types[{i}]={b!r} is not "
              f"supported; ddx's U-Net has {tuple(_UP_BLOCKS)}")
   for level in range(levels):
     j = levels - 1 - level   # up_blocks run from the lowest resolution up
-    _require(_DOWN_BLOCKS[down[level]] == _UP_BLOCKS[up[j]],
+    require(_DOWN_BLOCKS[down[level]] == _UP_BLOCKS[up[j]],
              f"{where}: up_block_types[{j}]={up[j]!r} does not mirror "
              f"down_block_types[{level}]={down[level]!r}; ddx puts attention "
              "at a resolution on both paths or on neither")
   attn_res = tuple(size // 2 ** l for l in range(levels) if _DOWN_BLOCKS[down[l]])
 
   groups = int(c["norm_num_groups"])
-  _require(all(b % groups == 0 for b in boc),
+  require(all(b % groups == 0 for b in boc),
            f"{where}: norm_num_groups={groups} does not divide block_out_channels={boc}")
   unsupported("attn_norm_num_groups", c["attn_norm_num_groups"] in (None, groups))
   attn_ch = sorted({boc[l] for l in range(levels) if _DOWN_BLOCKS[down[l]]} | {boc[-1]})
   head_dim = c["attention_head_dim"]
   if head_dim is None or all(head_dim == a for a in attn_ch):
     head_dim = 0   # one head over all channels, DDPM's attention
-  _require(isinstance(head_dim, int) and all(a % (head_dim or a) == 0 for a in attn_ch),
+  require(isinstance(head_dim, int) and all(a % (head_dim or a) == 0 for a in attn_ch),
            f"{where}: attention_head_dim={c['attention_head_dim']!r} must divide "
            f"the channels of every attention block {tuple(attn_ch)}")
   num_classes = c["num_class_embeds"] or 0
-  _require(isinstance(num_classes, int) and num_classes >= 0,
+  require(isinstance(num_classes, int) and num_classes >= 0,
            f"{where}: num_class_embeds={c['num_class_embeds']!r} must be an integer")
   model = dict(
       ch=ch, ch_mult=tuple(b // ch for b in boc),
@@ -324,7 +239,7 @@ def schedule_keys(sched_cfg: Optional[dict],
     ConversionError: a field ddx's schedules or samplers lack, named.
   """
   c = _filled(sched_cfg or {}, SCHEDULER_DEFAULTS)
-  unsupported = lambda field, ok, fix="": _require(
+  unsupported = lambda field, ok, fix="": require(
       ok, f"{where}: {field}={c[field]!r} is not supported by ddx{fix}")
   unsupported("trained_betas", c["trained_betas"] is None,
               "; ddx builds its schedules from diffusion.schedule (linear | cosine)")
@@ -340,13 +255,13 @@ def schedule_keys(sched_cfg: Optional[dict],
   unsupported("variance_type", c["variance_type"] in _VARIANCES,
               f"; use one of {tuple(_VARIANCES)}")
   T = c["num_train_timesteps"]
-  _require(isinstance(T, int) and T >= 1,
+  require(isinstance(T, int) and T >= 1,
            f"{where}: num_train_timesteps={T!r} must be a positive integer")
   diffusion = dict(schedule=_SCHEDULES[c["beta_schedule"]], num_timesteps=T,
                    prediction=_PREDICTIONS[c["prediction_type"]])
   if diffusion["schedule"] == "linear":
     b0, b1 = float(c["beta_start"]), float(c["beta_end"])
-    _require(0 < b0 <= b1 < 1, f"{where}: beta_start={b0}, beta_end={b1} need "
+    require(0 < b0 <= b1 < 1, f"{where}: beta_start={b0}, beta_end={b1} need "
              "0 < beta_start <= beta_end < 1")
     diffusion.update(beta_start=b0, beta_end=b1)
   return {"diffusion": diffusion,
@@ -468,26 +383,12 @@ def rename_legacy(state: dict) -> dict:
     for pattern, repl in _LEGACY:
       new = pattern.sub(repl, new)
     if new != k and new in state:
-      _require(np.array_equal(state[new], v),
+      require(np.array_equal(state[new], v),
                f"weights {k} and {new} are both present and differ; which one to "
                "use is ambiguous")
       continue
     out[new] = v
   return out
-
-
-def abstract_train_state(config) -> Any:
-  """The shapes of the TrainState that training creates for `config`.
-
-  Returns:
-    `ddx.train.create_state`'s result with jax.ShapeDtypeStruct leaves
-    (traced only; no random init is computed).
-  """
-  import jax
-  from ddx import train
-  tx = train.make_optimizer(config.optim)
-  return jax.eval_shape(lambda: train.create_state(
-      config, tx, jax.random.key(config.training.seed)))
 
 
 def params_from_state_dict(state: dict, config, source: str = "the checkpoint",
@@ -527,62 +428,12 @@ def params_from_state_dict(state: dict, config, source: str = "the checkpoint",
   leaves = []
   for path, key, (_, leaf) in zip(paths, keys, flat):
     want = _torch_shape(path, leaf.shape)
-    _require(state[key].shape == want,
+    require(state[key].shape == want,
              f"weight {key} in {source} has shape {state[key].shape}; the "
              f"config.json implies {want}")
     leaves.append(np.ascontiguousarray(
         _from_torch(path[-1], state[key], leaf.shape), dtype=np.float32))
   return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-# --------------------------------------------------------------------------
-# The workdir.
-
-
-def write_workdir(workdir: str, config, params: Any,
-                  abstract_state: Any = None) -> None:
-  """Writes config.json and a step-0 checkpoint (params = EMA params = `params`).
-
-  The TrainState has the structure `ddx.train.create_state` gives, so
-  `--mode train` resumes from it (with a fresh optimizer state, Adam's zeros).
-
-  Args:
-    workdir: the ddx workdir to write.
-    config: its run config.
-    params: the U-Net's "params" pytree.
-    abstract_state: `abstract_train_state(config)`, if already computed.
-  """
-  import jax
-  from etils import epath
-  from ddx import checkpoint as ckpt_lib
-  from ddx import config as config_lib
-  from ddx import train
-  root = epath.Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
-  tmp = root / "config.json.tmp"    # as training writes it
-  tmp.write_text(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
-  tmp.replace(root / "config.json")
-  tx = train.make_optimizer(config.optim)
-  state = abstract_state if abstract_state is not None else abstract_train_state(config)
-  params = jax.tree.map(jax.numpy.asarray, params)
-  # Only the shapes of create_state's result are used: its fields are filled
-  # with the converted weights (twice: training and EMA) and a fresh
-  # optimizer state, so no random init is computed and thrown away.
-  state = state.replace(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                        ema_params=jax.tree.map(jax.numpy.copy, params),
-                        opt_state=tx.init(params),
-                        batch_stats={})
-  abstract = [jax.tree_util.keystr(p) for p, leaf in
-              jax.tree_util.tree_flatten_with_path(state)[0]
-              if isinstance(leaf, jax.ShapeDtypeStruct)]
-  if abstract:   # a TrainState field this function does not know how to fill
-    raise RuntimeError(f"ddx.convert does not fill TrainState{abstract[0]}; "
-                       "update write_workdir for the new field")
-  ck = ckpt_lib.Checkpointer(workdir)
-  try:
-    ck.save(0, state, config)
-  finally:
-    ck.close()
 
 
 def convert(src: str, workdir: str) -> Any:
@@ -602,8 +453,8 @@ def convert(src: str, workdir: str) -> Any:
   if ckdir.exists() and any(ckdir.iterdir()):
     raise ConversionError(f"{workdir} already holds checkpoints; choose a new --workdir")
   unet_where = os.path.join(unet_dir, "config.json")
-  config = ddx_config(_read_json(unet_where),
-                      _read_json(sched_path) if sched_path else None,
+  config = ddx_config(read_json(unet_where),
+                      read_json(sched_path) if sched_path else None,
                       unet_where=unet_where, sched_where=str(sched_path))
   if sched_path is None:
     print(f"ddx.convert: {src} has no scheduler_config.json; using DDPM's schedule "
@@ -616,26 +467,9 @@ def convert(src: str, workdir: str) -> Any:
   return config
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m ddx.convert",
-      description="Convert a diffusers UNet2DModel (pipeline) folder into a ddx workdir.")
-  p.add_argument("src", help="diffusers folder (save_pretrained / huggingface-cli download)")
-  p.add_argument("--workdir", required=True, help="ddx workdir to write")
-  args = p.parse_args(argv)
-  start = time.perf_counter()
-  try:
-    config = convert(args.src, args.workdir)
-  except ConversionError as e:
-    print(f"ddx.convert: error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+def summary(config) -> str:
+  """One line describing the imported U-Net (for the CLI)."""
   m, f = config.model, config.diffusion
-  print(f"wrote {args.workdir}: {config.data.image_size}x{config.data.image_size}x"
-        f"{config.data.channels} U-Net ch={m.ch} ch_mult={tuple(m.ch_mult)} "
-        f"attn={tuple(m.attn_resolutions)}, {f.schedule} schedule T={f.num_timesteps}, "
-        f"{f.prediction}-prediction ({time.perf_counter() - start:.1f} s)")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  return (f"{config.data.image_size}x{config.data.image_size}x{config.data.channels} "
+          f"U-Net ch={m.ch} ch_mult={tuple(m.ch_mult)} attn={tuple(m.attn_resolutions)}, "
+          f"{f.schedule} schedule T={f.num_timesteps}, {f.prediction}-prediction")

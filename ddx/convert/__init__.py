@@ -1,0 +1,90 @@
+"""Imports published checkpoints into ddx: `python -m ddx.convert SRC --workdir OUT`.
+
+What SRC may be, and the module that owns each import:
+  - a diffusers `UNet2DModel` folder or pipeline (google/ddpm-cifar10-32, ...):
+    a ddx workdir (`ddx.convert.unet`);
+  - a diffusers `AutoencoderKL` folder (stabilityai/sd-vae-ft-ema, -ft-mse, or
+    the `vae/` of a pipeline): a ddx autoencoder folder that latent runs name in
+    `autoencoder.path` (`ddx.convert.autoencoder`);
+  - an official DiT checkpoint (facebookresearch/DiT `DiT-XL-2-256x256.pt`,
+    `-512x512.pt`): a ddx workdir (`ddx.convert.dit`); `--autoencoder DIR`
+    records the converted VAE that decodes its latents.
+
+Every import refuses what it cannot represent with one line naming the file,
+field or weight (exit code 2), and never writes over checkpoints.
+torch (and safetensors) are needed here only: pip install 'ddx[convert]'.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from ddx.convert.common import EXIT_BAD_INPUT, ConversionError, read_json
+
+KINDS = ("unet", "autoencoder", "dit")
+
+
+def kind(src: str) -> str:
+  """Which importer reads `src`: "unet", "autoencoder" or "dit" (see above)."""
+  if os.path.isfile(src) and src.endswith((".pt", ".pth")):
+    return "dit"
+  for cfg in (os.path.join(src, "config.json"), os.path.join(src, "vae", "config.json")):
+    if os.path.isfile(cfg) and read_json(cfg).get("_class_name") == "AutoencoderKL":
+      if not os.path.isfile(os.path.join(src, "unet", "config.json")):
+        return "autoencoder"
+  return "unet"
+
+
+def convert(src: str, workdir: str, autoencoder: Optional[str] = None) -> Any:
+  """Converts `src` (any kind above) into `workdir`.
+
+  Args:
+    src: the checkpoint file or folder.
+    workdir: output: a ddx workdir, or an autoencoder folder for a VAE.
+    autoencoder: for a DiT, the converted VAE folder its config records
+      (`autoencoder.path`); ignored otherwise.
+  Returns:
+    the ddx run config written (U-Net, DiT), or the autoencoder's settings (VAE).
+  Raises:
+    ConversionError: one line naming what cannot be converted.
+  """
+  k = kind(src)
+  if k == "dit":
+    from ddx.convert import dit
+    return dit.convert(src, workdir, autoencoder=autoencoder)
+  if autoencoder:
+    raise ConversionError(f"--autoencoder is for an official DiT checkpoint (.pt); "
+                          f"{src} is a diffusers {k} folder")
+  if k == "autoencoder":
+    from ddx.convert import autoencoder as ae
+    return ae.convert(src, workdir)
+  from ddx.convert import unet
+  return unet.convert(src, workdir)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(
+      prog="python -m ddx.convert",
+      description="Convert a diffusers UNet2DModel or AutoencoderKL folder, or an "
+                  "official DiT .pt checkpoint, into ddx.")
+  p.add_argument("src", help="diffusers folder (save_pretrained / huggingface-cli "
+                 "download) or an official DiT .pt file")
+  p.add_argument("--workdir", required=True,
+                 help="ddx workdir to write (for a VAE: the autoencoder folder)")
+  p.add_argument("--autoencoder", default=None,
+                 help="DiT only: the converted VAE folder that decodes its latents")
+  args = p.parse_args(argv)
+  start = time.perf_counter()
+  try:
+    k = kind(args.src)
+    result = convert(args.src, args.workdir, autoencoder=args.autoencoder)
+  except ConversionError as e:
+    print(f"ddx.convert: error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  from importlib import import_module
+  what = import_module(f"ddx.convert.{k}").summary(result)
+  print(f"wrote {args.workdir}: {what} ({time.perf_counter() - start:.1f} s)")
+  return 0

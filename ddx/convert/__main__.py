@@ -1,0 +1,5 @@
+import sys
+
+from ddx.convert import main
+
+sys.exit(main())

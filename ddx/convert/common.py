@@ -1,0 +1,161 @@
+"""What every ddx.convert importer shares: errors, reading weights, writing the workdir.
+
+torch (and safetensors) are imported here only when weights are read:
+pip install 'ddx[convert]'. ddx itself never imports them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+EXIT_BAD_INPUT = 2
+
+# diffusers' save_pretrained names (UNet2DModel, AutoencoderKL, ...).
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+class ConversionError(ValueError):
+  """A source that cannot be converted; the message names the file/field/weight."""
+
+
+def require(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConversionError(msg)
+
+
+def read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path} is not valid JSON ({e}); re-download it") from None
+
+
+def weight_files(folder: str) -> list[str]:
+  """The weight file(s) of a diffusers model folder: safetensors first, then .bin.
+
+  Returns:
+    paths of every shard (one path for an unsharded checkpoint).
+  """
+  for name in WEIGHT_FILES:
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      return [path]
+    index = path + ".index.json"
+    if os.path.isfile(index):
+      shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+      require(bool(shards), f"{index} has no weight_map; re-download the checkpoint")
+      paths = [os.path.join(folder, s) for s in shards]
+      for p in paths:
+        require(os.path.isfile(p), f"{p} does not exist (named by {index}); "
+                 "download every shard of the checkpoint")
+      return paths
+  others = sorted(f for f in os.listdir(folder)
+                  if f.endswith((".safetensors", ".bin")))
+  raise ConversionError(
+      f"{os.path.join(folder, WEIGHT_FILES[0])} (or .bin) does not exist"
+      + (f"; the folder has {others}: rename the one to convert" if others else
+         "; download the weights too (huggingface-cli download fetches them)"))
+
+
+def torch_module():
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError("ddx.convert reads PyTorch weights and needs torch: "
+                          "pip install 'ddx[convert]' (torch, safetensors)") from None
+  return torch
+
+
+def read_state_dict(paths: list[str]) -> dict[str, np.ndarray]:
+  """Reads diffusers weight files into float32 NumPy arrays keyed by name.
+
+  Args:
+    paths: .safetensors or .bin files (the shards of one checkpoint).
+  Returns:
+    {state_dict key: float32 array in PyTorch layout}.
+  """
+  torch = torch_module()
+  out = {}
+  for path in paths:
+    try:
+      if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        tensors = load_file(path)
+      else:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+      raise ConversionError(f"{path} could not be read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); "
+                            "re-download it") from None
+    for k, v in tensors.items():
+      if torch.is_tensor(v):
+        out[k] = v.detach().to(torch.float32).numpy()
+  return out
+
+
+def abstract_train_state(config) -> Any:
+  """The shapes of the TrainState that training creates for `config`.
+
+  Returns:
+    `ddx.train.create_state`'s result with jax.ShapeDtypeStruct leaves
+    (traced only; no random init is computed).
+  """
+  import jax
+  from ddx import train
+  tx = train.make_optimizer(config.optim)
+  return jax.eval_shape(lambda: train.create_state(
+      config, tx, jax.random.key(config.training.seed)))
+
+
+# --------------------------------------------------------------------------
+# The workdir.
+
+
+def write_workdir(workdir: str, config, params: Any,
+                  abstract_state: Any = None) -> None:
+  """Writes config.json and a step-0 checkpoint (params = EMA params = `params`).
+
+  The TrainState has the structure `ddx.train.create_state` gives, so
+  `--mode train` resumes from it (with a fresh optimizer state, Adam's zeros).
+
+  Args:
+    workdir: the ddx workdir to write.
+    config: its run config.
+    params: the network's "params" pytree.
+    abstract_state: `abstract_train_state(config)`, if already computed.
+  """
+  import jax
+  from etils import epath
+  from ddx import checkpoint as ckpt_lib
+  from ddx import config as config_lib
+  from ddx import train
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  tmp = root / "config.json.tmp"    # as training writes it
+  tmp.write_text(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
+  tmp.replace(root / "config.json")
+  tx = train.make_optimizer(config.optim)
+  state = abstract_state if abstract_state is not None else abstract_train_state(config)
+  params = jax.tree.map(jax.numpy.asarray, params)
+  # Only the shapes of create_state's result are used: its fields are filled
+  # with the converted weights (twice: training and EMA) and a fresh
+  # optimizer state, so no random init is computed and thrown away.
+  state = state.replace(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                        ema_params=jax.tree.map(jax.numpy.copy, params),
+                        opt_state=tx.init(params),
+                        batch_stats={})
+  abstract = [jax.tree_util.keystr(p) for p, leaf in
+              jax.tree_util.tree_flatten_with_path(state)[0]
+              if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if abstract:   # a TrainState field this function does not know how to fill
+    raise RuntimeError(f"ddx.convert does not fill TrainState{abstract[0]}; "
+                       "update write_workdir for the new field")
+  ck = ckpt_lib.Checkpointer(workdir)
+  try:
+    ck.save(0, state, config)
+  finally:
+    ck.close()
