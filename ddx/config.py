@@ -77,12 +77,20 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_heads = 6
   m.mlp_ratio = 4.0
   m.learn_sigma = False      # 2C output channels (official DiT); ddx uses the first C
-  # U-Net choices DDPM fixed and diffusers' UNet2DModel exposes (ddx.convert sets them): fixed and diffusers' UNet2DModel exposes (ddx.convert sets them):
+  # U-Net choices DDPM fixed and diffusers' UNet2DModel exposes (ddx.convert sets them):
   m.flip_sin_to_cos = False  # time embedding [cos, sin] instead of DDPM's [sin, cos]
   m.freq_shift = 1           # time-embedding frequencies 10000^(-k/(ch/2 - freq_shift)); DDPM 1
   m.downsample_padding = "bottom_right"  # stride-2 conv pad: bottom_right (DDPM) | symmetric
   m.attn_head_dim = 0        # channels per attention head; 0 = one head (DDPM)
   m.norm_eps = 1e-6          # GroupNorm epsilon (DDPM 1e-6; diffusers' default 1e-5)
+
+  # Latent diffusion (README: Latent diffusion): the diffusion model runs on the
+  # latents of a KL autoencoder; data.image_size/channels stay the pixels'.
+  c.autoencoder = a = ml_collections.ConfigDict()
+  a.path = ""                # ddx autoencoder folder (python -m ddx.convert VAE --workdir
+                             # DIR); "" = diffusion on pixels
+  a.downsample = 8           # pixels per latent along H and W (SD VAE: 8)
+  a.latent_channels = 4      # latent channels (SD VAE: 4)
 
   c.diffusion = f = ml_collections.ConfigDict()
   f.process = "ddpm"         # ddpm (discrete VP) | edm (Karras et al.) | flow (rectified flow)
@@ -493,7 +501,20 @@ def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
 
 
 def image_shape(config) -> tuple[int, int, int]:
-  """(H, W, C) of the run's images: data.image_size square, data.channels."""
+  """(H, W, C) of what the diffusion model sees (its samples, its input).
+
+  Pixels: data.image_size square, data.channels. With autoencoder.path set,
+  the latents: image_size / autoencoder.downsample square, latent_channels.
+  """
+  a = config.get("autoencoder")
+  if a is not None and a.path:
+    size = config.data.image_size // a.downsample
+    return (size, size, a.latent_channels)
+  return pixel_shape(config)
+
+
+def pixel_shape(config) -> tuple[int, int, int]:
+  """(H, W, C) of the run's images (decoded samples, data): data.image_size square."""
   return (config.data.image_size, config.data.image_size, config.data.channels)
 
 
