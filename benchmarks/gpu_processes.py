@@ -108,6 +108,8 @@ def main():
   ap.add_argument("--out", default="")
   ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
   ap.add_argument("--no_peer", action="store_true")
+  ap.add_argument("--parts", default="heun,train,peer_eager,peer_compile",
+                  help="which measurements to run, comma-separated: heun, train (or train_dit_b2, train_unet_cifar10), peer_eager, peer_compile")
   ap.add_argument("--peak_tflops", type=float, default=989.0,
                   help="the chip's dense bf16 peak, for MFU (H100 SXM: 989; H200: 989)")
   args = ap.parse_args()
@@ -127,7 +129,8 @@ def main():
         json.dump(out, f, indent=2)
 
   import ddx
-  for dtype in ("float32", "bfloat16"):   # 1. EDM Heun-18 on the CIFAR-10 U-Net
+  parts = set(args.parts.split(","))
+  for dtype in ("float32", "bfloat16") if "heun" in parts else ():   # 1. EDM Heun-18
     c = speed._config("cifar10", {"model.dropout": 0.0, "model.dtype": dtype,
                                   "diffusion.process": "edm"})
     model = speed.ddx_model(c)
@@ -141,7 +144,8 @@ def main():
     save(f"edm_heun{heun_steps}_{dtype}", {"seconds": s, "images_per_s": sample_batch / s,
                                           "nfe": 2 * heun_steps - 1, "compile_s": compile_s})
   unet = speed._config("cifar10", {"model.dropout": 0.0, "model.dtype": "bfloat16"})
-  for name, config in (("dit_b2", _dit_b2(q)), ("unet_cifar10", unet)):   # 2. steps/s, MFU
+  trains = (("dit_b2", _dit_b2(q)), ("unet_cifar10", unet))
+  for name, config in [t for t in trains if {"train", f"train_{t[0]}"} & parts]:   # 2. steps/s, MFU
     s, flops = _ddx_train(config, train_batch, train_steps)
     save(f"train_{name}_bf16", {"steps_per_s": 1 / s, "flops_per_step": flops,
                                 "tflops_per_s": flops / s / 1e12,
@@ -150,6 +154,8 @@ def main():
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for compile_ in (False, True):
+      if f"peer_{'compile' if compile_ else 'eager'}" not in parts:
+        continue
       if compile_ and device == "cpu":
         continue   # torch.compile on CPU needs a C++ toolchain run; GPU only
       s = _peer_dit_train(_dit_b2(q), train_batch, train_steps, device, compile_)
