@@ -25,7 +25,6 @@ refuses latents made by another autoencoder.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 from typing import Any, Optional, Union
