@@ -46,23 +46,31 @@ def official_pos_embed(dim, grid):
 
 
 def official_state_dict(seed=0, hidden=D, depth=DEPTH, p=P, c=C, classes=K,
-                        latent=LATENT, learn_sigma=True):
-  """A random state_dict with models.py's DiT keys and shapes (float32 numpy)."""
+                        latent=LATENT, learn_sigma=True, shapes_only=False):
+  """A random state_dict with models.py's DiT keys and shapes (float32 numpy).
+
+  shapes_only: every weight but pos_embed is a zero-strided view of one zero
+  (the official XL models' shapes without their memory).
+  """
   rng = np.random.default_rng(seed)
   out_ch = 2 * c if learn_sigma else c
 
+  def fill(std, shape):
+    if shapes_only:
+      return np.broadcast_to(np.float32(0), shape)
+    return rng.normal(0, std, shape).astype(np.float32)
+
   def lin(name, n_out, n_in):
-    sd[name + ".weight"] = rng.normal(0, 1 / math.sqrt(n_in), (n_out, n_in))
-    sd[name + ".bias"] = rng.normal(0, 0.1, (n_out,))
+    sd[name + ".weight"] = fill(1 / math.sqrt(n_in), (n_out, n_in))
+    sd[name + ".bias"] = fill(0.1, (n_out,))
 
   sd = {}
-  sd["pos_embed"] = official_pos_embed(hidden, latent // p)[None]
-  sd["x_embedder.proj.weight"] = rng.normal(0, 1 / math.sqrt(c * p * p),
-                                            (hidden, c, p, p))
-  sd["x_embedder.proj.bias"] = rng.normal(0, 0.1, (hidden,))
+  sd["pos_embed"] = official_pos_embed(hidden, latent // p)[None].astype(np.float32)
+  sd["x_embedder.proj.weight"] = fill(1 / math.sqrt(c * p * p), (hidden, c, p, p))
+  sd["x_embedder.proj.bias"] = fill(0.1, (hidden,))
   lin("t_embedder.mlp.0", hidden, 256)
   lin("t_embedder.mlp.2", hidden, hidden)
-  sd["y_embedder.embedding_table.weight"] = rng.normal(0, 1, (classes + 1, hidden))
+  sd["y_embedder.embedding_table.weight"] = fill(1.0, (classes + 1, hidden))
   for i in range(depth):
     lin(f"blocks.{i}.attn.qkv", 3 * hidden, hidden)
     lin(f"blocks.{i}.attn.proj", hidden, hidden)
@@ -71,7 +79,7 @@ def official_state_dict(seed=0, hidden=D, depth=DEPTH, p=P, c=C, classes=K,
     lin(f"blocks.{i}.adaLN_modulation.1", 6 * hidden, hidden)
   lin("final_layer.linear", p * p * out_ch, hidden)
   lin("final_layer.adaLN_modulation.1", 2 * hidden, hidden)
-  return {k: np.asarray(v, np.float32) for k, v in sd.items()}
+  return sd
 
 
 def official_forward(sd, x, t, y, heads=HEADS):
@@ -244,6 +252,30 @@ def test_bigger_grid_with_autoencoder(tmp_path, capsys):
   assert (c.autoencoder.downsample, c.autoencoder.latent_channels) == (8, C)
   assert model.image_shape == (latent, latent, C)
   check_against_official(model, sd, latent)
+
+
+@pytest.mark.parametrize("latent", [32, 64])
+def test_official_xl_shapes(tmp_path, latent):
+  """DiT-XL-2-256x256.pt / -512x512.pt as shapes: the inferred architecture,
+  the config, and every ddx parameter's official key and shape (no weights
+  are materialised)."""
+  from ddx.convert import dit
+  from ddx.convert.common import abstract_train_state
+  sd = official_state_dict(hidden=1152, depth=28, classes=1000, latent=latent,
+                           shapes_only=True)
+  arch = dit.architecture(sd)
+  assert arch == dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16,
+                      mlp_ratio=4.0, num_classes=1000, learn_sigma=True,
+                      channels=4, latent_size=latent)
+  config = dit.ddx_config(arch, fake_autoencoder(tmp_path / "vae"))
+  assert config.data.image_size == 8 * latent
+  assert "DiT-XL/2" in dit.summary(config)
+  params = abstract_train_state(config).params
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  got = {dit.torch_key(tuple(k.key for k in path)): dit._torch_shape(
+      tuple(k.key for k in path), leaf.shape) for path, leaf in flat}
+  want = {k: v.shape for k, v in sd.items() if k != "pos_embed"}
+  assert got == want
 
 
 def test_missing_weight_named(tmp_path, capsys):

@@ -36,11 +36,14 @@ The written config (`ddx.config.base_config()` otherwise):
   sampling: ddpm sampler, 250 steps, guidance_scale 1.5 (DiT's FID setting,
     sample_ddp.py), clip_x0 False (sample.py: clip_denoised=False: latents
     are not in [-1, 1]), ddpm_variance "beta". DiT samples with its learned
-    variance, which ddx does not use; of the two fixed variances the larger,
-    σ² = β, is the one improved DDPM (Nichol & Dhariwal 2021, Sec. 4) found
-    better with reduced step counts, and the learned one stays close to β
-    except at the last few steps. The step grid is ddx's (auto: trailing,
-    999, 995, ..., 3), not DiT's respacing (0, 4, 8, ..., 999).
+    variance (log-interpolated between β̃ and β), which ddx does not use. Of
+    the two fixed variances the larger, σ² = β, is the one improved DDPM
+    (Nichol & Dhariwal 2021, Sec. 4) reports better at reduced step counts,
+    and the fixed default of DiT's own create_diffusion (learn_sigma=False,
+    sigma_small=False: FIXED_LARGE); β̃ and β differ noticeably only over the
+    last few steps. The step grid is ddx's (auto: trailing, 999, 995, ..., 3),
+    not DiT's respacing (0, 4, 8, ..., 999), so samples match DiT's in
+    distribution, not bit for bit, and FID may differ slightly.
   data.name "latents", and the shape in one of two ways:
     * `autoencoder` given (the converted SD VAE folder that decodes the
       latents): data.image_size = 8 * latent size, channels 3 (the pixels),
@@ -377,6 +380,7 @@ def convert(src: str, workdir: str, autoencoder: Optional[str] = None) -> Any:
   config = ddx_config(arch, autoencoder)
   abstract = abstract_train_state(config)
   params = params_from_state_dict(state, config, source=src, abstract_state=abstract)
+  del state     # XL: 2.7 GB; write_workdir makes the EMA and Adam copies next
   write_workdir(workdir, config, params, abstract)
   return config
 
