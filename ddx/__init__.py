@@ -11,6 +11,8 @@ Public API (see README):
   ddx.invert, ddx.invert_fn, ddx.slerp DDIM inversion and latent interpolation
   ddx.to_uint8                        [-1, 1] floats -> uint8 images
   ddx.bpd.ode_bpd / vlb_bpd           bits/dim of 8-bit images (likelihood)
+  ddx.autoencoder                     the KL autoencoder (SD VAE): load, encode, decode
+  ddx.latents                         the latent cache (--mode encode) as a data source
 
 Names are imported on first use (PEP 562), so `from ddx.config import
 base_config` in a config file loads ml_collections alone, not JAX.
@@ -24,6 +26,8 @@ _API = {
     "models": ("ddx.models", None),
     "sampling": ("ddx.sampling", None),
     "bpd": ("ddx.bpd", None),
+    "autoencoder": ("ddx.autoencoder", None),
+    "latents": ("ddx.latents", None),
     "load": ("ddx.checkpoint", "load"),
     "diffusion_loss": ("ddx.diffusion", "diffusion_loss"),
     "q_sample": ("ddx.diffusion", "q_sample"),

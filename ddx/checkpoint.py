@@ -304,7 +304,9 @@ def load(workdir, step: Optional[int] = None) -> model_lib.Model:
   Returns:
     Model(variables={"params": ema_params}, config=frozen run config); with
     model.norm = batch the variables also hold "batch_stats", the running
-    statistics from training, which sampling then uses.
+    statistics from training, which sampling then uses. A latent run's model
+    also holds the autoencoder its config names (autoencoder.path), so
+    sample_fn returns decoded images.
   Raises:
     CheckpointError: no checkpoint in workdir (the message says where it looked).
   """
@@ -335,9 +337,12 @@ def load(workdir, step: Optional[int] = None) -> model_lib.Model:
       variables = {"params": restored["ema_params"]}
       if "batch_stats" in target:
         variables["batch_stats"] = restored["batch_stats"]
-      return model_lib.Model(variables=variables, config=config_lib.freeze(config))
+      model = model_lib.Model(variables=variables, config=config_lib.freeze(config))
     except Exception as e:
       last_err = e
       logging.warning("checkpoint %d in %s could not be loaded: %s", s, ckdir, e)
+      continue
+    # Outside the try: a missing autoencoder is its own error, not a bad checkpoint.
+    return model.replace(autoencoder=model_lib.load_autoencoder(config))
   raise CheckpointError(f"no readable checkpoint in {ckdir}: "
                         f"{str(last_err).splitlines()[0][:300]}")

@@ -91,6 +91,17 @@ def base_config() -> ml_collections.ConfigDict:
                              # DIR); "" = diffusion on pixels
   a.downsample = 8           # pixels per latent along H and W (SD VAE: 8)
   a.latent_channels = 4      # latent channels (SD VAE: 4)
+  a.sample_posterior = True  # training latents: a posterior sample per (seed, step), as
+                             # DiT; False = the posterior mean
+
+  # --mode encode: the pixel dataset encoded into the latent cache at data.path
+  # (README: Latent diffusion); data.image_size/crop/split/... describe it too.
+  c.encode = n = ml_collections.ConfigDict()
+  n.source = ""              # its data.name: digits | cifar10 | folder | a tfds name
+  n.folder = ""              # the image folder when source = folder
+  n.flips = True             # also encode the mirrored images (data.random_flip on latents)
+  n.batch_size = 64          # images per encoder call, per process
+  n.shard_size = 1024        # images per cache file
 
   c.diffusion = f = ml_collections.ConfigDict()
   f.process = "ddpm"         # ddpm (discrete VP) | edm (Karras et al.) | flow (rectified flow)
@@ -234,25 +245,81 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
            f"model.num_classes={m.num_classes!r} must be an integer >= 0 (0 = unconditional)")
   _check_process(config)
+  _check_latent(config)
   _check_training(config, num_data_shards)
 
 
+def _check_latent(config) -> None:
+  """Latent diffusion: the cache, the autoencoder, and what latents rule out."""
+  d, a = config.data, config.autoencoder
+  if d.name == "latents":
+    _require(bool(d.path), "data.name=latents reads the latent cache at data.path; set "
+             "--config.data.path=DIR (written by --mode encode)")
+    _require(bool(a.path), "data.name=latents needs the autoencoder that made the cache "
+             "(to check it and to decode samples); set --config.autoencoder.path=DIR "
+             "(python -m ddx.convert VAE --workdir DIR)")
+  if not is_latent(config):
+    return
+  _require(isinstance(a.downsample, int) and a.downsample >= 1
+           and d.image_size % a.downsample == 0,
+           f"autoencoder.downsample={a.downsample!r} must be a positive integer dividing "
+           f"data.image_size={d.image_size}")
+  _require(isinstance(a.latent_channels, int) and a.latent_channels >= 1,
+           f"autoencoder.latent_channels={a.latent_channels!r} must be a positive integer")
+  _require(not config.sampling.clip_x0,
+           "sampling.clip_x0=True clips to [-1, 1], but latents are not bounded there; "
+           "set --config.sampling.clip_x0=False")
+  e = config.eval
+  metrics = tuple(e.metrics)
+  _require("bpd" not in metrics,
+           "eval.metrics has bpd, but bits/dim of latents are not bits/dim of images; "
+           "drop bpd for a latent model")
+
+
+def validate_encode(config) -> None:
+  """Checks the keys `--mode encode` reads (after `validate`)."""
+  d, a, n = config.data, config.autoencoder, config.encode
+  _require(d.name == "latents" and bool(d.path),
+           "--mode encode writes the latent cache at data.path and needs "
+           "data.name=latents; set --config.data.name=latents --config.data.path=DIR")
+  _require(isinstance(n.source, str) and n.source and n.source != "latents",
+           f"encode.source={n.source!r} must name the pixel dataset to encode (digits, "
+           "cifar10, folder or a tfds name); set --config.encode.source=NAME")
+  _require(n.source != "folder" or bool(n.folder),
+           "encode.source=folder needs the images' folder; set --config.encode.folder=DIR")
+  _require(isinstance(n.batch_size, int) and n.batch_size >= 1,
+           f"encode.batch_size={n.batch_size!r} must be a positive integer")
+  _require(isinstance(n.shard_size, int) and n.shard_size >= 1,
+           f"encode.shard_size={n.shard_size!r} must be a positive integer")
+  _require(isinstance(n.flips, bool), f"encode.flips={n.flips!r} must be True or False")
+
+
+def _model_size(config) -> tuple[int, str]:
+  """The side the network sees, and how to name it in a message."""
+  size = image_shape(config)[0]
+  if is_latent(config):
+    return size, (f"the latent size (data.image_size {config.data.image_size} / "
+                  f"autoencoder.downsample {config.autoencoder.downsample})")
+  return size, "data.image_size"
+
+
 def _check_unet(config) -> None:
-  d, m = config.data, config.model
+  m = config.model
+  size, what = _model_size(config)
   _require(isinstance(m.ch, int) and m.ch > 0, f"model.ch={m.ch!r} must be a positive integer")
   ch_mult = tuple(m.ch_mult)
   _require(len(ch_mult) >= 1 and all(isinstance(c, int) and c > 0 for c in ch_mult),
            f"model.ch_mult={m.ch_mult!r} must be a non-empty tuple of positive integers")
   levels = len(ch_mult)
   div = 2 ** (levels - 1)
-  _require(d.image_size % div == 0,
-           f"data.image_size={d.image_size} is not divisible by 2^(levels-1)={div} "
+  _require(size % div == 0,
+           f"{what}={size} is not divisible by 2^(levels-1)={div} "
            f"for model.ch_mult={ch_mult}; use a multiple of {div} or fewer levels")
-  resolutions = tuple(d.image_size // 2 ** l for l in range(levels))
+  resolutions = tuple(size // 2 ** l for l in range(levels))
   for r in tuple(m.attn_resolutions):
     _require(r in resolutions,
              f"model.attn_resolutions contains {r}, which is not a U-Net level; "
-             f"the levels of a {d.image_size}px model are {resolutions}")
+             f"the levels of a {size}px model are {resolutions}")
   _require(m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks} must be >= 1")
   _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
   _require(m.norm in NORMS, f"model.norm={m.norm!r} is unknown; use one of {NORMS}")
@@ -288,8 +355,9 @@ def _check_dit(config) -> None:
   for k in ("patch_size", "hidden_size", "depth", "num_heads"):
     _require(isinstance(m[k], int) and m[k] >= 1,
              f"model.{k}={m[k]!r} must be a positive integer")
-  _require(d.image_size % m.patch_size == 0,
-           f"data.image_size={d.image_size} is not divisible by model.patch_size="
+  size, what = _model_size(config)
+  _require(size % m.patch_size == 0,
+           f"{what}={size} is not divisible by model.patch_size="
            f"{m.patch_size}; use a patch size that divides the image size")
   _require(m.hidden_size % m.num_heads == 0,
            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads="
@@ -506,11 +574,18 @@ def image_shape(config) -> tuple[int, int, int]:
   Pixels: data.image_size square, data.channels. With autoencoder.path set,
   the latents: image_size / autoencoder.downsample square, latent_channels.
   """
-  a = config.get("autoencoder")
-  if a is not None and a.path:
+  if is_latent(config):
+    a = config.autoencoder
     size = config.data.image_size // a.downsample
     return (size, size, a.latent_channels)
   return pixel_shape(config)
+
+
+def is_latent(config) -> bool:
+  """Whether the diffusion model runs on autoencoder latents: autoencoder.path
+  is set, or the data is a latent cache (an imported DiT without its VAE)."""
+  a = config.get("autoencoder")
+  return a is not None and (bool(a.path) or config.data.name == "latents")
 
 
 def pixel_shape(config) -> tuple[int, int, int]:
@@ -574,7 +649,8 @@ def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict
 # Whether they do is decided from the shapes themselves (ddx.checkpoint); these
 # are the keys named when they do. Everything else (lr, dropout, cadences,
 # sampling, eval, num_steps, ...) never blocks a resume.
-_STRUCTURE_GROUPS = ("model", "optim", "data.image_size", "data.channels")
+_STRUCTURE_GROUPS = ("model", "optim", "data.image_size", "data.channels",
+                     "autoencoder.downsample", "autoencoder.latent_channels")
 _NEVER_STRUCTURE = ("model.dtype", "model.dropout", "optim.lr", "optim.warmup_steps",
                     "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
                     "optim.eps")

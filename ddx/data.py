@@ -10,7 +10,8 @@ exist, picked by `config.data.name` in `make_source`:
   (ArrayRecord random access; TensorFlow is not needed).
 
 Any other object with `num_classes`, `image_shape`, `__len__` and `__getitem__`
-plugs into the same pipeline (e.g. a latent cache).
+plugs into the same pipeline; one with `read_transforms(seed)` replaces the
+read/flip/scale stages by its own (the latent cache, `ddx.latents`).
 
 Batches are a pure function of `(seed, step)`: the global batch at step k holds
 positions `k*B .. k*B+B-1` of the endless stream made by concatenating one
@@ -553,12 +554,14 @@ class PlanBatch(grain.transforms.Map):
     self.rows = _local_rows(batch_size, process_index, process_count)
 
   def map(self, step: int) -> dict[str, Any]:
-    """Returns {"step": int, "index": int64 [b], "flip": bool [b]}, b = B/P."""
+    """Returns {"step": int, "index": int64 [b], "flip": bool [b], "row0": int},
+    b = B/P; row0 is the global batch row of this process's first row."""
     step = int(step)
     index = global_batch_indices(self.num_examples, self.batch_size, self.seed, step)
     flip = (flip_mask(self.batch_size, self.seed, step) if self.random_flip
             else np.zeros(self.batch_size, bool))
-    return {"step": step, "index": index[self.rows], "flip": flip[self.rows]}
+    return {"step": step, "index": index[self.rows], "flip": flip[self.rows],
+            "row0": self.rows.start}
 
 
 class ReadImages(grain.transforms.Map):
@@ -637,8 +640,12 @@ class ToFloat(grain.transforms.Map):
 
 def _transforms(source: Source, batch_size: int, seed: int, random_flip: bool,
                 process_index: int, process_count: int) -> list[grain.transforms.Map]:
-  return [PlanBatch(len(source), batch_size, seed, random_flip, process_index, process_count),
-          ReadImages(source), FlipRows(), ToFloat()]
+  """PlanBatch, then the source's own reading transforms if it has them
+  (`read_transforms(seed)`, e.g. a latent cache), else read, flip, to float."""
+  plan = PlanBatch(len(source), batch_size, seed, random_flip, process_index, process_count)
+  own = getattr(source, "read_transforms", None)
+  return [plan] + (list(own(seed)) if own is not None
+                   else [ReadImages(source), FlipRows(), ToFloat()])
 
 
 def _warn_skipped(paths: Sequence[str], warned: set[str] | None = None) -> None:

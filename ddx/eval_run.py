@@ -119,7 +119,16 @@ def reference_stats(config, extractor: Extractor, path: str, *, batch_size: int 
   Raises:
     ConfigError: `path` holds statistics of other data or another extractor.
   """
-  fingerprint = json.dumps({"data": _data_fingerprint(config.data),
+  data_config = config.data
+  if data_config.name == "latents":   # a latent run is scored against the pixels it encoded
+    from ddx import latents
+    if not config.encode.source:
+      raise config_lib.ConfigError(
+          "FID/KID/IS of a latent model compare with the pixel dataset the latents were "
+          "encoded from; set --config.encode.source (and its data keys) or "
+          "--config.eval.reference_stats=FILE.npz")
+    data_config = latents.source_config(config)
+  fingerprint = json.dumps({"data": _data_fingerprint(data_config),
                             "features": extractor.name}, sort_keys=True)
   if os.path.exists(path):
     try:
@@ -138,10 +147,10 @@ def reference_stats(config, extractor: Extractor, path: str, *, batch_size: int 
             "kid_features": stored["kid_features"], "num_images": int(stored["num_images"]),
             "is_mean": float(stored["is_mean"]), "is_std": float(stored["is_std"])}
 
-  source = data_lib.make_source(config.data)
+  source = data_lib.make_source(data_config)
   n = len(source)
   if n < 2:
-    raise data_lib.DataError(f"data.name={config.data.name!r} has {n} image(s); "
+    raise data_lib.DataError(f"data.name={data_config.name!r} has {n} image(s); "
                              "reference statistics need at least 2")
   kid_index = np.sort(np.random.default_rng(0).choice(n, min(n, KID_REFERENCE_SIZE),
                                                       replace=False))

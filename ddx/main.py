@@ -7,6 +7,9 @@ Modes:
   eval    score the newest checkpoint with eval.metrics (digits, or FID/KID/IS
           with --config.eval.inception_weights=FILE.npz); samples are kept in
           workdir/eval/ so an interrupted evaluation resumes (README: Evaluation)
+  encode  encode the pixel dataset encode.source with the autoencoder at
+          autoencoder.path into the latent cache at data.path, resumably
+          (README: Latent diffusion); --workdir is not written
 
 Override any config key with --config.<group>.<key>=VALUE. Bad input (an
 unknown key, a wrong type, an impossible value, missing data) prints one line
@@ -24,7 +27,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file with get_config(); e.g. configs/digits.py",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "encode"],
+                          "What to do.")
 # Several processes (one per host, or N on one machine): see launch/. TPU pod
 # slices, SLURM and Open MPI are detected without these.
 _COORDINATOR = flags.DEFINE_string(
@@ -153,7 +157,8 @@ def main(argv):
   from ddx import parallel
   # Before JAX starts: use every CPU core (one XLA:CPU device each).
   parallel.split_cpu_into_devices({"train": config.training.batch_size,
-                                   "eval": config.eval.batch_size}.get(
+                                   "eval": config.eval.batch_size,
+                                   "encode": config.encode.batch_size}.get(
                                        _MODE.value, config.sampling.num_samples))
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -169,6 +174,11 @@ def main(argv):
     elif _MODE.value == "eval":
       config_lib.validate(config)
       eval_run.evaluate(config, workdir)
+    elif _MODE.value == "encode":
+      config_lib.validate(config)
+      config_lib.validate_encode(config)
+      from ddx import latents
+      latents.encode_dataset(config)
     else:
       config_lib.validate(config)
       try:

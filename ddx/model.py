@@ -79,14 +79,23 @@ class Model:
   for a model.norm = batch network, which sampling normalises with).
   `config` is the run's frozen, hashable config
   (ml_collections.FrozenConfigDict) and says the network, the process and the
-  image shape.
+  image shape. A latent model (`config.autoencoder`) also holds its
+  `autoencoder` (a `ddx.autoencoder.Autoencoder`, whose weights are leaves
+  too), which `sample_fn` decodes with; None for a pixel model, or a latent
+  model whose samples stay latents.
   """
   variables: Any
   config: Any = flax.struct.field(pytree_node=False)
+  autoencoder: Any = None
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of what the diffusion model samples (latents for a latent model)."""
     return config_lib.image_shape(self.config)
+
+  @property
+  def is_latent(self) -> bool:
+    return config_lib.is_latent(self.config)
 
   @property
   def process(self):
@@ -171,10 +180,11 @@ def shard_batch(x):
 @functools.partial(
     jax.jit,
     static_argnames=("num_samples", "steps", "sampler", "clip_x0", "guided",
-                     "ddpm_variance", "spacing", "sigma_index", "return_trajectory"))
+                     "ddpm_variance", "spacing", "sigma_index", "return_trajectory",
+                     "decode"))
 def sample_jit(model, rng, labels, guidance_scale, eta, x_T, churn=0.0, *,
                num_samples, steps, sampler, clip_x0, guided, ddpm_variance, spacing,
-               sigma_index="nearest", return_trajectory=False):
+               sigma_index="nearest", return_trajectory=False, decode=True):
   """`sample_fn`'s compiled program; arguments already resolved (see sample_fn)."""
   fn = process_denoiser(model, denoiser(model, labels, guidance_scale, guided))
   shape = (num_samples,) + model.image_shape
@@ -194,7 +204,11 @@ def sample_jit(model, rng, labels, guidance_scale, eta, x_T, churn=0.0, *,
                         ddpm_variance=ddpm_variance, spacing=spacing,
                         return_trajectory=return_trajectory, **extra)
   x, traj = res if return_trajectory else (res, None)
-  x = jnp.clip(x, -1.0, 1.0)
+  if model.is_latent and decode and model.autoencoder is not None:
+    from ddx import autoencoder as ae_lib
+    x = ae_lib.decode(model.autoencoder, x)
+  if not model.is_latent or (decode and model.autoencoder is not None):
+    x = jnp.clip(x, -1.0, 1.0)   # images; latents are not bounded
   return (x, traj) if return_trajectory else x
 
 
@@ -249,7 +263,7 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
               clip_x0: Optional[bool] = None, x_T=None,
               ddpm_variance: Optional[str] = None, spacing: Optional[str] = None,
               churn: Optional[float] = None, sigma_index: Optional[str] = None,
-              return_trajectory: bool = False):
+              return_trajectory: bool = False, decode: bool = True):
   """Samples images from a trained model; the whole trajectory is one jitted program.
 
   Defaults come from `model.config.sampling`. The model pytree is a jit
@@ -278,9 +292,15 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
     churn: EDM S_churn of the stochastic sampler (s_tmin, s_tmax, s_noise
       come from config.sampling).
     sigma_index: nearest | interp, for a DDPM model on a σ-grid sampler.
-    return_trajectory: also return every intermediate state.
+    return_trajectory: also return every intermediate state (latents for a
+      latent model).
+    decode: a latent model's samples go through its autoencoder's decoder
+      (in the same program) and come back as images; False returns the
+      latents. A latent model loaded without its autoencoder returns latents.
   Returns:
-    images float32 [N, H, W, C] in [-1, 1] (and the trajectory if asked).
+    images float32 [N, H, W, C] in [-1, 1] (and the trajectory if asked); for
+    a latent model with decode=False (or no autoencoder) the latents
+    [N, h, w, c], unclipped.
   """
   s = model.config.sampling
   steps = s.steps if steps is None else steps
@@ -308,7 +328,29 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
                     sampler=sampler, clip_x0=bool(clip_x0), guided=guided,
                     ddpm_variance=ddpm_variance,
                     spacing=None if spacing == "auto" else spacing,
-                    sigma_index=sigma_index, return_trajectory=bool(return_trajectory))
+                    sigma_index=sigma_index, return_trajectory=bool(return_trajectory),
+                    decode=bool(decode))
+
+
+def load_autoencoder(config):
+  """The autoencoder a latent run's config names (autoencoder.path), or None.
+
+  Raises:
+    ValueError: autoencoder.path is not an autoencoder folder, or disagrees
+      with the config's latent shape (one line).
+  """
+  if not config.autoencoder.path:
+    return None
+  from ddx import autoencoder as ae_lib
+  from ddx import latents
+  try:
+    ae = ae_lib.load(config.autoencoder.path)
+  except config_lib.ConfigError:
+    raise
+  except ValueError as e:   # its messages name the folder and the fix
+    raise config_lib.ConfigError(f"autoencoder.path: {e}") from None
+  latents.check_autoencoder(config, ae.settings.to_dict())
+  return ae
 
 
 def to_uint8(images: jnp.ndarray) -> np.ndarray:

@@ -117,6 +117,13 @@ def gather(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def sync(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 # --------------------------------------------------------------------------
 # Multi-process start.
 

@@ -33,6 +33,7 @@ from ddx import edm
 from ddx import flow
 from ddx import eval_run
 from ddx import evaluation
+from ddx import latents
 from ddx import logging as log_lib
 from ddx import parallel
 from ddx import model as model_lib
@@ -325,14 +326,20 @@ def make_setup(config, mesh) -> TrainSetup:
 def step_flops(step_fn, state, batch, rng) -> float:
   """FLOPs of one jitted update on the global batch, from XLA's cost analysis of
   the program (0.0 where the backend gives none). Logged as flops_per_image and
-  tflops_per_sec: divide by your chip's peak for the model FLOPs utilisation."""
+  tflops_per_sec: divide by your chip's peak for the model FLOPs utilisation.
+
+  The lowered program's analysis costs no compile; where the backend gives none
+  before compiling (jax 0.11's GPU backend), the compiled program's is used
+  (a second compile, served by the persistent cache `ddx.main` turns on)."""
+  def flops(cost) -> float:
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
   try:
-    cost = step_fn.lower(state, batch, rng).cost_analysis()
+    lowered = step_fn.lower(state, batch, rng)
+    return flops(lowered.cost_analysis()) or flops(lowered.compile().cost_analysis())
   except Exception:   # a backend without cost analysis: no MFU, training goes on
     return 0.0
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
 
 
 def restore_or_init(setup: TrainSetup, ck: ckpt_lib.Checkpointer, config,
@@ -416,7 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"training.fsdp={config.training.fsdp} does not divide the {jax.device_count()} "
         "devices; use a divisor of the device count (1 = replicated params)")
   mesh = parallel.make_mesh(config.training.fsdp)
-  source = data_lib.make_source(config.data)
+  source = latents.run_source(config)
+  autoencoder = model_lib.load_autoencoder(config)   # decodes a latent model's samples
   if config.model.num_classes and not source.num_classes:
     raise config_lib.ConfigError(
         f"model.num_classes={config.model.num_classes} but data.name="
@@ -507,12 +515,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if t.checkpoint_every and step % t.checkpoint_every == 0 or done:
         ck.save(step, state, config)
       if t.sample_every and (step % t.sample_every == 0 or done):
-        model = model_lib.Model(ema_variables(state), frozen)
+        model = model_lib.Model(ema_variables(state), frozen, autoencoder)
         save_samples(model, jax.random.fold_in(sample_rng, step),
                      samples_dir / f"step_{step:07d}.png" if is_main else None,
                      writer, step)
       if evaluator and step % config.eval.every_steps == 0:
-        evaluator(model_lib.Model(ema_variables(state), frozen), step, writer)
+        evaluator(model_lib.Model(ema_variables(state), frozen, autoencoder), step, writer)
     if step < t.num_steps:  # preempted
       logging.warning("preempted: saving a checkpoint at step %d and stopping", step)
       ck.save(step, state, config)

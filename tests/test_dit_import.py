@@ -161,6 +161,15 @@ def fake_autoencoder(folder, latent_channels=C, blocks=(128, 256, 512, 512)):
   return str(folder)
 
 
+def tiny_autoencoder(folder):
+  """A real (random, narrow) autoencoder folder with the SD VAE's 4 levels (8x)."""
+  from ddx import autoencoder as ae_lib
+  settings = ae_lib.Settings(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                             norm_num_groups=4, latent_channels=C)
+  ae_lib.save(str(folder), settings, ae_lib.init_params(settings, jax.random.key(0)))
+  return str(folder)
+
+
 def run_cli(capsys, *argv):
   code = convert.main([str(a) for a in argv])
   return code, capsys.readouterr()
@@ -218,10 +227,11 @@ def test_config(converted):
   s = cfg["sampling"]
   assert (s["sampler"], s["steps"], s["guidance_scale"], s["ddpm_variance"],
           s["clip_x0"]) == ("ddpm", 250, 1.5, "beta", False)
-  # No autoencoder: a plain latent-space model.
+  # No autoencoder: the pixels' size, the latent model's shape, no decoder.
   assert cfg["autoencoder"]["path"] == ""
   assert (cfg["data"]["name"], cfg["data"]["image_size"], cfg["data"]["channels"]) == (
-      "latents", LATENT, C)
+      "latents", 8 * LATENT, 3)
+  assert (cfg["autoencoder"]["downsample"], cfg["autoencoder"]["latent_channels"]) == (8, C)
 
 
 def test_training_checkpoint_takes_ema(converted, tmp_path):
@@ -241,7 +251,7 @@ def test_bigger_grid_with_autoencoder(tmp_path, capsys):
   latent = 2 * LATENT
   sd = official_state_dict(seed=3, latent=latent)
   pt = save(sd, tmp_path / "big.pt")
-  ae = fake_autoencoder(tmp_path / "vae")
+  ae = tiny_autoencoder(tmp_path / "vae")
   code, io = run_cli(capsys, pt, "--workdir", tmp_path / "w", "--autoencoder", ae)
   assert code == 0, io.err
   assert "DiT" in io.out and "first 3" in io.out
@@ -251,6 +261,7 @@ def test_bigger_grid_with_autoencoder(tmp_path, capsys):
   assert c.autoencoder.path == os.path.abspath(ae)
   assert (c.autoencoder.downsample, c.autoencoder.latent_channels) == (8, C)
   assert model.image_shape == (latent, latent, C)
+  assert model.autoencoder is not None
   check_against_official(model, sd, latent)
 
 

@@ -44,15 +44,13 @@ The written config (`ddx.config.base_config()` otherwise):
     last few steps. The step grid is ddx's (auto: trailing, 999, 995, ..., 3),
     not DiT's respacing (0, 4, 8, ..., 999), so samples match DiT's in
     distribution, not bit for bit, and FID may differ slightly.
-  data.name "latents", and the shape in one of two ways:
-    * `autoencoder` given (the converted SD VAE folder that decodes the
-      latents): data.image_size = 8 * latent size, channels 3 (the pixels),
-      autoencoder.path = that folder, downsample 8, latent_channels C; the
-      model's shape (`ddx.config.image_shape`) is the latent one.
-    * no `autoencoder`: a plain latent-space model: autoencoder.path "",
-      data.image_size = latent size, data.channels = C, so image_shape is
-      again the latent shape and `ddx.load` builds the right network;
-      samples are latents, for the user to decode.
+  data.name "latents", data.image_size = 8 * latent size, channels 3 (the
+    pixels), autoencoder.downsample 8, latent_channels C; autoencoder.path =
+    the `autoencoder` folder given (the converted SD VAE), or "" without one.
+    A latent run's network is built at the latent shape either way
+    (`ddx.config.image_shape`), so `ddx.load` works; without an autoencoder
+    `sample_fn` returns latents, and --mode sample/eval ask for
+    --config.autoencoder.path.
 
 Not reproducible in ddx: the official `forward_with_cfg` applies
 classifier-free guidance to the first 3 of the 4 latent channels only (kept
@@ -255,19 +253,15 @@ def ddx_config(arch: dict, autoencoder: Optional[str] = None):
   s = config.sampling
   s.sampler, s.steps, s.guidance_scale = "ddpm", SAMPLING_STEPS, GUIDANCE_SCALE
   s.ddpm_variance, s.clip_x0 = "beta", False
+  # Pixels in data.*; a latent run's image_shape divides by downsample, so the
+  # network is built at the latent shape with or without the decoder.
   config.data.name = "latents"
+  config.data.image_size, config.data.channels = arch["latent_size"] * VAE_DOWNSAMPLE, 3
+  config.data.random_flip = True   # DiT's recipe, for fine-tuning on a latent cache
   a = config.autoencoder
   a.downsample, a.latent_channels = VAE_DOWNSAMPLE, arch["channels"]
-  if autoencoder:
-    # Pixels in data.*; image_shape divides by downsample -> the latent shape.
-    a.path = os.path.abspath(autoencoder)
-    config.data.image_size = arch["latent_size"] * VAE_DOWNSAMPLE
-    config.data.channels = 3
-  else:
-    # No decoder: the "images" are the latents themselves.
-    a.path = ""
-    config.data.image_size = arch["latent_size"]
-    config.data.channels = arch["channels"]
+  a.path = os.path.abspath(autoencoder) if autoencoder else ""
+  config.eval.metrics = ("fid",)
   return config
 
 

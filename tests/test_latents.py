@@ -1,0 +1,210 @@
+"""Latent diffusion: the latent cache (--mode encode), reading it as batches, and
+a tiny latent run that trains, resumes and samples decoded images."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddx
+from ddx import autoencoder as ae_lib
+from ddx import config as config_lib
+from ddx import data as data_lib
+from ddx import latents
+from ddx import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_vae(folder, seed=0):
+  """A random two-level autoencoder (downsample 2, 4 latent channels)."""
+  settings = ae_lib.Settings(block_out_channels=(8, 8), layers_per_block=1,
+                             norm_num_groups=4, latent_channels=4,
+                             scaling_factor=0.5, shift_factor=0.1)
+  ae_lib.save(str(folder), settings, ae_lib.init_params(settings, jax.random.key(seed)))
+  return str(folder)
+
+
+def latent_config(tmp, vae, **over):
+  c = config_lib.from_file(os.path.join(ROOT, "configs", "test.py"))
+  c.data.name, c.data.path = "latents", str(tmp / "cache")
+  c.data.image_size, c.data.channels, c.data.random_flip = 16, 3, True
+  c.autoencoder.path, c.autoencoder.downsample = vae, 2
+  c.encode.source, c.encode.shard_size, c.encode.batch_size = "digits", 700, 128
+  c.model.attn_resolutions = ()
+  c.sampling.clip_x0 = False
+  for k, v in over.items():
+    group, field = k.split(".")
+    c[group][field] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("latents")
+  vae = tiny_vae(tmp / "vae")
+  config = latent_config(tmp, vae)
+  meta = latents.encode_dataset(config, log=lambda *_: None)
+  return tmp, vae, config, meta
+
+
+def test_cache_holds_the_encoded_images_and_their_mirrors(cache):
+  tmp, vae, config, meta = cache
+  assert meta["num_images"] == 1797 and meta["latent_shape"] == [8, 8, 4]
+  assert sorted(os.listdir(config.data.path)) == sorted(
+      ["latents.json"] + [f"shard_{k:06d}{e}" for k in range(3)
+                          for e in (".npy", ".labels.npy")])
+  digits = data_lib.digits_source(16, 3)
+  ae = ae_lib.load(vae)
+  idx = np.array([0, 5, 699, 700, 1796])        # across shard boundaries
+  x = digits.images[idx].astype(np.float32) / 127.5 - 1.0
+  src = latents.LatentSource(config.data.path, random_flip=True)
+  for flip, pixels in ((False, x), (True, x[:, :, ::-1])):
+    mean, std = ae_lib.encode_moments(ae, jnp.asarray(pixels))
+    got, labels = src.moments(idx, np.full(len(idx), flip))
+    np.testing.assert_allclose(got[:, 0], mean, atol=1e-5)
+    np.testing.assert_allclose(got[:, 1], std, atol=1e-5)
+    np.testing.assert_array_equal(labels, digits.labels[idx])
+
+
+def test_batches_are_scaled_posterior_samples_of_the_planned_rows(cache):
+  _, _, config, meta = cache
+  src = latents.run_source(config)
+  step, seed, B = 3, 3, 8
+  got = data_lib.get_batch(src, step, batch_size=B, seed=seed, random_flip=True,
+                           process_index=1, process_count=2)
+  index = data_lib.global_batch_indices(len(src), B, seed, step)[4:]
+  flip = data_lib.flip_mask(B, seed, step)[4:]
+  assert flip.any() and not flip.all()
+  m, labels = src.moments(index, flip)
+  noise = np.stack([np.random.default_rng(np.random.SeedSequence([seed, 2, step, 4 + j]))
+                    .standard_normal((8, 8, 4), dtype=np.float32) for j in range(4)])
+  want = (m[:, 0] + m[:, 1] * noise - 0.1) * 0.5      # (z - shift) * scale
+  np.testing.assert_allclose(got["image"], want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(got["label"], labels)
+  # The loader (a worker thread) yields the same batches.
+  with data_lib.Loader(src, step, batch_size=B, seed=seed, random_flip=True,
+                       process_index=1, process_count=2, num_workers=0) as loader:
+    _, batch = next(loader)
+  np.testing.assert_array_equal(batch["image"], got["image"])
+  mean_src = latents.LatentSource(config.data.path, random_flip=True, sample_posterior=False)
+  mean = data_lib.get_batch(mean_src, step, batch_size=B, seed=seed, random_flip=True,
+                            process_index=1, process_count=2)["image"]
+  np.testing.assert_allclose(mean, (m[:, 0] - 0.1) * 0.5, rtol=1e-6)
+
+
+def test_interrupted_encode_resumes_to_the_same_bytes(cache, tmp_path):
+  _, vae, config, _ = cache
+  path = tmp_path / "cache"
+  shutil.copytree(config.data.path, path)
+  os.rename(path / "latents.json", path / "plan.json")      # as if stopped mid-way
+  os.remove(path / "shard_000001.npy")
+  before = (path / "shard_000000.npy").stat().st_mtime_ns
+  c = latent_config(tmp_path, vae)
+  latents.encode_dataset(c, log=lambda *_: None)
+  assert (path / "shard_000000.npy").stat().st_mtime_ns == before   # skipped
+  for name in os.listdir(config.data.path):
+    assert (path / name).read_bytes() == open(os.path.join(config.data.path, name),
+                                              "rb").read(), name
+
+
+def test_another_cache_is_refused_and_left_alone(cache, tmp_path):
+  tmp, vae, config, _ = cache
+  before = {n: os.path.getmtime(os.path.join(config.data.path, n))
+            for n in os.listdir(config.data.path)}
+  other = latent_config(tmp, vae, **{"encode.flips": False})
+  with pytest.raises(data_lib.DataError, match="another latent cache.*flips"):
+    latents.encode_dataset(other, log=lambda *_: None)
+  assert before == {n: os.path.getmtime(os.path.join(config.data.path, n))
+                    for n in os.listdir(config.data.path)}
+  # Training with another VAE, another image size, or flips the cache lacks.
+  vae2 = tiny_vae(tmp_path / "vae2", seed=1)
+  with pytest.raises(data_lib.DataError, match="made by autoencoder"):
+    latents.run_source(latent_config(tmp, vae2))
+  with pytest.raises(data_lib.DataError, match="data.image_size=32"):
+    latents.run_source(latent_config(tmp, vae, **{"data.image_size": 32}))
+  (tmp_path / "noflip").mkdir()
+  c = latent_config(tmp_path / "noflip", vae, **{"encode.flips": False,
+                                                   "encode.shard_size": 2000})
+  latents.encode_dataset(c, log=lambda *_: None)
+  with pytest.raises(data_lib.DataError, match="without flips"):
+    latents.run_source(c)
+  c.data.random_flip = False
+  assert len(latents.run_source(c)) == 1797
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"data.path": ""}, "data.path"),
+    ({"autoencoder.path": ""}, "autoencoder.path"),
+    ({"sampling.clip_x0": True}, "clip_x0"),
+    ({"autoencoder.downsample": 3}, "autoencoder.downsample"),
+    ({"eval.metrics": ("bpd",)}, "bpd"),
+])
+def test_bad_latent_configs(tmp_path, over, match):
+  c = latent_config(tmp_path, "vae", **over)
+  c.eval.metrics = over.get("eval.metrics", ("fid",))
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(c)
+
+
+def test_bad_encode_configs(tmp_path):
+  for over, match in (({"encode.source": ""}, "encode.source"),
+                      ({"encode.source": "folder"}, "encode.folder"),
+                      ({"data.name": "digits"}, "data.name=latents")):
+    c = latent_config(tmp_path, "vae", **over)
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.validate_encode(c)
+  c = latent_config(tmp_path, tiny_vae(tmp_path / "vae"), **{"autoencoder.downsample": 4})
+  with pytest.raises(config_lib.ConfigError, match="downsamples by 2"):
+    latents.encode_dataset(c)
+
+
+@pytest.mark.slow
+def test_latent_run_trains_resumes_and_samples_decoded_images(cache, tmp_path):
+  _, vae, config, _ = cache
+  config.training.num_steps = 6
+  straight = train.train_and_evaluate(config, str(tmp_path / "a"))
+  config.training.num_steps = 3
+  train.train_and_evaluate(config, str(tmp_path / "b"))
+  config.training.num_steps = 6
+  resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
+  jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+  grid = tmp_path / "a" / "samples" / "step_0000006.png"
+  from PIL import Image
+  from ddx import evaluation
+  evaluation.save_grid(np.zeros((4, 16, 16, 3), np.uint8), tmp_path / "pixels.png")
+  assert Image.open(grid).size == Image.open(tmp_path / "pixels.png").size   # decoded
+  model = ddx.load(str(tmp_path / "a"))
+  assert model.image_shape == (8, 8, 4) and model.autoencoder is not None
+  key = jax.random.key(0)
+  z = ddx.sample_fn(model, key, steps=4, num_samples=4, decode=False)
+  x = ddx.sample_fn(model, key, steps=4, num_samples=4)
+  assert z.shape == (4, 8, 8, 4) and x.shape == (4, 16, 16, 3)
+  assert float(jnp.abs(z).max()) > 1.0          # latents are not clipped
+  want = jnp.clip(ae_lib.decode(model.autoencoder, z), -1, 1)
+  np.testing.assert_allclose(x, want, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_encode_cli(tmp_path):
+  vae = tiny_vae(tmp_path / "vae")
+  args = [sys.executable, "-m", "ddx.main", "--config", "configs/test.py",
+          "--mode", "encode", "--workdir", str(tmp_path / "w"),
+          "--config.data.name=latents", f"--config.data.path={tmp_path / 'c'}",
+          "--config.data.image_size=16", "--config.data.channels=3",
+          f"--config.autoencoder.path={vae}", "--config.autoencoder.downsample=2",
+          "--config.encode.source=digits", "--config.encode.shard_size=1000",
+          "--config.sampling.clip_x0=False", "--config.model.attn_resolutions=()"]
+  r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  meta = json.load(open(tmp_path / "c" / "latents.json"))
+  assert meta["num_images"] == 1797 and meta["source"]["name"] == "digits"
+  r = subprocess.run(args[:-4] + ["--config.encode.source=", "--config.sampling.clip_x0=False",
+                                  "--config.model.attn_resolutions=()"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "encode.source" in r.stderr.strip().splitlines()[-1]
