@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   n.flips = True             # also encode the mirrored images (data.random_flip on latents)
   n.batch_size = 64          # images per encoder call, per process
   n.shard_size = 1024        # images per cache file
+  n.dtype = "float32"        # stored moments: float32 | float16 (half the disk)
 
   c.diffusion = f = ml_collections.ConfigDict()
   f.process = "ddpm"         # ddpm (discrete VP) | edm (Karras et al.) | flow (rectified flow)
@@ -292,6 +293,8 @@ def validate_encode(config) -> None:
   _require(isinstance(n.shard_size, int) and n.shard_size >= 1,
            f"encode.shard_size={n.shard_size!r} must be a positive integer")
   _require(isinstance(n.flips, bool), f"encode.flips={n.flips!r} must be True or False")
+  _require(n.dtype in ("float32", "float16"),
+           f"encode.dtype={n.dtype!r} must be float32 or float16")
 
 
 def _model_size(config) -> tuple[int, str]:

@@ -13,9 +13,10 @@ means on pixels (DiT's recipe flips the image, not the latent).
 
 The cache (local or gs://, through etils.epath):
   plan.json                 what is being written (the meta below), written first
-  shard_000000.npy          float32 [n, F, 2, h, w, c]: for images k*S .. k*S+n-1,
-                            F = 1 (or 2 with flips: the mirrored image second)
-                            variants of (mean, std), unscaled
+  shard_000000.npy          [n, F, 2, h, w, c] (encode.dtype, float32 or float16):
+                            for images k*S .. k*S+n-1, F = 1 (or 2 with flips:
+                            the mirrored image second) variants of (mean, std),
+                            unscaled
   shard_000000.labels.npy   int32 [n] (-1 = unlabelled)
   latents.json              the meta again, written last: the cache is complete
 
@@ -118,7 +119,7 @@ def plan(config, ae_settings: dict, source) -> dict:
       "shift_factor": float(ae_settings["shift_factor"]),
       "image_size": int(d.image_size), "channels": int(d.channels), "crop": d.crop,
       "latent_shape": [size, size, int(ae_settings["latent_channels"])],
-      "flips": bool(e.flips), "shard_size": int(e.shard_size),
+      "flips": bool(e.flips), "shard_size": int(e.shard_size), "dtype": e.dtype,
       "num_images": len(source), "num_classes": int(source.num_classes),
       "source": {"name": e.source, "folder": e.folder, "split": d.split,
                  "data_dir": d.data_dir, "image_key": d.image_key,
@@ -196,7 +197,8 @@ def encode_dataset(config, log=print) -> dict:
     data_lib._warn_skipped(element["skipped"])
     images = element["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     variants = [images, images[:, :, ::-1]] if meta["flips"] else [images]
-    moments = np.stack([_encode_all(ae, v, batch, local) for v in variants], axis=1)
+    moments = np.stack([_encode_all(ae, v, batch, local) for v in variants],
+                       axis=1).astype(meta["dtype"])
     _write_atomic(root / _labels_name(k),
                   _npy_bytes(np.asarray(element["label"], np.int32)))
     _write_atomic(path, _npy_bytes(moments))   # last: the shard is complete
@@ -301,17 +303,16 @@ class LatentSource:
   def __len__(self) -> int:
     return int(self.meta["num_images"])
 
-  def _load(self, name: str) -> np.ndarray:
-    path = epath.Path(self.path) / name
-    if "://" not in self.path:
-      return np.load(str(path), mmap_mode="r", allow_pickle=False)
-    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-
-  def shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(moments float32 [n, F, 2, h, w, c], labels int32 [n]) of shard k."""
+  def shard(self, k: int):
+    """(moments [n, F, 2, h, w, c] (rows readable by index), labels int32 [n])
+    of shard k: a memory map for a local cache, a reader of single rows (one
+    ranged read each) for gs:// and other remote paths."""
     if k not in self._shards:
-      self._shards[k] = self._load(_shard_name(k))
-      self._labels[k] = np.asarray(self._load(_labels_name(k)))
+      path = epath.Path(self.path) / _shard_name(k)
+      self._shards[k] = (np.load(str(path), mmap_mode="r", allow_pickle=False)
+                         if "://" not in self.path else _RemoteRows(path))
+      self._labels[k] = np.load(io.BytesIO((epath.Path(self.path) / _labels_name(k))
+                                           .read_bytes()), allow_pickle=False)
     return self._shards[k], self._labels[k]
 
   def moments(self, index: np.ndarray, flip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +324,8 @@ class LatentSource:
     for k in np.unique(index // size):
       rows = np.nonzero(index // size == k)[0]
       moments, lab = self.shard(int(k))
-      out[rows] = moments[index[rows] % size, variant[rows]]
+      for r in rows:   # one row at a time: a memory-map page or one ranged read
+        out[r] = moments[index[r] % size][variant[r]]
       labels[rows] = lab[index[rows] % size]
     return out, labels
 
@@ -334,6 +336,29 @@ class LatentSource:
 
   def read_transforms(self, seed: int) -> list[grain.transforms.Map]:
     return [ReadLatents(self, seed)]
+
+
+class _RemoteRows:
+  """Rows of a remote .npy file, each read with one seek + read (no full download)."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    with path.open("rb") as f:
+      fmt = np.lib.format
+      read = (fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0)
+              else fmt.read_array_header_2_0)
+      shape, fortran, dtype = read(f)
+      self.offset = f.tell()
+    if fortran:
+      raise data_lib.DataError(f"{path} is not a C-ordered array; encode the cache again")
+    self.dtype, self.row_shape = dtype, tuple(shape[1:])
+    self.row_bytes = int(np.prod(self.row_shape)) * dtype.itemsize
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    with self.path.open("rb") as f:
+      f.seek(self.offset + int(i) * self.row_bytes)
+      buf = f.read(self.row_bytes)
+    return np.frombuffer(buf, self.dtype).reshape(self.row_shape)
 
 
 class ReadLatents(grain.transforms.Map):

@@ -72,6 +72,16 @@ def test_cache_holds_the_encoded_images_and_their_mirrors(cache):
     np.testing.assert_array_equal(labels, digits.labels[idx])
 
 
+def test_remote_rows_read_single_rows(cache):
+  from etils import epath
+  _, _, config, _ = cache
+  path = os.path.join(config.data.path, "shard_000001.npy")
+  full = np.load(path)
+  rows = latents._RemoteRows(epath.Path(path))
+  for i in (0, 3, len(full) - 1):
+    np.testing.assert_array_equal(rows[i], full[i])
+
+
 def test_batches_are_scaled_posterior_samples_of_the_planned_rows(cache):
   _, _, config, meta = cache
   src = latents.run_source(config)
@@ -130,12 +140,16 @@ def test_another_cache_is_refused_and_left_alone(cache, tmp_path):
     latents.run_source(latent_config(tmp, vae, **{"data.image_size": 32}))
   (tmp_path / "noflip").mkdir()
   c = latent_config(tmp_path / "noflip", vae, **{"encode.flips": False,
-                                                   "encode.shard_size": 2000})
+                                                   "encode.shard_size": 2000,
+                                                   "encode.dtype": "float16"})
   latents.encode_dataset(c, log=lambda *_: None)
   with pytest.raises(data_lib.DataError, match="without flips"):
     latents.run_source(c)
   c.data.random_flip = False
-  assert len(latents.run_source(c)) == 1797
+  half, full = latents.run_source(c), latents.run_source(config)
+  idx, no = np.arange(0, 1797, 97), np.zeros(19, bool)
+  np.testing.assert_allclose(half.moments(idx, no)[0], full.moments(idx, no)[0],
+                             rtol=2e-3, atol=1e-3)      # float16 storage
 
 
 @pytest.mark.parametrize("over, match", [
@@ -155,7 +169,8 @@ def test_bad_latent_configs(tmp_path, over, match):
 def test_bad_encode_configs(tmp_path):
   for over, match in (({"encode.source": ""}, "encode.source"),
                       ({"encode.source": "folder"}, "encode.folder"),
-                      ({"data.name": "digits"}, "data.name=latents")):
+                      ({"data.name": "digits"}, "data.name=latents"),
+                      ({"encode.dtype": "bfloat16"}, "encode.dtype")):
     c = latent_config(tmp_path, "vae", **over)
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.validate_encode(c)
