@@ -370,8 +370,15 @@ def load(path: str, dtype: Optional[str] = None) -> Autoencoder:
   if not pdir.exists():
     raise ValueError(f"{pdir} does not exist; the autoencoder folder is incomplete, "
                      "convert it again")
-  target = abstract_params(s)
-  ck = ocp.StandardCheckpointer()
+  # Every process reads the whole (replicated) autoencoder on its own, onto a
+  # local device, with no cross-process barrier: it is loaded where processes
+  # may not be in step (the latent cache's encode, sampling).
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
+                        abstract_params(s))
+  me = jax.process_index()
+  ck = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"ddx_ae_{me}"))
   try:
     params = ck.restore(pdir.resolve() if not str(path).startswith("gs://") else pdir,
                         target)

@@ -350,7 +350,8 @@ def load_autoencoder(config):
   except ValueError as e:   # its messages name the folder and the fix
     raise config_lib.ConfigError(f"autoencoder.path: {e}") from None
   latents.check_autoencoder(config, ae.settings.to_dict())
-  return ae
+  # Replicated over every device (of every process), as the model's weights are.
+  return parallel.replicate(ae, parallel.make_mesh())
 
 
 def to_uint8(images: jnp.ndarray) -> np.ndarray:

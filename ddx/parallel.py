@@ -109,6 +109,18 @@ def stacked_global_batch(local_batches, mesh: Mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, x), stacked)
 
 
+def replicate(tree, mesh: Mesh):
+  """A pytree of arrays (host or one local device, the same values on every
+  process) as arrays replicated over every device of `mesh`, which may span
+  processes: usable beside the trainer's global arrays in one jit."""
+  sharding = replicated(mesh)
+
+  def one(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(one, tree)
+
+
 def gather(x) -> np.ndarray:
   """A (possibly multi-process) jax.Array as a full numpy array on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -182,14 +182,16 @@ def test_bad_encode_configs(tmp_path):
 @pytest.mark.slow
 def test_latent_run_trains_resumes_and_samples_decoded_images(cache, tmp_path):
   _, vae, config, _ = cache
-  config.training.num_steps = 6
+  t = config.training
+  t.num_steps, t.checkpoint_every, t.sample_every = 4, 2, 4
   straight = train.train_and_evaluate(config, str(tmp_path / "a"))
-  config.training.num_steps = 3
-  train.train_and_evaluate(config, str(tmp_path / "b"))
-  config.training.num_steps = 6
+  # Resume from step 2 of a copy: the same params as the run that did not stop.
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+  t.sample_every = 0
   resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
   jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
-  grid = tmp_path / "a" / "samples" / "step_0000006.png"
+  grid = tmp_path / "a" / "samples" / "step_0000004.png"
   from PIL import Image
   from ddx import evaluation
   evaluation.save_grid(np.zeros((4, 16, 16, 3), np.uint8), tmp_path / "pixels.png")
@@ -206,20 +208,34 @@ def test_latent_run_trains_resumes_and_samples_decoded_images(cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_encode_cli(tmp_path):
-  vae = tiny_vae(tmp_path / "vae")
-  args = [sys.executable, "-m", "ddx.main", "--config", "configs/test.py",
-          "--mode", "encode", "--workdir", str(tmp_path / "w"),
-          "--config.data.name=latents", f"--config.data.path={tmp_path / 'c'}",
-          "--config.data.image_size=16", "--config.data.channels=3",
-          f"--config.autoencoder.path={vae}", "--config.autoencoder.downsample=2",
-          "--config.encode.source=digits", "--config.encode.shard_size=1000",
-          "--config.sampling.clip_x0=False", "--config.model.attn_resolutions=()"]
-  r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-2000:]
-  meta = json.load(open(tmp_path / "c" / "latents.json"))
-  assert meta["num_images"] == 1797 and meta["source"]["name"] == "digits"
-  r = subprocess.run(args[:-4] + ["--config.encode.source=", "--config.sampling.clip_x0=False",
-                                  "--config.model.attn_resolutions=()"],
+def test_encode_cli_two_processes_write_the_same_cache(cache, tmp_path):
+  """--mode encode from the command line, 2 processes (jax.distributed on
+  127.0.0.1, the launch script users run): each writes its shards, and the
+  cache equals the one-process cache; then a bad config is one line, exit 2."""
+  _, _, config, _ = cache
+  vae = tiny_vae(tmp_path / "vae")          # same seed: the same weights (fingerprint)
+  out = tmp_path / "c"
+  overrides = ["--mode", "encode", "--config.data.name=latents", f"--config.data.path={out}",
+               "--config.data.image_size=16", "--config.data.channels=3",
+               f"--config.autoencoder.path={vae}", "--config.autoencoder.downsample=2",
+               "--config.encode.source=digits", "--config.encode.shard_size=700",
+               "--config.encode.batch_size=128", "--config.sampling.clip_x0=False",
+               "--config.model.attn_resolutions=()"]
+  env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROCESS="1")
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2",
+                      "configs/test.py", str(tmp_path / "w"), *overrides],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  log = open(tmp_path / "w" / "process_1.log").read()
+  assert "shard 2/3" in log and "shard 1/3" not in log     # process 1 wrote shard 1 only
+  assert json.load(open(out / "latents.json")) == json.load(
+      open(os.path.join(config.data.path, "latents.json")))
+  for k in range(3):
+    np.testing.assert_allclose(np.load(out / f"shard_{k:06d}.npy"),
+                               np.load(os.path.join(config.data.path, f"shard_{k:06d}.npy")),
+                               rtol=1e-5, atol=1e-6)
+  r = subprocess.run([sys.executable, "-m", "ddx.main", "--config", "configs/test.py",
+                      "--workdir", str(tmp_path / "w"), *overrides, "--config.encode.source="],
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 2 and "encode.source" in r.stderr.strip().splitlines()[-1]
+  assert r.returncode == 2
+  assert "encode.source" in r.stderr.strip().splitlines()[-1]
