@@ -56,7 +56,8 @@ def train_rate(config, batch: int, steps: int):
   """(seconds per step, FLOPs per step, bytes needed) of the real jitted update.
 
   Compiled once ahead of time: the program's memory analysis decides whether
-  it fits (None seconds when it does not) before anything runs.
+  it fits (None seconds when it does not) before anything runs; FLOPs are
+  XLA's cost analysis of the compiled update (what metrics.jsonl logs).
   """
   import jax
   import numpy as np
@@ -68,12 +69,14 @@ def train_rate(config, batch: int, steps: int):
   shape = (batch,) + config_lib.image_shape(config)
   rng = np.random.default_rng(0)
   b = parallel.global_batch({"image": rng.standard_normal(shape).astype(np.float32),
-                             "label": rng.integers(0, config.model.num_classes,
+                             "label": rng.integers(0, max(config.model.num_classes, 1),
                                                    batch).astype(np.int32)}, mesh)
   key = jax.random.key(1)
   lowered = setup.step.lower(state, b, key)
-  flops = train.step_flops(setup.step, state, b, key)
   compiled = lowered.compile()
+  cost = compiled.cost_analysis() or lowered.cost_analysis()   # GPU: the compiled one's
+  cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+  flops = float(cost.get("flops", 0.0))
   mem = compiled.memory_analysis()
   need = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
           - mem.alias_size_in_bytes) if mem is not None else 0

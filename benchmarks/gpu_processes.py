@@ -28,6 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import speed  # noqa: E402  (shared measurement helpers)
+from gpu_latent import train_rate  # noqa: E402  (the AOT-compiled update, timed)
 
 
 def _dit_b2(quick: bool):
@@ -42,31 +43,6 @@ def _dit_b2(quick: bool):
     c.model.update(dict(hidden_size=64, depth=2, num_heads=2))
     c.data.image_size = 8
   return c
-
-
-def _ddx_train(config, batch, steps):
-  """(seconds per step, FLOPs per step) of the real jitted update."""
-  import jax
-  import numpy as np
-  from ddx import config as config_lib, parallel, train
-  config.training.batch_size = batch
-  mesh = parallel.make_mesh()
-  setup = train.make_setup(config, mesh)
-  state = setup.init(jax.random.key(0))
-  shape = (batch,) + config_lib.image_shape(config)
-  rng = np.random.default_rng(0)
-  b = parallel.global_batch({"image": rng.uniform(-1, 1, shape).astype(np.float32),
-                             "label": rng.integers(0, max(config.model.num_classes, 1),
-                                                   batch).astype(np.int32)}, mesh)
-  flops = train.step_flops(setup.step, state, b, jax.random.key(1))
-  for _ in range(2):
-    state, m = setup.step(state, b, jax.random.key(1))
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, m = setup.step(state, b, jax.random.key(1))
-  jax.block_until_ready((state, m))
-  return (time.perf_counter() - t0) / steps, flops
 
 
 def _peer_dit_train(config, batch, steps, device, compile_):
@@ -146,7 +122,7 @@ def main():
   unet = speed._config("cifar10", {"model.dropout": 0.0, "model.dtype": "bfloat16"})
   trains = (("dit_b2", _dit_b2(q)), ("unet_cifar10", unet))
   for name, config in [t for t in trains if {"train", f"train_{t[0]}"} & parts]:   # 2. steps/s, MFU
-    s, flops = _ddx_train(config, train_batch, train_steps)
+    s, flops, _ = train_rate(config, train_batch, train_steps)
     save(f"train_{name}_bf16", {"steps_per_s": 1 / s, "flops_per_step": flops,
                                 "tflops_per_s": flops / s / 1e12,
                                 "mfu": flops / s / 1e12 / args.peak_tflops})

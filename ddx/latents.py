@@ -38,7 +38,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import grain
 import numpy as np
@@ -97,10 +97,10 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def source_config(config):
-  """The `config.data` group describing the pixel dataset `--mode encode` reads."""
-  d = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
+  """The `config.data` group describing the pixel dataset `--mode encode` reads:
+  config.data with name = encode.source and path = encode.folder."""
   import ml_collections
-  d = ml_collections.ConfigDict(d)
+  d = ml_collections.ConfigDict(config.data.to_dict())
   d.name = config.encode.source
   d.path = config.encode.folder
   return d
@@ -109,9 +109,7 @@ def source_config(config):
 def plan(config, ae_settings: dict, source) -> dict:
   """The meta of the cache `config` asks for (what latents.json will say)."""
   e, d = config.encode, config.data
-  ds = int(ae_settings["downsample"]) if "downsample" in ae_settings else 2 ** (
-      len(ae_settings["block_out_channels"]) - 1)
-  size = d.image_size // ds
+  size = d.image_size // _downsample(ae_settings)
   return {
       "format": FORMAT,
       "autoencoder_fingerprint": ae_settings["fingerprint"],
@@ -219,7 +217,8 @@ def encode_dataset(config, log=print) -> dict:
 
 
 def _encode_all(ae, images: np.ndarray, batch: int, mesh) -> np.ndarray:
-  """float32 [n, 2, h, w, c]: (mean, std) of every image, `batch` at a time
+  """The posterior moments of `images` (float32 [n, H, W, C] in [-1, 1]):
+  float32 [n, 2, h, w, c], (mean, std), `batch` at a time split over `mesh`
   (the last batch padded, so one program serves every call)."""
   import jax
   from ddx import autoencoder as ae_lib
@@ -236,11 +235,16 @@ def _encode_all(ae, images: np.ndarray, batch: int, mesh) -> np.ndarray:
   return np.concatenate(out).astype(np.float32)
 
 
+def _downsample(settings: dict) -> int:
+  return 2 ** (len(settings["block_out_channels"]) - 1)
+
+
 def check_autoencoder(config, settings: dict) -> None:
-  """Raises ConfigError unless the autoencoder agrees with config.autoencoder."""
+  """Raises ConfigError unless the autoencoder (its settings dict) agrees with
+  config.autoencoder and data.channels."""
   from ddx import config as config_lib
   a = config.autoencoder
-  ds = 2 ** (len(settings["block_out_channels"]) - 1)
+  ds = _downsample(settings)
   if ds != a.downsample or settings["latent_channels"] != a.latent_channels:
     raise config_lib.ConfigError(
         f"autoencoder.path={a.path} downsamples by {ds} to {settings['latent_channels']} "
@@ -292,6 +296,10 @@ class LatentSource:
           "--config.data.random_flip=False")
     self.random_flip = bool(random_flip)
     self.sample_posterior = bool(sample_posterior)
+    # A local cache is read through memory maps: cheap lookups that worker
+    # processes would only add start-up and copying to (data.num_workers=-1
+    # then picks none); remote rows are network reads that workers overlap.
+    self.in_memory = "://" not in self.path
     self.num_classes = int(self.meta["num_classes"])
     self.image_shape = tuple(self.meta["latent_shape"])
     self._shards: dict[int, np.ndarray] = {}
