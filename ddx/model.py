@@ -205,11 +205,37 @@ def sample_jit(model, rng, labels, guidance_scale, eta, x_T, churn=0.0, *,
                         return_trajectory=return_trajectory, **extra)
   x, traj = res if return_trajectory else (res, None)
   if model.is_latent and decode and model.autoencoder is not None:
-    from ddx import autoencoder as ae_lib
-    x = ae_lib.decode(model.autoencoder, x)
+    x = decode_latents(model.autoencoder, x)
   if not model.is_latent or (decode and model.autoencoder is not None):
     x = jnp.clip(x, -1.0, 1.0)   # images; latents are not bounded
   return (x, traj) if return_trajectory else x
+
+
+# Images per decoder call inside a sampling program: the SD decoder's
+# activations at 256x256 take ~0.3 GB per image in float32, so a whole
+# evaluation batch at once would not fit; chunks run one after another.
+DECODE_BATCH = 32
+
+
+def decode_latents(autoencoder, z: jnp.ndarray, max_batch: int = DECODE_BATCH) -> jnp.ndarray:
+  """`ddx.autoencoder.decode` of z [N, h, w, c], at most `max_batch` images per
+  decoder call (a lax.map over chunks). Chunk j holds z[j::count], so a batch
+  split over devices stays split over all of them in every chunk.
+
+  Returns:
+    float32 [N, H, W, C], not clipped.
+  """
+  from ddx import autoencoder as ae_lib
+  n = z.shape[0]
+  if n <= max_batch:
+    return ae_lib.decode(autoencoder, z)
+  count = -(-n // max_batch)
+  while n % count:
+    count += 1
+  per = n // count
+  chunks = z.reshape((per, count) + z.shape[1:]).swapaxes(0, 1)   # [count, per, ...]
+  out = jax.lax.map(lambda c: ae_lib.decode(autoencoder, c), chunks)
+  return out.swapaxes(0, 1).reshape((n,) + out.shape[2:])
 
 
 def resolve_labels(model: Model, labels, num_samples: int):

@@ -72,6 +72,17 @@ def test_cache_holds_the_encoded_images_and_their_mirrors(cache):
     np.testing.assert_array_equal(labels, digits.labels[idx])
 
 
+def test_decoding_in_chunks_equals_one_decode(cache):
+  from ddx import model as model_lib
+  _, vae, _, _ = cache
+  ae = ae_lib.load(vae)
+  z = jax.random.normal(jax.random.key(1), (10, 8, 8, 4))
+  whole = ae_lib.decode(ae, z)
+  for max_batch in (3, 6):     # 10 images: 5 chunks of 2, or 2 chunks of 5
+    np.testing.assert_allclose(jax.jit(model_lib.decode_latents, static_argnums=2)(
+        ae, z, max_batch), whole, atol=1e-5)
+
+
 def test_remote_rows_read_single_rows(cache):
   from etils import epath
   _, _, config, _ = cache
