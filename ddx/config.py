@@ -279,7 +279,7 @@ def _check_latent(config) -> None:
 
 def validate_encode(config) -> None:
   """Checks the keys `--mode encode` reads (after `validate`)."""
-  d, a, n = config.data, config.autoencoder, config.encode
+  d, n = config.data, config.encode
   _require(d.name == "latents" and bool(d.path),
            "--mode encode writes the latent cache at data.path and needs "
            "data.name=latents; set --config.data.name=latents --config.data.path=DIR")
@@ -354,7 +354,7 @@ def _check_unet_options(m) -> None:
 
 
 def _check_dit(config) -> None:
-  d, m = config.data, config.model
+  m = config.model
   for k in ("patch_size", "hidden_size", "depth", "num_heads"):
     _require(isinstance(m[k], int) and m[k] >= 1,
              f"model.{k}={m[k]!r} must be a positive integer")

@@ -26,7 +26,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import ddx
 from ddx import convert
-from ddx.convert import unet
+from ddx.convert import common, unet
 from ddx.models.layers import timestep_embedding
 
 from testutils import ROOT, load_config
@@ -246,7 +246,7 @@ def test_legacy_bin_checkpoint(converted, tmp_path):
   model, src, workdir = converted["cifar10"]
   legacy = str(tmp_path / "legacy")
   shutil.copytree(src, legacy)
-  os.remove(os.path.join(legacy, "unet", unet.WEIGHT_FILES[0]))
+  os.remove(os.path.join(legacy, "unet", common.WEIGHT_FILES[0]))
   old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
   sd = {}
   for k, v in model.state_dict().items():
@@ -254,7 +254,7 @@ def test_legacy_bin_checkpoint(converted, tmp_path):
       k = k.replace(f".{new}.", f".{name}.")
     sd[k] = v
   assert any(".query." in k for k in sd)
-  torch.save(sd, os.path.join(legacy, "unet", unet.WEIGHT_FILES[1]))
+  torch.save(sd, os.path.join(legacy, "unet", common.WEIGHT_FILES[1]))
   cfg = unet.ddx_config(json.load(open(os.path.join(legacy, "unet", "config.json"))), None)
   params = unet.params_from_state_dict(
       unet.read_state_dict(unet.weight_files(os.path.join(legacy, "unet"))), cfg)
@@ -297,7 +297,7 @@ def test_unsupported_config_is_one_line_exit_2(converted, tmp_path, capsys, fiel
 
 def _edit_weights(src, dst, edit):
   shutil.copytree(src, dst)
-  path = os.path.join(dst, "unet", unet.WEIGHT_FILES[0])
+  path = os.path.join(dst, "unet", common.WEIGHT_FILES[0])
   from safetensors.torch import load_file, save_file
   sd = load_file(path)
   edit(sd)
@@ -317,7 +317,7 @@ def test_bad_weights_name_the_weight(converted, tmp_path, capsys):
     bad = _edit_weights(src, str(tmp_path / name), edit)
     code, err = _run_main(capsys, bad, str(tmp_path / f"{name}_out"))
     assert code == 2 and len(err.splitlines()) == 1 and named in err, (name, err)
-  for name, path in (("no_weights", unet.WEIGHT_FILES[0]), ("no_config", "config.json")):
+  for name, path in (("no_weights", common.WEIGHT_FILES[0]), ("no_config", "config.json")):
     bad = str(tmp_path / name)
     shutil.copytree(src, bad)
     os.remove(os.path.join(bad, "unet", path))

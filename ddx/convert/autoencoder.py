@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ddx.convert.common import (ConversionError, read_json, read_state_dict, require,
-                                weight_files)
+from ddx.convert.common import (ConversionError, map_weights, read_json, read_state_dict,
+                                require, weight_files)
 
 # AutoencoderKL's constructor defaults (diffusers 0.42): a field missing from
 # config.json takes these, as diffusers' from_config does.
@@ -164,36 +164,23 @@ def params_from_state_dict(state: dict, settings: dict, source: str = "the check
   Raises:
     ConversionError: a missing, extra or wrongly shaped weight, named.
   """
-  import jax
   from ddx import autoencoder as ae_lib
   from ddx.models.autoencoder import torch_key
   s = ae_lib.settings_from_dict({**settings, "source": ""})
-  state = rename_legacy(state)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(ae_lib.abstract_params(s))
-  paths = [tuple(p.key for p in path) for path, _ in flat]
-  keys = [torch_key(p) for p in paths]
-  missing = [k for k in keys if k not in state]
-  if missing:
-    raise ConversionError(
-        f"weight {missing[0]} is missing from {source}"
-        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        + "; the config.json does not describe these weights")
-  extra = sorted(set(state) - set(keys))
-  if extra:
-    raise ConversionError(
-        f"weight {extra[0]} in {source} is not part of the AutoencoderKL its "
-        "config.json describes" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-  leaves = []
-  for path, key, (_, leaf) in zip(paths, keys, flat):
-    value, ok = state[key], _torch_shapes(path, leaf.shape)
+
+  def to_ddx(path, key, value, shape):
+    ok = _torch_shapes(path, shape)
     require(value.shape in ok, f"weight {key} in {source} has shape {value.shape}; "
-             f"the config.json implies {ok[0]}")
-    if path[-1] == "kernel" and len(leaf.shape) == 4:
-      value = value.transpose(2, 3, 1, 0)
-    elif path[-1] == "kernel":
-      value = value.reshape(value.shape[:2]).T
-    leaves.append(np.ascontiguousarray(value, dtype=np.float32))
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+            f"the config.json implies {ok[0]}")
+    if path[-1] == "kernel" and len(shape) == 4:
+      return value.transpose(2, 3, 1, 0)
+    if path[-1] == "kernel":
+      return value.reshape(value.shape[:2]).T
+    return value
+  return map_weights(rename_legacy(state), ae_lib.abstract_params(s), torch_key, to_ddx,
+                     source=source,
+                     missing_hint="the config.json does not describe these weights",
+                     what="the AutoencoderKL its config.json describes")
 
 
 def convert(src: str, workdir: str) -> Any:

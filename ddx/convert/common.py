@@ -159,3 +159,45 @@ def write_workdir(workdir: str, config, params: Any,
     ck.save(0, state, config)
   finally:
     ck.close()
+
+
+def _more(names: list) -> str:
+  return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def map_weights(state: dict, abstract_params: Any, torch_key, to_ddx, *, source: str,
+                missing_hint: str, what: str, ignore: tuple = ()) -> Any:
+  """The ddx params pytree from a PyTorch state_dict, one torch weight per leaf.
+
+  Args:
+    state: {state_dict key: float32 array in PyTorch layout}.
+    abstract_params: the ddx params (jax.ShapeDtypeStruct leaves).
+    torch_key: ddx param path (tuple of names) -> its state_dict key.
+    to_ddx: (path, key, value, ddx shape) -> the value in ddx's layout; raises
+      ConversionError (naming the weight) for a wrong shape.
+    source: what to call the weights in messages (file names).
+    missing_hint: the end of the message for a missing weight (why / the fix).
+    what: the model the weights should be, for the message on an extra weight.
+    ignore: state_dict keys that are not parameters (buffers checked elsewhere).
+  Returns:
+    the params pytree, float32 NumPy arrays.
+  Raises:
+    ConversionError: the first missing, extra or wrongly shaped weight, named.
+  """
+  import jax
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+  paths = [tuple(p.key for p in path) for path, _ in flat]
+  keys = [torch_key(p) for p in paths]
+  missing = [k for k in keys if k not in state]
+  if missing:
+    raise ConversionError(f"weight {missing[0]} is missing from {source}{_more(missing)}; "
+                          f"{missing_hint}")
+  extra = sorted(set(state) - set(keys) - set(ignore))
+  if extra:
+    raise ConversionError(f"weight {extra[0]} in {source} is not part of {what}"
+                          f"{_more(extra)}")
+  leaves = [np.ascontiguousarray(to_ddx(path, key, state[key], tuple(leaf.shape)),
+                                 dtype=np.float32)
+            for path, key, (_, leaf) in zip(paths, keys, flat)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+

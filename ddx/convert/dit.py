@@ -68,7 +68,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ddx.convert.common import (ConversionError, abstract_train_state, require,
+from ddx.convert.common import (ConversionError, abstract_train_state, map_weights, require,
                                 torch_module, write_workdir)
 
 # hidden_size -> num_heads of the official models (S, B, L, XL).
@@ -323,32 +323,17 @@ def params_from_state_dict(state: dict, config, source: str = "the checkpoint",
   Raises:
     ConversionError: a missing, extra or wrongly shaped weight, named.
   """
-  import jax
   if abstract_state is None:
     abstract_state = abstract_train_state(config)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_state.params)
-  paths = [tuple(p.key for p in path) for path, _ in flat]
-  keys = [torch_key(p) for p in paths]
-  missing = [k for k in keys if k not in state]
-  if missing:
-    raise ConversionError(
-        f"weight {missing[0]} is missing from {source}"
-        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        + "; the checkpoint is truncated or not an official DiT")
-  extra = sorted(set(state) - set(keys) - {"pos_embed"})
-  if extra:
-    raise ConversionError(
-        f"weight {extra[0]} in {source} is not part of the DiT its shapes describe"
-        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-  leaves = []
-  for path, key, (_, leaf) in zip(paths, keys, flat):
-    want = _torch_shape(path, leaf.shape)
-    require(state[key].shape == want,
-             f"weight {key} in {source} has shape {state[key].shape}; the DiT its "
-             f"other weights describe needs {want}")
-    leaves.append(np.ascontiguousarray(_from_torch(path[-1], state[key]),
-                                       dtype=np.float32))
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  def to_ddx(path, key, value, shape):
+    want = _torch_shape(path, shape)
+    require(value.shape == want, f"weight {key} in {source} has shape {value.shape}; "
+            f"the DiT its other weights describe needs {want}")
+    return _from_torch(path[-1], value)
+  return map_weights(state, abstract_state.params, torch_key, to_ddx, source=source,
+                     missing_hint="the checkpoint is truncated or not an official DiT",
+                     what="the DiT its shapes describe", ignore=("pos_embed",))
 
 
 def convert(src: str, workdir: str, autoencoder: Optional[str] = None) -> Any:

@@ -49,9 +49,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ddx.convert.common import (ConversionError, WEIGHT_FILES, abstract_train_state,
-                                read_json, read_state_dict, require, weight_files,
-                                write_workdir)
+from ddx.convert.common import (ConversionError, abstract_train_state,
+                                map_weights, read_json, read_state_dict, require,
+                                weight_files, write_workdir)
 
 # UNet2DModel's constructor defaults (diffusers 0.42): a field missing from a
 # config.json takes these, as diffusers' own from_config does.
@@ -405,35 +405,19 @@ def params_from_state_dict(state: dict, config, source: str = "the checkpoint",
   Raises:
     ConversionError: a missing, extra or wrongly shaped weight, named.
   """
-  import jax
   if abstract_state is None:
     abstract_state = abstract_train_state(config)
-  state = rename_legacy(state)
   levels = len(config.model.ch_mult)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_state.params)
-  paths = [tuple(p.key for p in path) for path, _ in flat]
-  keys = [torch_key(p, levels) for p in paths]
-  missing = [k for k in keys if k not in state]
-  if missing:
-    raise ConversionError(
-        f"weight {missing[0]} is missing from {source}"
-        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        + "; the config.json does not describe these weights")
-  extra = sorted(set(state) - set(keys))
-  if extra:
-    raise ConversionError(
-        f"weight {extra[0]} in {source} is not part of the UNet2DModel its "
-        "config.json describes"
-        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-  leaves = []
-  for path, key, (_, leaf) in zip(paths, keys, flat):
-    want = _torch_shape(path, leaf.shape)
-    require(state[key].shape == want,
-             f"weight {key} in {source} has shape {state[key].shape}; the "
-             f"config.json implies {want}")
-    leaves.append(np.ascontiguousarray(
-        _from_torch(path[-1], state[key], leaf.shape), dtype=np.float32))
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  def to_ddx(path, key, value, shape):
+    want = _torch_shape(path, shape)
+    require(value.shape == want, f"weight {key} in {source} has shape {value.shape}; "
+            f"the config.json implies {want}")
+    return _from_torch(path[-1], value, shape)
+  return map_weights(rename_legacy(state), abstract_state.params,
+                     lambda p: torch_key(p, levels), to_ddx, source=source,
+                     missing_hint="the config.json does not describe these weights",
+                     what="the UNet2DModel its config.json describes")
 
 
 def convert(src: str, workdir: str) -> Any:
