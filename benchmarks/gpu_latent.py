@@ -29,14 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  (shared measurement helpers)
 
 
-def dit_xl2(quick: bool):
-  """The run config of a latent DiT-XL/2 at 256x256 (random init)."""
+def latent_dit(hidden_size: int, depth: int, num_heads: int, quick: bool):
+  """The run config of a DiT/2 on 32x32x4 latents, 1,000 classes, learned sigma,
+  bf16, DiT's optimiser and sampling settings (random init; the network sees
+  the latents as its images)."""
   c = speed._config("cifar10", {"model.dropout": 0.0})
   c.model.name = "dit"
-  c.model.update(dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16,
-                      mlp_ratio=4.0, num_classes=1000, learn_sigma=True,
-                      dtype="bfloat16"))
-  c.data.image_size, c.data.channels = 32, 4      # the latents the network sees
+  c.model.update(dict(patch_size=2, hidden_size=hidden_size, depth=depth,
+                      num_heads=num_heads, mlp_ratio=4.0, num_classes=1000,
+                      learn_sigma=True, dtype="bfloat16"))
+  c.data.image_size, c.data.channels = 32, 4
   c.training.label_dropout = 0.1
   c.optim.weight_decay = 0.0
   c.optim.ema_decay = 0.9999
@@ -45,6 +47,10 @@ def dit_xl2(quick: bool):
     c.model.update(dict(hidden_size=64, depth=2, num_heads=2))
     c.data.image_size = 8
   return c
+
+
+def dit_xl2(quick: bool):
+  return latent_dit(1152, 28, 16, quick)
 
 
 def _oom(e: BaseException) -> bool:

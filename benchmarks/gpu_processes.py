@@ -28,21 +28,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import speed  # noqa: E402  (shared measurement helpers)
-from gpu_latent import train_rate  # noqa: E402  (the AOT-compiled update, timed)
+from gpu_latent import latent_dit, train_rate  # noqa: E402  (shared with the latent issue)
 
 
 def _dit_b2(quick: bool):
-  c = speed._config("cifar10", {"model.dropout": 0.0})
-  c.model.name = "dit"
-  c.model.update(dict(patch_size=2, hidden_size=768, depth=12, num_heads=12,
-                      mlp_ratio=4.0, num_classes=1000, learn_sigma=True,
-                      dtype="bfloat16"))
-  c.data.image_size, c.data.channels = 32, 4
-  c.training.label_dropout = 0.1
-  if quick:
-    c.model.update(dict(hidden_size=64, depth=2, num_heads=2))
-    c.data.image_size = 8
-  return c
+  return latent_dit(768, 12, 12, quick)
 
 
 def _peer_dit_train(config, batch, steps, device, compile_):
