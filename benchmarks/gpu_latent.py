@@ -53,6 +53,24 @@ def dit_xl2(quick: bool):
   return latent_dit(1152, 28, 16, quick)
 
 
+def recorder(path: str, peak_tflops: float):
+  """(out, save): the results dict (machine, date, peak) and save(key, value),
+  which prints the value with the elapsed time and rewrites `path` (if any), so
+  a run cut short keeps what it finished."""
+  import jax
+  start = time.perf_counter()
+  out = {"jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()],
+         "date": time.strftime("%Y-%m-%d"), "peak_tflops": peak_tflops}
+
+  def save(key, value):
+    out[key] = value
+    print(f"[{time.perf_counter() - start:6.1f} s] {key}: {json.dumps(value)}", flush=True)
+    if path:
+      with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+  return out, save
+
+
 def _oom(e: BaseException) -> bool:
   s = str(e)
   return "RESOURCE_EXHAUSTED" in s or "Out of memory" in s or "out of memory" in s
@@ -128,20 +146,11 @@ def main():
   ap.add_argument("--train_steps", type=int, default=10)
   ap.add_argument("--peak_tflops", type=float, default=989.0)
   args = ap.parse_args()
-  import jax
   q = args.quick
   if q:
     args.sample_batch, args.sample_steps, args.train_batches, args.train_steps = 2, 3, "4,2", 2
   start = time.perf_counter()
-  out = {"jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()],
-         "date": time.strftime("%Y-%m-%d"), "peak_tflops": args.peak_tflops}
-
-  def save(key, value):
-    out[key] = value
-    print(f"[{time.perf_counter() - start:6.1f} s] {key}: {json.dumps(value)}", flush=True)
-    if args.out:
-      with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+  out, save = recorder(args.out, args.peak_tflops)
 
   # 1. Sampling (its model freed before training measures memory).
   save("sample_dit_xl2_ddpm250_cfg1.5_bf16", sample_rate(q, args.sample_batch,

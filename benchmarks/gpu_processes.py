@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import speed  # noqa: E402  (shared measurement helpers)
-from gpu_latent import latent_dit, train_rate  # noqa: E402  (shared with the latent issue)
+from gpu_latent import latent_dit, recorder, train_rate  # noqa: E402  (shared with the latent issue)
 
 
 def _dit_b2(quick: bool):
@@ -84,15 +84,7 @@ def main():
   q = args.quick
   sample_batch, heun_steps, train_batch, train_steps = (
       (2, 3, 2, 2) if q else (256, 18, 128, 20))
-  out = {"jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()],
-         "date": time.strftime("%Y-%m-%d"), "peak_tflops": args.peak_tflops}
-
-  def save(key, value):
-    out[key] = value
-    print(f"[{time.perf_counter() - start:6.1f} s] {key}: {json.dumps(value)}", flush=True)
-    if args.out:
-      with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+  out, save = recorder(args.out, args.peak_tflops)
 
   import ddx
   parts = set(args.parts.split(","))
