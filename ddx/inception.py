@@ -472,8 +472,11 @@ def convert(pth_path: str, npz_path: str) -> None:
   """Converts pytorch-fid's .pth state_dict into the .npz this module loads.
 
   Needs torch (not a ddx dependency): pip install torch, run this once, and
-  the .npz is all later runs need.
+  the .npz is all later runs need. Never writes over an existing file.
   """
+  if os.path.exists(npz_path):
+    raise InceptionWeightsError(f"{npz_path} already exists; ddx.inception never "
+                                "overwrites a file: name a new OUT.npz")
   try:
     import torch
   except ImportError:
@@ -487,7 +490,11 @@ def convert(pth_path: str, npz_path: str) -> None:
   if not digest.startswith(PYTORCH_FID_SHA256_PREFIX):
     print(f"warning: {pth_path} has SHA-256 {digest[:16]}..., not pytorch-fid's "
           f"{PYTORCH_FID_SHA256_PREFIX}...; FIDs will not be comparable", file=sys.stderr)
-  state = torch.load(pth_path, map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(pth_path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    from ddx.convert.common import unreadable
+    raise InceptionWeightsError(str(unreadable(pth_path, e, "pytorch-fid weight file"))) from None
   if isinstance(state, dict) and "state_dict" in state:
     state = state["state_dict"]
   arrays = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items()

@@ -86,6 +86,18 @@ def _write_atomic(path: epath.Path, payload: bytes) -> None:
   tmp.replace(path)
 
 
+def _own_temporary(name: str) -> bool:
+  """Whether `name` is a file `_write_atomic` left when an encode was killed
+  before its rename: the cache's to clean up, never the user's."""
+  if not name.endswith(".tmp"):
+    return False
+  base = name[:-len(".tmp")]
+  if base in (PLAN_FILE, META_FILE):
+    return True
+  return (base.startswith("shard_") and base.endswith(".npy")
+          and base[len("shard_"):].split(".")[0].isdigit())
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
   buf = io.BytesIO()
   np.save(buf, array, allow_pickle=False)
@@ -168,13 +180,18 @@ def encode_dataset(config, log=print) -> dict:
           f"data.path={root} holds an unfinished latent cache of other settings "
           f"({'; '.join(diff)}); rerun with those settings to finish it, or choose "
           "a new --config.data.path")
-  elif root.exists() and any(root.iterdir()):
-    raise data_lib.DataError(
-        f"data.path={root} is not empty and holds no latent cache; choose an empty "
-        "or new --config.data.path")
+  else:
+    foreign = [p.name for p in root.iterdir() if not _own_temporary(p.name)] \
+        if root.exists() else []
+    if foreign:
+      raise data_lib.DataError(
+          f"data.path={root} is not empty and holds no latent cache (it holds "
+          f"{sorted(foreign)[0]}); choose an empty or new --config.data.path")
   parallel.sync("ddx_encode_checked")   # every process has looked before anyone writes
   if jax.process_index() == 0 and not plan_file.exists():
     root.mkdir(parents=True, exist_ok=True)
+    for p in root.iterdir():   # an encode killed before its plan was in place
+      p.unlink()
     _write_atomic(plan_file, json.dumps(meta, indent=1, sort_keys=True).encode())
   parallel.sync("ddx_encode_planned")
 

@@ -113,6 +113,7 @@ def _check_writable(workdir: str) -> None:
 
 def _sample(config, workdir):
   import io
+  import json
   import jax
   import numpy as np
   from etils import epath
@@ -130,12 +131,34 @@ def _sample(config, workdir):
     return
   out = epath.Path(workdir) / "samples"
   out.mkdir(parents=True, exist_ok=True)
-  name = f"sample_{s.sampler}_{s.steps}"
-  evaluation.save_grid(u8, out / (name + ".png"))
+  npz = _new_file(out, f"sample_{s.sampler}_{s.steps}", ".npz")
   buf = io.BytesIO()
-  np.savez_compressed(buf, images=u8)
-  (out / (name + ".npz")).write_bytes(buf.getvalue())
-  print(f"wrote {len(u8)} samples to {out / name}.png/.npz")
+  np.savez_compressed(buf, images=u8, sampling=json.dumps(s.to_dict(), sort_keys=True))
+  npz.write_bytes(buf.getvalue())
+  png = npz.with_suffix(".png")
+  evaluation.save_grid(u8, png)
+  print(f"wrote {len(u8)} samples to {png} and {npz.name}")
+
+
+def _new_file(folder, stem: str, suffix: str):
+  """Creates and returns folder/stem_NNN.suffix with the first NNN (001, 002, ...)
+  not taken by a .npz or .png: a run never writes over an earlier run's samples.
+
+  Local folders claim the name with O_EXCL, so two concurrent runs get two
+  names; on gs:// the first name that does not exist is taken.
+  """
+  for k in range(1, 1_000_000):
+    path = folder / f"{stem}_{k:03d}{suffix}"
+    if path.with_suffix(".png").exists() or path.with_suffix(".npz").exists():
+      continue
+    if "://" in str(folder):
+      return path
+    try:
+      os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+      return path
+    except FileExistsError:
+      continue
+  raise RuntimeError(f"{folder} holds a million sample files; choose another workdir")
 
 
 def main(argv):

@@ -207,7 +207,7 @@ def test_conversion_errors(converted, capsys):
   # Never over an existing autoencoder folder.
   before = open(os.path.join(out, ae_lib.SETTINGS_FILE)).read()
   assert convert.main([src, "--workdir", out]) == 2
-  assert "already holds an autoencoder" in capsys.readouterr().err
+  assert "is not empty" in capsys.readouterr().err
   assert open(os.path.join(out, ae_lib.SETTINGS_FILE)).read() == before
   ae = ae_lib.load(out)
   with pytest.raises(ValueError, match="already holds an autoencoder"):

@@ -339,14 +339,93 @@ def test_bad_scheduler_is_one_line_exit_2(converted, tmp_path, capsys):
   assert "beta_schedule" in err and "scheduler_config.json" in err
 
 
-def test_cli_refuses_a_workdir_with_checkpoints(converted):
-  """`python -m ddx.convert` as a user runs it: exit 2 and one line."""
-  _, src, workdir = converted["diffusers"]
-  p = subprocess.run([sys.executable, "-m", "ddx.convert", src, "--workdir", workdir],
+def _tree_digest(folder):
+  """{relative path: sha256} of every file under folder."""
+  import hashlib
+  out = {}
+  for base, _, files in os.walk(folder):
+    for f in files:
+      path = os.path.join(base, f)
+      out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  return out
+
+
+def test_cli_refuses_a_folder_of_the_users(converted, tmp_path):
+  """`python -m ddx.convert` as a user runs it, into a folder holding the user's
+  own config.json, notes and samples (no checkpoints/): exit 2, one line
+  naming what is there, every file's bytes unchanged."""
+  _, src, _ = converted["diffusers"]
+  out = tmp_path / "mine"
+  (out / "samples").mkdir(parents=True)
+  (out / "config.json").write_text('{"my": "experiment"}')
+  (out / "notes.txt").write_text("do not lose")
+  np.savez(out / "samples" / "keep.npz", x=np.arange(3))
+  before = _tree_digest(out)
+  p = subprocess.run([sys.executable, "-m", "ddx.convert", src, "--workdir", str(out)],
                      cwd=ROOT, capture_output=True, text=True)
   assert p.returncode == 2, p.stderr
   assert p.stderr.strip().splitlines() == [
-      f"ddx.convert: error: {workdir} already holds checkpoints; choose a new --workdir"]
+      f"ddx.convert: error: --workdir {out} is not empty (it holds config.json, "
+      "notes.txt, samples); ddx.convert writes only into a new or empty folder: "
+      "choose another --workdir"]
+  assert _tree_digest(out) == before
+
+
+def test_refuses_a_file_and_a_converted_workdir(converted, tmp_path, capsys):
+  _, src, workdir = converted["diffusers"]
+  plain = tmp_path / "plain"
+  plain.write_bytes(b"user data")
+  code, err = _run_main(capsys, src, str(plain))
+  assert code == 2 and err.splitlines() == [
+      f"ddx.convert: error: --workdir {plain} is a file, not a folder; pass the path "
+      "of a new or empty folder"]
+  assert plain.read_bytes() == b"user data"
+  before = _tree_digest(workdir)
+  code, err = _run_main(capsys, src, workdir)     # a finished import is not redone
+  assert code == 2 and len(err.splitlines()) == 1 and "is not empty" in err
+  assert _tree_digest(workdir) == before
+
+
+def test_interrupted_conversion_is_redone(converted, tmp_path, capsys):
+  """Killed after its marker and half a checkpoint: the same command clears
+  what it left and converts; a user's file beside them makes it refuse."""
+  _, src, workdir = converted["diffusers"]
+  out = tmp_path / "out"
+  (out / "checkpoints" / "0").mkdir(parents=True)
+  (out / common.MARKER).write_text("")
+  (out / "config.json.tmp").write_text("{")
+  assert _run_main(capsys, src, str(out))[0] == 0
+  assert sorted(os.listdir(out)) == sorted(os.listdir(workdir))
+  a, b = ddx.load(str(out)), ddx.load(workdir)
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.variables),
+                                                  jax.tree.leaves(b.variables)))
+  (out / common.MARKER).write_text("")
+  (out / "notes.txt").write_text("mine")
+  code, err = _run_main(capsys, src, str(out))
+  assert code == 2 and "(it holds notes.txt)" in err
+  assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_unreadable_weights_are_one_short_line(converted, tmp_path, capsys):
+  """A .bin that is a pickle of more than tensors: the line says what the file is
+  not, and never passes on torch's advice to unpickle it unsafely."""
+  src = str(tmp_path / "src")
+  shutil.copytree(converted["cifar10"][1], src)
+  os.remove(os.path.join(src, "unet", common.WEIGHT_FILES[0]))
+  bad = os.path.join(src, "unet", common.WEIGHT_FILES[1])
+  torch.save({"w": torch.zeros(2), "opt": _Unsafe()}, bad)
+  code, err = _run_main(capsys, src, str(tmp_path / "out"))
+  assert code == 2 and len(err.splitlines()) == 1 and len(err) - len(bad) < 200, err
+  assert f"{bad} is not a readable diffusers weight file" in err
+  assert "weights_only" not in err and "trust" not in err
+  open(bad, "wb").write(b"not a zip")
+  code, err = _run_main(capsys, src, str(tmp_path / "out"))
+  assert code == 2 and len(err.splitlines()) == 1 and len(err) - len(bad) < 200, err
+  assert not os.path.exists(tmp_path / "out")
+
+
+class _Unsafe:
+  """A pickled object that is not a tensor (torch refuses it with weights_only)."""
 
 
 @pytest.mark.slow

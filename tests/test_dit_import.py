@@ -340,4 +340,4 @@ def test_autoencoder_checked(tmp_path, capsys):
 def test_refuses_workdir_with_checkpoints(converted, tmp_path, capsys):
   sd, out = converted
   code, io = run_cli(capsys, save(sd, tmp_path / "a.pt"), "--workdir", out)
-  assert code == 2 and "already holds checkpoints" in io.err
+  assert code == 2 and "is not empty" in io.err

@@ -118,6 +118,27 @@ def test_convert_a_pytorch_state_dict(weights, tmp_path):
     np.testing.assert_array_equal(back[k], state[k], err_msg=k)
 
 
+def test_convert_never_overwrites_and_refuses_unsafe_pickles(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  out = tmp_path / "w.npz"
+  out.write_bytes(b"the user's file")
+  torch.save({"x": torch.zeros(1)}, tmp_path / "w.pth")
+  assert inception.main(["--convert", str(tmp_path / "w.pth"), str(out)]) == 2
+  assert "already exists" in capsys.readouterr().err
+  assert out.read_bytes() == b"the user's file"
+  torch.save({"x": torch.zeros(1), "o": _NotATensor()}, tmp_path / "bad.pth")
+  assert inception.main(["--convert", str(tmp_path / "bad.pth"),
+                         str(tmp_path / "new.npz")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]    # after the SHA-256 warning
+  assert err.startswith("ddx.inception: error: ") and len(err) < 300, err
+  assert "is not a readable pytorch-fid weight file" in err
+  assert "weights_only" not in err and not (tmp_path / "new.npz").exists()
+
+
+class _NotATensor:
+  pass
+
+
 def _torch_bilinear(x: np.ndarray, size: int) -> np.ndarray:
   """PyTorch's bilinear, align_corners=False, written out (x: [H, W])."""
   def axis(n_in):

@@ -134,6 +134,30 @@ def test_interrupted_encode_resumes_to_the_same_bytes(cache, tmp_path):
                                               "rb").read(), name
 
 
+def test_encode_killed_before_its_plan_resumes(cache, tmp_path):
+  """Killed while only plan.json.tmp existed (the plan's rename not done): the
+  same command finishes the cache; a folder with anything else is refused
+  and left as it was."""
+  _, vae, config, _ = cache
+  path = tmp_path / "cache"
+  path.mkdir()
+  (path / "plan.json.tmp").write_text('{"half": ')     # cut mid-write
+  latents.encode_dataset(latent_config(tmp_path, vae), log=lambda *_: None)
+  assert sorted(os.listdir(path)) == sorted(os.listdir(config.data.path))
+  for name in os.listdir(config.data.path):
+    assert (path / name).read_bytes() == open(os.path.join(config.data.path, name),
+                                              "rb").read(), name
+  mine = tmp_path / "mine"
+  user = tmp_path / "mine" / "cache"
+  user.mkdir(parents=True)
+  (user / "plan.json.tmp").write_text("x")
+  (user / "notes.txt").write_text("keep")
+  with pytest.raises(data_lib.DataError, match="holds no latent cache.*notes.txt"):
+    latents.encode_dataset(latent_config(mine, vae), log=lambda *_: None)
+  assert sorted(os.listdir(user)) == ["notes.txt", "plan.json.tmp"]
+  assert (user / "notes.txt").read_text() == "keep"
+
+
 def test_another_cache_is_refused_and_left_alone(cache, tmp_path):
   tmp, vae, config, _ = cache
   before = {n: os.path.getmtime(os.path.join(config.data.path, n))

@@ -245,12 +245,25 @@ def _cli(*args, timeout=600):
 
 @pytest.mark.slow
 def test_cli_sample_mode(trained):
+  """--mode sample writes a new file per run: an earlier run's files (here:
+  stand-ins under the first name) keep their bytes."""
   _, workdir, _ = trained
+  out = os.path.join(workdir, "samples")
+  os.makedirs(out, exist_ok=True)
+  earlier = {os.path.join(out, "sample_ddim_5_001" + ext): os.urandom(64)
+             for ext in (".npz", ".png")}
+  for path, data in earlier.items():
+    open(path, "wb").write(data)
   r = _cli("--config", "configs/test.py", "--workdir", workdir, "--mode", "sample",
            "--config.sampling.steps=5", "--config.sampling.num_samples=6")
   assert r.returncode == 0, r.stderr[-3000:]
-  z = np.load(os.path.join(workdir, "samples", "sample_ddim_5.npz"))["images"]
-  assert z.shape == (6, 8, 8, 1) and z.dtype == np.uint8
+  assert all(open(p, "rb").read() == data for p, data in earlier.items())
+  new = os.path.join(out, "sample_ddim_5_002")
+  assert new + ".png" in r.stdout
+  z = np.load(new + ".npz")
+  assert z["images"].shape == (6, 8, 8, 1) and z["images"].dtype == np.uint8
+  assert json.loads(str(z["sampling"]))["steps"] == 5
+  assert os.path.exists(new + ".png")
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ What SRC may be, and the module that owns each import:
     records the converted VAE that decodes its latents.
 
 Every import refuses what it cannot represent with one line naming the file,
-field or weight (exit code 2), and never writes over checkpoints.
+field or weight (exit code 2). OUT must be a new or empty folder, or one an
+interrupted import left (`common.check_output`): nothing else is ever written
+over, and the same command redoes an import killed at any moment.
 torch (and safetensors) are needed here only: pip install 'ddx[convert]'.
 """
 from __future__ import annotations

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ddx.convert.common import (ConversionError, map_weights, read_json, read_state_dict,
+from ddx.convert.common import (ConversionError, begin_output, check_output,
+                                finish_output, map_weights, read_json, read_state_dict,
                                 require, weight_files)
 
 # AutoencoderKL's constructor defaults (diffusers 0.42): a field missing from
@@ -188,24 +189,24 @@ def convert(src: str, workdir: str) -> Any:
 
   Args:
     src: an AutoencoderKL folder or a pipeline folder with vae/.
-    workdir: the autoencoder folder to write; must not hold one yet.
+    workdir: the autoencoder folder to write: a new or empty folder (`check_output`).
   Returns:
     the ddx.autoencoder.Settings written (with its fingerprint).
   Raises:
     ConversionError: the source cannot be converted (one line naming why).
   """
-  from etils import epath
   from ddx import autoencoder as ae_lib
   folder = locate(src)
-  root = epath.Path(workdir)
-  if (root / ae_lib.SETTINGS_FILE).exists() or (root / ae_lib.PARAMS_DIR).exists():
-    raise ConversionError(f"{workdir} already holds an autoencoder; choose a new --workdir")
+  check_output(workdir)
   where = os.path.join(folder, "config.json")
   settings = settings_of(read_json(where), where)
   files = weight_files(folder)
   params = params_from_state_dict(read_state_dict(files), settings, ", ".join(files))
   settings["source"] = f"diffusers AutoencoderKL {os.path.abspath(folder)}"
-  return ae_lib.save(workdir, settings, params)
+  begin_output(workdir)
+  result = ae_lib.save(workdir, settings, params)
+  finish_output(workdir)
+  return result
 
 
 def summary(settings) -> str:

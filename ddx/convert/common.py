@@ -21,6 +21,67 @@ class ConversionError(ValueError):
   """A source that cannot be converted; the message names the file/field/weight."""
 
 
+# --------------------------------------------------------------------------
+# The output folder: new, empty, or an import that this module left unfinished.
+
+# Written first and removed last: a folder holding it is an unfinished import.
+MARKER = ".ddx-convert-unfinished"
+# Everything an import writes (a workdir, or an autoencoder folder), with the
+# temporary names of the files it writes through a rename.
+OUTPUT_NAMES = frozenset({MARKER, "config.json", "config.json.tmp", "checkpoints",
+                          "autoencoder.json", "autoencoder.json.tmp", "params"})
+
+
+def _listing(names: list[str]) -> str:
+  shown = ", ".join(names[:3])
+  return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_output(workdir: str) -> None:
+  """Refuses an output folder that holds anything but an unfinished import.
+
+  ddx.convert writes only into a new or empty folder, or into one that an
+  interrupted ddx.convert left (it holds MARKER and only OUTPUT_NAMES):
+  nothing of the user's is ever replaced. Only reads.
+  Raises:
+    ConversionError: the path is a file, or a folder holding other things.
+  """
+  from etils import epath
+  root = epath.Path(workdir)
+  if not root.exists():
+    return
+  if not root.is_dir():
+    raise ConversionError(f"--workdir {workdir} is a file, not a folder; pass the "
+                          "path of a new or empty folder")
+  names = sorted(p.name for p in root.iterdir())
+  if not names or (MARKER in names and set(names) <= OUTPUT_NAMES):
+    return
+  foreign = [n for n in names if n not in OUTPUT_NAMES] if MARKER in names else names
+  raise ConversionError(
+      f"--workdir {workdir} is not empty (it holds {_listing(foreign)}); ddx.convert "
+      "writes only into a new or empty folder: choose another --workdir")
+
+
+def begin_output(workdir: str) -> None:
+  """Claims the output folder before the first write: checks it again, clears
+  what an interrupted import left there, and writes MARKER."""
+  from etils import epath
+  check_output(workdir)
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  for p in root.iterdir():   # only OUTPUT_NAMES here (check_output)
+    if p.name != MARKER:
+      p.rmtree() if p.is_dir() else p.unlink()
+  (root / MARKER).write_text("ddx.convert started writing this folder and has not "
+                             "finished; rerun the same command to redo it\n")
+
+
+def finish_output(workdir: str) -> None:
+  """Marks the output folder complete (removes MARKER)."""
+  from etils import epath
+  (epath.Path(workdir) / MARKER).unlink()
+
+
 def require(cond: bool, msg: str) -> None:
   if not cond:
     raise ConversionError(msg)
@@ -70,6 +131,23 @@ def torch_module():
   return torch
 
 
+def unreadable(path: str, error: BaseException, what: str) -> ConversionError:
+  """The one-line error for a weight file that torch/safetensors cannot read.
+
+  Says what the file is not, never torch's advice to load it unsafely: a
+  pickle that holds anything but tensors (and the few plain containers
+  allowed) is refused, since unpickling it could run arbitrary code.
+  """
+  text = str(error)
+  if "weights_only" in text or "Unsupported global" in text:
+    why = "it holds Python objects besides tensors; ddx never unpickles those"
+  else:
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    why = f"{type(error).__name__}: {first[:100]}" if first else type(error).__name__
+  return ConversionError(f"{path} is not a readable {what} ({why}); re-download it, "
+                         "or re-save it as a plain state_dict of tensors")
+
+
 def read_state_dict(paths: list[str]) -> dict[str, np.ndarray]:
   """Reads diffusers weight files into float32 NumPy arrays keyed by name.
 
@@ -88,9 +166,7 @@ def read_state_dict(paths: list[str]) -> dict[str, np.ndarray]:
       else:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-      raise ConversionError(f"{path} could not be read ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); "
-                            "re-download it") from None
+      raise unreadable(path, e, "diffusers weight file") from None
     for k, v in tensors.items():
       if torch.is_tensor(v):
         out[k] = v.detach().to(torch.float32).numpy()

@@ -68,8 +68,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ddx.convert.common import (ConversionError, abstract_train_state, map_weights, require,
-                                torch_module, write_workdir)
+from ddx.convert.common import (ConversionError, abstract_train_state, begin_output,
+                                check_output, finish_output, map_weights, require,
+                                torch_module, unreadable, write_workdir)
 
 # hidden_size -> num_heads of the official models (S, B, L, XL).
 NUM_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -105,9 +106,7 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     with torch.serialization.safe_globals([argparse.Namespace]):
       ckpt = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise ConversionError(f"{path} could not be read ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); "
-                          "re-download it") from None
+    raise unreadable(path, e, "DiT checkpoint") from None
   require(isinstance(ckpt, dict), f"{path} holds a {type(ckpt).__name__}, not a "
            "DiT state_dict or a train.py checkpoint dict")
   if "ema" in ckpt:          # train.py: {"model", "ema", "opt", "args"}
@@ -341,17 +340,14 @@ def convert(src: str, workdir: str, autoencoder: Optional[str] = None) -> Any:
 
   Args:
     src: a .pt/.pth file (see the module docstring).
-    workdir: output ddx workdir; must not hold checkpoints yet.
+    workdir: output ddx workdir: a new or empty folder (`check_output`).
     autoencoder: the converted VAE folder that decodes the latents, or None.
   Returns:
     the ddx run config that was written.
   Raises:
     ConversionError: the source cannot be converted (one line naming why).
   """
-  from ddx import checkpoint as ckpt_lib
-  ckdir = ckpt_lib.checkpoint_dir(workdir)
-  if ckdir.exists() and any(ckdir.iterdir()):
-    raise ConversionError(f"{workdir} already holds checkpoints; choose a new --workdir")
+  check_output(workdir)
   state = read_checkpoint(src)
   arch = architecture(state, source=src)
   if autoencoder:
@@ -360,7 +356,9 @@ def convert(src: str, workdir: str, autoencoder: Optional[str] = None) -> Any:
   abstract = abstract_train_state(config)
   params = params_from_state_dict(state, config, source=src, abstract_state=abstract)
   del state     # XL: 2.7 GB; write_workdir makes the EMA and Adam copies next
+  begin_output(workdir)
   write_workdir(workdir, config, params, abstract)
+  finish_output(workdir)
   return config
 
 

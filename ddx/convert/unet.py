@@ -49,9 +49,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ddx.convert.common import (ConversionError, abstract_train_state,
-                                map_weights, read_json, read_state_dict, require,
-                                weight_files, write_workdir)
+from ddx.convert.common import (ConversionError, abstract_train_state, begin_output,
+                                check_output, finish_output, map_weights, read_json,
+                                read_state_dict, require, weight_files, write_workdir)
 
 # UNet2DModel's constructor defaults (diffusers 0.42): a field missing from a
 # config.json takes these, as diffusers' own from_config does.
@@ -425,17 +425,14 @@ def convert(src: str, workdir: str) -> Any:
 
   Args:
     src: diffusers pipeline or UNet2DModel folder (see the module docstring).
-    workdir: output ddx workdir; must not hold checkpoints yet.
+    workdir: output ddx workdir: a new or empty folder (`check_output`).
   Returns:
     the ddx run config that was written.
   Raises:
     ConversionError: the source cannot be converted (one line naming why).
   """
-  from ddx import checkpoint as ckpt_lib
   unet_dir, sched_path = locate(src)
-  ckdir = ckpt_lib.checkpoint_dir(workdir)
-  if ckdir.exists() and any(ckdir.iterdir()):
-    raise ConversionError(f"{workdir} already holds checkpoints; choose a new --workdir")
+  check_output(workdir)
   unet_where = os.path.join(unet_dir, "config.json")
   config = ddx_config(read_json(unet_where),
                       read_json(sched_path) if sched_path else None,
@@ -447,7 +444,9 @@ def convert(src: str, workdir: str) -> Any:
   abstract = abstract_train_state(config)
   params = params_from_state_dict(read_state_dict(files), config,
                                   source=", ".join(files), abstract_state=abstract)
+  begin_output(workdir)
   write_workdir(workdir, config, params, abstract)
+  finish_output(workdir)
   return config
 
 
