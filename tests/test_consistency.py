@@ -9,15 +9,14 @@ import pytest
 
 from ddx import consistency
 
+from testutils import gaussian_data
+
 SD = 0.5                 # σ_d
 SHAPE = (3, 2, 1, 1)
 
 
 def _gaussian(seed=0):
-  rng = np.random.default_rng(seed)
-  mean = rng.normal(size=SHAPE[1:]).astype(np.float32)
-  std = rng.uniform(0.3, 1.2, size=SHAPE[1:]).astype(np.float32)
-  return rng, mean, std
+  return gaussian_data(seed, SHAPE[1:], (0.3, 1.2))
 
 
 def _spread(std, t):

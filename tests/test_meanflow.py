@@ -7,14 +7,13 @@ import pytest
 
 from ddx import meanflow
 
+from testutils import gaussian_data
+
 SHAPE = (3, 2, 2, 1)
 
 
 def _gaussian(seed=0):
-  rng = np.random.default_rng(seed)
-  mean = rng.normal(size=SHAPE[1:]).astype(np.float32)
-  std = rng.uniform(0.3, 1.5, size=SHAPE[1:]).astype(np.float32)
-  return rng, mean, std
+  return gaussian_data(seed, SHAPE[1:])
 
 
 def _np_velocity(mean, std, z, t):

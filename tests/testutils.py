@@ -63,3 +63,13 @@ def jaxpr_eqns(jaxpr):
           yield from jaxpr_eqns(sub.jaxpr)
         elif isinstance(sub, jax.extend.core.Jaxpr):
           yield from jaxpr_eqns(sub)
+
+
+def gaussian_data(seed: int, shape, std_range=(0.3, 1.5)):
+  """(rng, mean, std) of per-pixel Gaussian data x ~ N(mean, std²) of `shape`
+  (one image, float32): the data whose flows have closed forms."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  mean = rng.normal(size=shape).astype(np.float32)
+  std = rng.uniform(*std_range, size=shape).astype(np.float32)
+  return rng, mean, std
