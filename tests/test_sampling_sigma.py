@@ -321,3 +321,39 @@ def test_one_program_and_one_evaluation_on_the_last_heun_step():
   assert "scan" in text and "cond" in text
   jax.block_until_ready(run(jax.random.key(0)))
   assert count["n"] == 2 * 12 - 1
+
+
+# ------------------------------------------------- repeated σ and σ̂ rounding
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_solver_pp"])
+def test_a_repeated_sigma_is_a_no_op(sampler):
+  """A grid with repeated σ (zero-length steps) samples exactly as the grid
+  without the repeats. DPM-Solver++(2M) used to return NaN: h = 0 made the
+  next step's r = h_prev/h zero."""
+  ties = np.array([20.0, 5.0, 5.0, 1.0, 0.3, 0.3, 0.3, 0.05, 0.0])
+  once = np.array([20.0, 5.0, 1.0, 0.3, 0.05, 0.0])
+  x_T = jnp.asarray(np.random.default_rng(2).normal(size=(5, 1)), jnp.float32)
+  a = sigma.sample(_jax_d, ties, jax.random.key(0), (5, 1), sampler, x_T=x_T)
+  b = sigma.sample(_jax_d, once, jax.random.key(0), (5, 1), sampler, x_T=x_T)
+  assert np.all(np.isfinite(a))
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_vp_grid_nearest_has_no_repeats(name):
+  """Rounding a Karras grid to the schedule's σ_i maps several points to one
+  σ_i where the schedule is sparse (150 steps on linear(1000): 3 repeats;
+  cosine: from 10 steps on); vp_grid drops them, so they cost nothing."""
+  sched = getattr(schedules, name)(1000)
+  s = sigma.vp_sigmas(sched)
+  for steps in (10, 150):
+    g = sigma.vp_grid(sched, steps, "nearest")
+    assert np.all(np.diff(g) < 0) and g[-1] == 0 and np.all(np.isin(g[:-1], s))
+    karras = edm.karras_sigmas(s[0], s[-1], 7.0, steps)[:-1]
+    want = np.unique(s[np.argmin(np.abs(karras[:, None] - s[None, :]), axis=1)])[::-1]
+    np.testing.assert_array_equal(g[:-1], want)
+  g = sigma.vp_grid(schedules.linear(1000), 150, "nearest")
+  assert len(g) == 151 - 3
+  x = sigma.sample(_jax_d, g, jax.random.key(0), (4, 1), "dpm_solver_pp")
+  assert np.all(np.isfinite(x))
+
