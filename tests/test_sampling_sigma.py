@@ -357,3 +357,53 @@ def test_vp_grid_nearest_has_no_repeats(name):
   x = sigma.sample(_jax_d, g, jax.random.key(0), (4, 1), "dpm_solver_pp")
   assert np.all(np.isfinite(x))
 
+
+@pytest.mark.parametrize("index", ["nearest", "interp"])
+def test_stochastic_sigma_hat_is_one_the_network_knows(index):
+  """EDM Alg. 2 for a discrete-time network: t̂_i = t_i + γ_i·t_i is rounded to
+  a σ the network was trained at (EDM's code does this for its discrete
+  iDDPM model: round_sigma) before the noise √(t̂² − t²)·S_noise·ε is added,
+  and D is evaluated at that same t̂; so t̂ never exceeds σ_max. "nearest"
+  rounds to the nearest schedule σ_i, "interp" caps at σ_max = σ_{T−1}.
+  The ε-network ε = c·x_t makes D(x; σ) = x·(1 − c·σ/√(1 + σ²)) (EDM Table 1,
+  VP: x_t = x/√(1 + σ²), D = (x_t − √(1 − ᾱ)·ε)/√ᾱ)."""
+  sched, c, churn, s_noise = schedules.linear(100), 0.5, 10.0, 1.0
+  s = sigma.vp_sigmas(sched)
+  seen = []
+  record = lambda i: seen.append(np.asarray(i)[0])
+
+  def eps_fn(x_t, i):
+    jax.debug.callback(record, i)
+    return c * x_t
+
+  shape, rng = (3, 2), jax.random.key(1)
+  _, traj = ddx.sample(eps_fn, sched, rng, shape, "stochastic", 8, churn=churn,
+                       s_noise=s_noise, sigma_index=index, return_trajectory=True)
+  grid = sigma.vp_grid(sched, 8, index)
+  n = len(grid) - 1
+  d_np = lambda x, sg: x * (1 - c * sg / np.sqrt(1 + sg ** 2))
+  keys = jax.random.split(jax.random.split(rng)[1], n)
+  x = grid[0] * np.asarray(ddx.sampling.initial_noise(rng, shape), np.float64)
+  gamma = min(churn / n, np.sqrt(2) - 1)
+  ref, hats = [], []
+  for i in range(n):
+    t, t1 = grid[i], grid[i + 1]
+    t_hat = t + gamma * t
+    t_hat = (s[np.argmin(np.abs(s - t_hat))] if index == "nearest"
+             else min(t_hat, s[-1]))
+    hats.append(t_hat)
+    eps = s_noise * np.asarray(jax.random.normal(keys[i], shape), np.float64)
+    x_hat = x + np.sqrt(t_hat ** 2 - t ** 2) * eps
+    d = (x_hat - d_np(x_hat, t_hat)) / t_hat
+    x = x_hat + (t1 - t_hat) * d
+    if t1 != 0:
+      x = x_hat + (t1 - t_hat) * 0.5 * (d + (x - d_np(x, t1)) / t1)
+    ref.append(x)
+  hats = np.array(hats)
+  assert hats.max() <= s[-1] and hats[0] == pytest.approx(s[-1], rel=1e-6)
+  assert np.all(hats[1:-1] > grid[1:-2])        # the churn adds noise after step 0
+  np.testing.assert_allclose(traj, np.stack(ref), rtol=1e-4, atol=1e-5)
+  if index == "nearest":   # the network ran at the indices of t̂_i and t_{i+1}
+    want = [int(np.argmin(np.abs(s - v))) for v in hats]
+    want += [int(np.argmin(np.abs(s - v))) for v in grid[1:-1]]
+    assert sorted(int(i) for i in seen) == sorted(want)

@@ -60,7 +60,8 @@ def _check_grid(sigmas) -> None:
 
 def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
            sampler: str = "heun", *, churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
-           s_noise=1.0, x_T: Optional[jnp.ndarray] = None, clip_x0: bool = False,
+           s_noise=1.0, round_sigma: Optional[Callable[[jnp.ndarray], jnp.ndarray]] = None,
+           x_T: Optional[jnp.ndarray] = None, clip_x0: bool = False,
            return_trajectory: bool = False):
   """Runs a σ-grid sampler from x = σ_0·noise down the grid, as one `lax.scan`.
 
@@ -80,6 +81,10 @@ def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
     churn, s_tmin, s_tmax, s_noise: EDM Alg. 2's S_churn, S_tmin, S_tmax,
       S_noise, for "stochastic": γ_i = min(S_churn/N, √2 − 1) where
       S_tmin <= σ_i <= S_tmax, else 0. churn = 0 makes it "heun".
+    round_sigma: for "stochastic" on a network that knows only some σ
+      (`vp_round_sigma`): σ̂_i = round_sigma(σ_i + γ_i·σ_i) (at least σ_i),
+      so the noise is added up to the σ̂ the network is then evaluated at,
+      as EDM's code rounds t̂ for its discrete-time models. None: σ̂ as is.
     x_T: optional unit starting noise [shape] (scaled by σ_0 here).
     clip_x0: clip D(x; σ) to [-1, 1] at every evaluation.
     return_trajectory: also return the state after every step, [N, *shape].
@@ -115,6 +120,8 @@ def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
     def body(x, inp):
       s, s_next, gamma, key = inp
       s_hat = s + gamma * s
+      if round_sigma is not None:
+        s_hat = jnp.maximum(round_sigma(s_hat), s)
       eps = s_noise * jax.random.normal(key, shape, jnp.float32)
       x_hat = x + jnp.sqrt(jnp.maximum(s_hat ** 2 - s ** 2, 0.0)) * eps
       x_next = steps_lib.heun_step(deriv, x_hat, s_hat, s_next)
@@ -181,6 +188,25 @@ def vp_grid(sched: Schedule, steps: int, sigma_index: str = "nearest",
     idx = np.argmin(np.abs(grid[:-1, None] - s[None, :]), axis=1)
     grid = np.concatenate([s[np.unique(idx)[::-1]], [0.0]])
   return grid
+
+
+def vp_round_sigma(sched: Schedule, sigma_index: str = "nearest"
+                   ) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """The σ a DDPM network can be evaluated at, for the stochastic sampler's σ̂.
+
+  Args:
+    sched: the model's schedule (concrete).
+    sigma_index: "nearest": the nearest of the schedule's σ_i (in σ, as
+      `vp_grid` rounds); "interp": σ capped at the largest σ_{T−1}.
+  Returns:
+    `round_sigma(sigma float32 scalar) -> float32 scalar`, never above σ_{T−1}.
+  """
+  if sigma_index not in SIGMA_INDICES:
+    raise ValueError(f"sigma_index={sigma_index!r} is unknown; use one of {SIGMA_INDICES}")
+  s = jnp.asarray(vp_sigmas(sched), jnp.float32)
+  if sigma_index == "nearest":
+    return lambda sigma: s[jnp.argmin(jnp.abs(s - sigma))]
+  return lambda sigma: jnp.minimum(sigma, s[-1])
 
 
 def vp_denoiser(denoise_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
