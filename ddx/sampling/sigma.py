@@ -120,7 +120,7 @@ def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
     def body(x, inp):
       s, s_next, gamma, key = inp
       s_hat = s + gamma * s
-      if round_sigma is not None:
+      if round_sigma is not None:   # (never below σ: churn only adds noise)
         s_hat = jnp.maximum(round_sigma(s_hat), s)
       eps = s_noise * jax.random.normal(key, shape, jnp.float32)
       x_hat = x + jnp.sqrt(jnp.maximum(s_hat ** 2 - s ** 2, 0.0)) * eps
