@@ -39,37 +39,33 @@ from ddx.models.autoencoder import DTYPES, AutoencoderKL
 SETTINGS_FILE = "autoencoder.json"
 PARAMS_DIR = "params"
 
-# The AutoencoderKL fields (ddx.models.autoencoder), diffusers' config names.
-NETWORK_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels",
-                  "layers_per_block", "norm_num_groups", "use_quant_conv",
-                  "use_post_quant_conv", "mid_block_add_attention", "dtype")
+# The network's fields (diffusers' config names) and defaults are declared once,
+# on ddx.models.autoencoder.AutoencoderKL; Settings and the importer take them
+# from there.
+NETWORK_FIELDS = tuple(f.name for f in dataclasses.fields(AutoencoderKL)
+                       if f.name not in ("parent", "name"))
+_Network = dataclasses.make_dataclass(
+    "_Network",
+    [(f.name, "tuple[int, ...]" if f.name == "block_out_channels" else f.type, f.default)
+     for f in dataclasses.fields(AutoencoderKL) if f.name in NETWORK_FIELDS],
+    frozen=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(_Network):
   """What an autoencoder is, apart from its weights (hashable: a jit static).
 
   Defaults: stabilityai/sd-vae-ft-ema / -ft-mse.
 
   Attributes:
-    in_channels ... mid_block_add_attention: the network (see
-      ddx.models.autoencoder.AutoencoderKL).
-    dtype: computation dtype, "float32" | "bfloat16" (params stay float32).
+    in_channels ... dtype: the network's fields (NETWORK_FIELDS), with the
+      defaults of ddx.models.autoencoder.AutoencoderKL; dtype is the
+      computation dtype, "float32" | "bfloat16" (params stay float32).
     scaling_factor: latents = (posterior - shift_factor) * scaling_factor.
     shift_factor: diffusers' shift_factor; its None is 0.0.
     source: where the weights came from (informational).
     fingerprint: hash of the network fields, scaling and params; set by `save`.
   """
-  in_channels: int = 3
-  out_channels: int = 3
-  latent_channels: int = 4
-  block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-  layers_per_block: int = 2
-  norm_num_groups: int = 32
-  use_quant_conv: bool = True
-  use_post_quant_conv: bool = True
-  mid_block_add_attention: bool = True
-  dtype: str = "float32"
   scaling_factor: float = 0.18215
   shift_factor: float = 0.0
   source: str = ""

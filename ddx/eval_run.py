@@ -50,13 +50,6 @@ from ddx import parallel
 KID_REFERENCE_SIZE = 5000   # reference features kept for KID (subsets of 1,000 by default)
 
 
-def _hms(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  s = int(seconds)
-  return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 class Extractor(NamedTuple):
   """A feature network over uint8 images.
 
@@ -173,7 +166,7 @@ def reference_stats(config, extractor: Extractor, path: str, *, batch_size: int 
     if progress and (done / n >= next_report or done == n):
       rate = done / (time.perf_counter() - t0)
       print(f"eval: reference statistics {done}/{n} images, {rate:.1f} img/s, "
-            f"ETA {_hms((n - done) / rate)}", flush=True)
+            f"ETA {log_lib.hms((n - done) / rate)}", flush=True)
       next_report += 0.1
   mu = total / n
   sigma = (outer - n * np.outer(mu, mu)) / (n - 1)
@@ -296,7 +289,7 @@ def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
       done = sum(len(p) for p in parts)
       rate = made / (time.perf_counter() - t0) if made else float("nan")
       eta = (num - done) / rate if rate == rate and rate > 0 else float("nan")
-      speed = f", {rate:.1f} img/s, ETA {_hms(eta)}" if made else ""
+      speed = f", {rate:.1f} img/s, ETA {log_lib.hms(eta)}" if made else ""
       print(f"eval: samples {done}/{num} (chunk {c + 1}/{chunks} "
             f"{'sampled' if fresh else 'reused from disk'}){speed}", flush=True)
   return np.concatenate(parts)
@@ -469,7 +462,7 @@ def bpd_chunks(model: model_lib.Model, config, images: np.ndarray, labels: np.nd
       done = sum(len(p[estimators[0]]) for p in parts)
       rate = made / (time.perf_counter() - t0) if made else float("nan")
       eta = (num - done) / rate if rate == rate and rate > 0 else float("nan")
-      speed = f", {rate:.1f} img/s, ETA {_hms(eta)}" if made else ""
+      speed = f", {rate:.1f} img/s, ETA {log_lib.hms(eta)}" if made else ""
       print(f"eval: bits/dim {done}/{num} (batch {c + 1}/{chunks} "
             f"{'scored' if fresh else 'reused from disk'}){speed}", flush=True)
   return {k: (np.concatenate([p[k] for p in parts]) if not k.endswith("nfe")

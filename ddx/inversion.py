@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import diffusion
-from ddx import parallel
 from ddx import model as model_lib
 from ddx import sampling
 from ddx.model import Model
@@ -106,11 +105,7 @@ def invert(denoise_fn: DenoiseFn, sched: Schedule, x0: jnp.ndarray,
 @functools.partial(jax.jit, static_argnames=("steps", "guided"))
 def _invert_jit(model, images, labels, guidance_scale, *, steps, guided):
   fn = model_lib.denoiser(model, labels, guidance_scale, guided)
-  # Same data-parallel split as sample_fn: the scan carry inherits it.
-  mesh = parallel.make_mesh()
-  n = parallel.num_data_shards(mesh)
-  if n > 1 and images.shape[0] % n == 0:
-    images = jax.lax.with_sharding_constraint(images, parallel.data_sharded(mesh))
+  images = model_lib.shard_batch(images)   # data-parallel, as sample_fn
   # Uniform spacing: pass spacing="uniform" to sample_fn to sample back.
   return invert(fn, model.schedule, images, steps=steps,
                 prediction=model.config.diffusion.prediction, spacing="uniform")

@@ -127,10 +127,11 @@ class Progress:
     eta = (self.total - step) / r if r == r and r > 0 else float("nan")
     loss = float(np.asarray(metrics.get("loss", float("nan"))))
     print(f"step {step}/{self.total}  loss {loss:.4f}  {r:.2f} steps/s  "
-          f"ETA {_fmt(eta)}", file=self.stream, flush=True)
+          f"ETA {hms(eta)}", file=self.stream, flush=True)
 
 
-def _fmt(seconds: float) -> str:
+def hms(seconds: float) -> str:
+  """A duration as H:MM:SS (hours unbounded), "?" when it is not finite (no rate yet)."""
   if not math.isfinite(seconds):
     return "?"
   s = int(seconds)

@@ -252,3 +252,21 @@ def test_fingerprint(converted, tmp_path):
   assert ae_lib.fingerprint(ae.settings, params) != ae.fingerprint
   rescaled = dataclasses.replace(ae.settings, scaling_factor=0.13025)
   assert ae_lib.fingerprint(rescaled, ae.params) != ae.fingerprint
+
+
+def test_network_fields_are_declared_once():
+  """Settings' network fields and defaults are AutoencoderKL's, and the importer
+  reads each of them from a diffusers config.json (dtype is ddx's own)."""
+  from ddx.convert import autoencoder as convert_ae
+  from ddx.models.autoencoder import AutoencoderKL
+  net = {f.name: f.default for f in dataclasses.fields(AutoencoderKL)
+         if f.name not in ("parent", "name")}
+  assert ae_lib.NETWORK_FIELDS == tuple(net)
+  settings = ae_lib.Settings()
+  assert {k: getattr(settings, k) for k in net} == net
+  cfg = dict(diffusers.AutoencoderKL(**LAYOUT).config)
+  assert set(net) - {"dtype"} <= set(cfg)
+  got = convert_ae.settings_of(cfg)
+  assert set(got) == {f.name for f in dataclasses.fields(ae_lib.Settings)} - {
+      "source", "fingerprint"}
+  assert got["block_out_channels"] == [32, 64] and got["norm_num_groups"] == 8

@@ -321,3 +321,89 @@ def test_one_program_and_one_evaluation_on_the_last_heun_step():
   assert "scan" in text and "cond" in text
   jax.block_until_ready(run(jax.random.key(0)))
   assert count["n"] == 2 * 12 - 1
+
+
+# ------------------------------------------------- repeated σ and σ̂ rounding
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_solver_pp"])
+def test_a_repeated_sigma_is_a_no_op(sampler):
+  """A grid with repeated σ (zero-length steps) samples exactly as the grid
+  without the repeats. DPM-Solver++(2M) used to return NaN: h = 0 made the
+  next step's r = h_prev/h zero."""
+  ties = np.array([20.0, 5.0, 5.0, 1.0, 0.3, 0.3, 0.3, 0.05, 0.0])
+  once = np.array([20.0, 5.0, 1.0, 0.3, 0.05, 0.0])
+  x_T = jnp.asarray(np.random.default_rng(2).normal(size=(5, 1)), jnp.float32)
+  a = sigma.sample(_jax_d, ties, jax.random.key(0), (5, 1), sampler, x_T=x_T)
+  b = sigma.sample(_jax_d, once, jax.random.key(0), (5, 1), sampler, x_T=x_T)
+  assert np.all(np.isfinite(a))
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_vp_grid_nearest_has_no_repeats(name):
+  """Rounding a Karras grid to the schedule's σ_i maps several points to one
+  σ_i where the schedule is sparse (150 steps on linear(1000): 3 repeats;
+  cosine: from 10 steps on); vp_grid drops them, so they cost nothing."""
+  sched = getattr(schedules, name)(1000)
+  s = sigma.vp_sigmas(sched)
+  for steps in (10, 150):
+    g = sigma.vp_grid(sched, steps, "nearest")
+    assert np.all(np.diff(g) < 0) and g[-1] == 0 and np.all(np.isin(g[:-1], s))
+    karras = edm.karras_sigmas(s[0], s[-1], 7.0, steps)[:-1]
+    want = np.unique(s[np.argmin(np.abs(karras[:, None] - s[None, :]), axis=1)])[::-1]
+    np.testing.assert_array_equal(g[:-1], want)
+  g = sigma.vp_grid(schedules.linear(1000), 150, "nearest")
+  assert len(g) == 151 - 3
+  x = sigma.sample(_jax_d, g, jax.random.key(0), (4, 1), "dpm_solver_pp")
+  assert np.all(np.isfinite(x))
+
+
+@pytest.mark.parametrize("index", ["nearest", "interp"])
+def test_stochastic_sigma_hat_is_one_the_network_knows(index):
+  """EDM Alg. 2 for a discrete-time network: t̂_i = t_i + γ_i·t_i is rounded to
+  a σ the network was trained at (EDM's code does this for its discrete
+  iDDPM model: round_sigma) before the noise √(t̂² − t²)·S_noise·ε is added,
+  and D is evaluated at that same t̂; so t̂ never exceeds σ_max. "nearest"
+  rounds to the nearest schedule σ_i, "interp" caps at σ_max = σ_{T−1}.
+  The ε-network ε = c·x_t makes D(x; σ) = x·(1 − c·σ/√(1 + σ²)) (EDM Table 1,
+  VP: x_t = x/√(1 + σ²), D = (x_t − √(1 − ᾱ)·ε)/√ᾱ)."""
+  sched, c, churn, s_noise = schedules.linear(100), 0.5, 10.0, 1.0
+  s = sigma.vp_sigmas(sched)
+  seen = []
+  record = lambda i: seen.append(np.asarray(i)[0])
+
+  def eps_fn(x_t, i):
+    jax.debug.callback(record, i)
+    return c * x_t
+
+  shape, rng = (3, 2), jax.random.key(1)
+  _, traj = ddx.sample(eps_fn, sched, rng, shape, "stochastic", 8, churn=churn,
+                       s_noise=s_noise, sigma_index=index, return_trajectory=True)
+  grid = sigma.vp_grid(sched, 8, index)
+  n = len(grid) - 1
+  d_np = lambda x, sg: x * (1 - c * sg / np.sqrt(1 + sg ** 2))
+  keys = jax.random.split(jax.random.split(rng)[1], n)
+  x = grid[0] * np.asarray(ddx.sampling.initial_noise(rng, shape), np.float64)
+  gamma = min(churn / n, np.sqrt(2) - 1)
+  ref, hats = [], []
+  for i in range(n):
+    t, t1 = grid[i], grid[i + 1]
+    t_hat = t + gamma * t
+    t_hat = (s[np.argmin(np.abs(s - t_hat))] if index == "nearest"
+             else min(t_hat, s[-1]))
+    hats.append(t_hat)
+    eps = s_noise * np.asarray(jax.random.normal(keys[i], shape), np.float64)
+    x_hat = x + np.sqrt(t_hat ** 2 - t ** 2) * eps
+    d = (x_hat - d_np(x_hat, t_hat)) / t_hat
+    x = x_hat + (t1 - t_hat) * d
+    if t1 != 0:
+      x = x_hat + (t1 - t_hat) * 0.5 * (d + (x - d_np(x, t1)) / t1)
+    ref.append(x)
+  hats = np.array(hats)
+  assert hats.max() <= s[-1] and hats[0] == pytest.approx(s[-1], rel=1e-6)
+  assert np.all(hats[1:-1] > grid[1:-2])        # the churn adds noise after step 0
+  np.testing.assert_allclose(traj, np.stack(ref), rtol=1e-4, atol=1e-5)
+  if index == "nearest":   # the network ran at the indices of t̂_i and t_{i+1}
+    want = [int(np.argmin(np.abs(s - v))) for v in hats]
+    want += [int(np.argmin(np.abs(s - v))) for v in grid[1:-1]]
+    assert sorted(int(i) for i in seen) == sorted(want)

@@ -25,6 +25,7 @@ some store those projections as 1x1 convs [C, C, 1, 1]; both are accepted.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any
@@ -99,12 +100,17 @@ def settings_of(cfg: dict, where: str = "config.json") -> dict:
               " (per-channel latent statistics; only scaling_factor / shift_factor)")
   unsupported("latents_std", c["latents_std"] is None,
               " (per-channel latent statistics; only scaling_factor / shift_factor)")
-  for field in ("in_channels", "out_channels", "latent_channels", "layers_per_block",
-                "norm_num_groups"):
-    require(isinstance(c[field], int) and not isinstance(c[field], bool) and c[field] > 0,
-             f"{where}: {field}={c[field]!r} must be a positive integer")
-  for field in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-    require(isinstance(c[field], bool), f"{where}: {field}={c[field]!r} must be true or false")
+  # The network's fields as ddx declares them (ddx.autoencoder.NETWORK_FIELDS);
+  # dtype is ddx's own, block_out_channels is checked above.
+  from ddx import autoencoder as ae_lib
+  kinds = {f.name: f.type for f in dataclasses.fields(ae_lib.Settings)}
+  network = [k for k in ae_lib.NETWORK_FIELDS if k not in ("dtype", "block_out_channels")]
+  for field in network:
+    if kinds[field] == "int":
+      require(isinstance(c[field], int) and not isinstance(c[field], bool) and c[field] > 0,
+               f"{where}: {field}={c[field]!r} must be a positive integer")
+    else:
+      require(isinstance(c[field], bool), f"{where}: {field}={c[field]!r} must be true or false")
   bad = [b for b in boc if b % c["norm_num_groups"]]
   require(not bad, f"{where}: norm_num_groups={c['norm_num_groups']} does not divide "
            f"block_out_channels={list(boc)}")
@@ -116,11 +122,8 @@ def settings_of(cfg: dict, where: str = "config.json") -> dict:
   require(c["scaling_factor"] > 0, f"{where}: scaling_factor={c['scaling_factor']} "
            "must be positive")
   return {
-      "in_channels": c["in_channels"], "out_channels": c["out_channels"],
-      "latent_channels": c["latent_channels"], "block_out_channels": list(boc),
-      "layers_per_block": c["layers_per_block"], "norm_num_groups": c["norm_num_groups"],
-      "use_quant_conv": c["use_quant_conv"], "use_post_quant_conv": c["use_post_quant_conv"],
-      "mid_block_add_attention": c["mid_block_add_attention"], "dtype": "float32",
+      **{k: c[k] for k in ae_lib.NETWORK_FIELDS if k != "dtype"},
+      "block_out_channels": list(boc), "dtype": "float32",
       "scaling_factor": float(c["scaling_factor"]),
       "shift_factor": float(c["shift_factor"] or 0.0),
   }

@@ -6,6 +6,7 @@
                 euler, heun, stochastic (EDM Alg. 1-2), dpm_solver_pp; and the
                 VP mapping that runs a DDPM network on a σ grid
   flow.py       flow-matching ODE samplers from t = 1 to 0: euler, heun
+  steps.py      the steps they share: Euler/Heun, DPM-Solver++(2M)
 
 `sample(denoise_fn, process, rng, shape, sampler=..., steps=...)` runs any of
 them, dispatching on the process (a `Schedule`, `ddx.edm.EDM` or
@@ -149,10 +150,11 @@ def sample(denoise_fn, process, rng: jax.Array, shape,
     process.check()
     grid = edm_lib.karras_sigmas(process.sigma_min, process.sigma_max, process.rho,
                                  steps)
-    fn = denoise_fn
+    fn, round_sigma = denoise_fn, None
   else:
     grid = sigma.vp_grid(process, steps, sigma_index)
     fn = sigma.vp_denoiser(denoise_fn, process, prediction, sigma_index)
+    round_sigma = sigma.vp_round_sigma(process, sigma_index)
   return sigma.sample(fn, grid, rng, shape, sampler, churn=churn, s_tmin=s_tmin,
-                      s_tmax=s_tmax, s_noise=s_noise, x_T=x_T, clip_x0=clip_x0,
-                      return_trajectory=return_trajectory)
+                      s_tmax=s_tmax, s_noise=s_noise, round_sigma=round_sigma, x_T=x_T,
+                      clip_x0=clip_x0, return_trajectory=return_trajectory)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import diffusion
+from ddx.sampling import steps as steps_lib
 from ddx.schedules import Schedule
 
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -143,23 +144,13 @@ def _half_log_snr(a):
 
 
 def _dpmpp_2m_step(carry, x0, eps, x, st: Step, *, eta, variance):
-  """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, data prediction.
-
-  x_s = (σ_s/σ_t) x_t - α_s (e^{-h} - 1) D with h = λ_s - λ_t and
-  D = (1 + 1/(2r)) x̂_0 - 1/(2r) x̂_0_prev, r = h_prev / h; the first step
-  uses D = x̂_0 (first order), and the last step returns x̂_0 (σ_s = 0).
-  """
+  """DPM-Solver++(2M) over the index walk (`steps.dpm_solver_pp_2m`): λ is
+  the half-log-SNR of ᾱ, σ_s/σ_t = √((1-ᾱ_s)/(1-ᾱ_t)) and α_s = √ᾱ_s."""
   del eps, eta, variance
-  x0_prev, h_prev, n = carry
-  lam_t, lam_s = _half_log_snr(st.a_t), _half_log_snr(st.a_s)
-  h = lam_s - lam_t
-  r = h_prev / h
-  second = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-  d = jnp.where(n > 0, second, x0)
-  x_s = (jnp.sqrt((1.0 - st.a_s) / (1.0 - st.a_t)) * x
-         - jnp.sqrt(st.a_s) * jnp.expm1(-h) * d)
-  x_s = jnp.where(st.last, x0, x_s)
-  return (x0, h, n + 1), x_s
+  h = _half_log_snr(st.a_s) - _half_log_snr(st.a_t)
+  return steps_lib.dpm_solver_pp_2m(
+      carry, x, x0, h, jnp.sqrt((1.0 - st.a_s) / (1.0 - st.a_t)), jnp.sqrt(st.a_s),
+      st.last)
 
 
 class _Sampler(NamedTuple):
@@ -177,9 +168,7 @@ SAMPLERS = {
     "ddpm": _Sampler(_ddpm_step, lambda x: (), "trailing"),
     "ddim": _Sampler(_ddim_step, lambda x: (), "trailing"),
     "dpm_solver_pp": _Sampler(
-        _dpmpp_2m_step,
-        lambda x: (jnp.zeros_like(x), jnp.ones((), x.dtype), jnp.zeros((), jnp.int32)),
-        "logsnr"),
+        _dpmpp_2m_step, steps_lib.dpm_solver_pp_2m_init, "logsnr"),
 }
 DDPM_VARIANCES = ("posterior", "beta")
 

@@ -8,7 +8,7 @@ output into a velocity, `ddx.flow.velocity`). On a grid of N steps
   euler   N        x_{i+1} = x_i + (t_{i+1} − t_i)·v(x_i, t_i)
   heun    2N − 1   the trapezoid rule, with an Euler last step to t = 0
 
-A whole trajectory is one `lax.scan` (`ddx.sampling.sigma.integrate`).
+A whole trajectory is one `lax.scan` (`ddx.sampling.steps.integrate`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx.sampling.discrete import initial_noise
-from ddx.sampling.sigma import integrate
+from ddx.sampling.steps import integrate
 
 VelocityFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 

@@ -13,7 +13,10 @@ descending grid σ_0 > ... > σ_N (typically ending at σ_N = 0,
                           order, the last step (to σ = 0) returns D
 
 A whole trajectory is one `lax.scan`; Heun's skipped correction is a
-`lax.cond`, so the last step really costs one evaluation.
+`lax.cond`, so the last step really costs one evaluation. The steps are
+`ddx.sampling.steps`'s, shared with the other grids. A repeated σ in a
+grid is a zero-length step that the deterministic samplers pass unchanged
+(its evaluations are still spent: `vp_grid` drops repeats).
 
 The DDPM process maps onto this form (EDM Sec. 2, App. C.1): x = x_t/√ᾱ,
 σ = √((1 − ᾱ)/ᾱ); `vp_sigmas`, `vp_grid` and `vp_denoiser` turn a
@@ -30,6 +33,7 @@ import numpy as np
 
 from ddx import diffusion
 from ddx.edm import karras_sigmas
+from ddx.sampling import steps as steps_lib
 from ddx.sampling.discrete import initial_noise
 from ddx.schedules import Schedule
 
@@ -38,43 +42,6 @@ SigmaDenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 SAMPLERS = ("euler", "heun", "stochastic", "dpm_solver_pp")
 NFE = {"euler": "N", "heun": "2N - 1", "stochastic": "2N - 1", "dpm_solver_pp": "N"}
 SIGMA_INDICES = ("nearest", "interp")
-
-
-def integrate(deriv_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
-              grid: jnp.ndarray, x: jnp.ndarray, method: str,
-              return_trajectory: bool = False):
-  """Integrates dx/ds = deriv_fn(x, s) along `grid` with Euler or Heun, one scan.
-
-  Heun (the explicit trapezoid rule, EDM Alg. 1 lines 5-8) corrects every
-  step except one that lands on s = 0, where the derivative may not exist;
-  there it takes the Euler step and skips the second evaluation.
-
-  Args:
-    deriv_fn: `deriv_fn(x [B, ...], s float32 scalar) -> [B, ...]`.
-    grid: [N + 1] float32 times, the start first.
-    x: [B, ...] float32 state at grid[0].
-    method: "euler" | "heun".
-    return_trajectory: also return the state after every step, [N, B, ...].
-  Returns:
-    x at grid[-1] (and the trajectory).
-  """
-  if method not in ("euler", "heun"):
-    raise ValueError(f"method={method!r} is unknown; use 'euler' or 'heun'")
-  grid = jnp.asarray(grid, jnp.float32)
-
-  def body(x, inp):
-    s, s_next = inp
-    h = s_next - s
-    d = deriv_fn(x, s)
-    x_e = x + h * d
-    if method == "heun":
-      x_e = jax.lax.cond(
-          s_next == 0, lambda: x_e,
-          lambda: x + (0.5 * h) * (d + deriv_fn(x_e, s_next)))
-    return x_e, (x_e if return_trajectory else None)
-
-  x, traj = jax.lax.scan(body, x, (grid[:-1], grid[1:]))
-  return (x, traj) if return_trajectory else x
 
 
 def _check_grid(sigmas) -> None:
@@ -93,7 +60,8 @@ def _check_grid(sigmas) -> None:
 
 def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
            sampler: str = "heun", *, churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
-           s_noise=1.0, x_T: Optional[jnp.ndarray] = None, clip_x0: bool = False,
+           s_noise=1.0, round_sigma: Optional[Callable[[jnp.ndarray], jnp.ndarray]] = None,
+           x_T: Optional[jnp.ndarray] = None, clip_x0: bool = False,
            return_trajectory: bool = False):
   """Runs a σ-grid sampler from x = σ_0·noise down the grid, as one `lax.scan`.
 
@@ -113,6 +81,10 @@ def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
     churn, s_tmin, s_tmax, s_noise: EDM Alg. 2's S_churn, S_tmin, S_tmax,
       S_noise, for "stochastic": γ_i = min(S_churn/N, √2 − 1) where
       S_tmin <= σ_i <= S_tmax, else 0. churn = 0 makes it "heun".
+    round_sigma: for "stochastic" on a network that knows only some σ
+      (`vp_round_sigma`): σ̂_i = round_sigma(σ_i + γ_i·σ_i) (at least σ_i),
+      so the noise is added up to the σ̂ the network is then evaluated at,
+      as EDM's code rounds t̂ for its discrete-time models. None: σ̂ as is.
     x_T: optional unit starting noise [shape] (scaled by σ_0 here).
     clip_x0: clip D(x; σ) to [-1, 1] at every evaluation.
     return_trajectory: also return the state after every step, [N, *shape].
@@ -137,7 +109,7 @@ def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
   deriv = lambda x, s: (x - den(x, s)) / s
 
   if sampler in ("euler", "heun"):
-    return integrate(deriv, sig, x, sampler, return_trajectory)
+    return steps_lib.integrate(deriv, sig, x, sampler, return_trajectory)
 
   if sampler == "stochastic":
     keys = jax.random.split(jax.random.split(rng)[1], n)
@@ -148,35 +120,27 @@ def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
     def body(x, inp):
       s, s_next, gamma, key = inp
       s_hat = s + gamma * s
+      if round_sigma is not None:   # (never below σ: churn only adds noise)
+        s_hat = jnp.maximum(round_sigma(s_hat), s)
       eps = s_noise * jax.random.normal(key, shape, jnp.float32)
       x_hat = x + jnp.sqrt(jnp.maximum(s_hat ** 2 - s ** 2, 0.0)) * eps
-      h = s_next - s_hat
-      d = deriv(x_hat, s_hat)
-      x_e = x_hat + h * d
-      x_next = jax.lax.cond(
-          s_next == 0, lambda: x_e,
-          lambda: x_hat + (0.5 * h) * (d + deriv(x_e, s_next)))
+      x_next = steps_lib.heun_step(deriv, x_hat, s_hat, s_next)
       return x_next, (x_next if return_trajectory else None)
 
     x, traj = jax.lax.scan(body, x, (sig[:-1], sig[1:], gammas, keys))
     return (x, traj) if return_trajectory else x
 
-  # DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) with α = 1 and λ = −log σ:
-  # x_s = (σ_s/σ_t)·x_t + (1 − e^{−h})·D', D' = (1 + 1/(2r))·D_i − 1/(2r)·D_{i−1}.
+  # DPM-Solver++(2M) with α = 1, σ_t = σ and λ = −log σ (`steps.dpm_solver_pp_2m`).
   def body(carry, inp):
-    x, d_prev, h_prev, i = carry
+    x, state = carry
     s, s_next = inp
-    d = den(x, s)
     end = s_next == 0
     h = jnp.log(s) - jnp.log(jnp.where(end, 1.0, s_next))
-    r = h_prev / h
-    second = (1.0 + 0.5 / r) * d - (0.5 / r) * d_prev
-    d_use = jnp.where((i > 0) & ~end, second, d)
-    x_next = jnp.where(end, d, (s_next / s) * x - jnp.expm1(-h) * d_use)
-    return (x_next, d, h, i + 1), (x_next if return_trajectory else None)
+    state, x = steps_lib.dpm_solver_pp_2m(state, x, den(x, s), h, s_next / s, None, end)
+    return (x, state), (x if return_trajectory else None)
 
-  init = (x, jnp.zeros_like(x), jnp.ones((), jnp.float32), jnp.zeros((), jnp.int32))
-  (x, *_), traj = jax.lax.scan(body, init, (sig[:-1], sig[1:]))
+  init = (x, steps_lib.dpm_solver_pp_2m_init(x))
+  (x, _), traj = jax.lax.scan(body, init, (sig[:-1], sig[1:]))
   return (x, traj) if return_trajectory else x
 
 
@@ -204,11 +168,15 @@ def vp_grid(sched: Schedule, steps: int, sigma_index: str = "nearest",
     steps: N >= 1 sampler steps.
     sigma_index: "nearest" rounds each grid σ to the nearest of the
       schedule's own σ_i (in σ, as EDM's code does for its VP models), so
-      every network evaluation is at a trained index; repeated values are
-      kept (zero-length steps). "interp" keeps the grid as is.
+      every network evaluation is at a trained index, and drops repeats:
+      where the schedule's σ_i are sparser than the grid (small σ, and the
+      cosine schedule), several grid points round to one σ_i, and a
+      zero-length step would cost evaluations and move nothing. "interp"
+      keeps the grid as is.
     rho: ρ of the grid.
   Returns:
-    float64 [N + 1], descending, ending in 0.
+    float64 [N' + 1], strictly descending, ending in 0; N' = steps for
+    "interp", N' <= steps for "nearest" (the steps the sampler takes).
   """
   if sigma_index not in SIGMA_INDICES:
     raise ValueError(f"sigma_index={sigma_index!r} is unknown; use one of {SIGMA_INDICES}")
@@ -218,8 +186,27 @@ def vp_grid(sched: Schedule, steps: int, sigma_index: str = "nearest",
   grid = karras_sigmas(s[0], s[-1], rho, steps)
   if sigma_index == "nearest":
     idx = np.argmin(np.abs(grid[:-1, None] - s[None, :]), axis=1)
-    grid[:-1] = s[idx]
+    grid = np.concatenate([s[np.unique(idx)[::-1]], [0.0]])
   return grid
+
+
+def vp_round_sigma(sched: Schedule, sigma_index: str = "nearest"
+                   ) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """The σ a DDPM network can be evaluated at, for the stochastic sampler's σ̂.
+
+  Args:
+    sched: the model's schedule (concrete).
+    sigma_index: "nearest": the nearest of the schedule's σ_i (in σ, as
+      `vp_grid` rounds); "interp": σ capped at the largest σ_{T−1}.
+  Returns:
+    `round_sigma(sigma float32 scalar) -> float32 scalar`, never above σ_{T−1}.
+  """
+  if sigma_index not in SIGMA_INDICES:
+    raise ValueError(f"sigma_index={sigma_index!r} is unknown; use one of {SIGMA_INDICES}")
+  s = jnp.asarray(vp_sigmas(sched), jnp.float32)
+  if sigma_index == "nearest":
+    return lambda sigma: s[jnp.argmin(jnp.abs(s - sigma))]
+  return lambda sigma: jnp.minimum(sigma, s[-1])
 
 
 def vp_denoiser(denoise_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
