@@ -1,0 +1,384 @@
+"""Post-hoc EMA (EDM2 Sec. 3, App. C): the profile math against the paper's
+formulas and numerical integration, reconstruction against a directly tracked
+EMA, snapshots through training and resume, and the reconstruct command."""
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import integrate
+
+import ddx
+from ddx import checkpoint as ckpt_lib
+from ddx import config as config_lib
+from ddx import posthoc_ema, train
+
+from testutils import ROOT, load_config
+
+
+# --------------------------------------------------------------------------
+# NumPy transcription of EDM2 Sec. 3 (Eq. 3 and the text around it).
+
+
+def paper_profile(tau, t, gamma):
+  """p_t(tau) = (gamma + 1) / t^(gamma + 1) * tau^gamma on 0 < tau <= t, else 0."""
+  return np.where((tau > 0) & (tau <= t), (gamma + 1) / t ** (gamma + 1) * tau ** gamma, 0.0)
+
+
+def paper_beta(t, gamma):
+  """beta_gamma(t) = (1 - 1/t)^(gamma + 1)."""
+  return (1.0 - 1.0 / t) ** (gamma + 1)
+
+
+def paper_ema_weights(T, gamma):
+  """[T] weight of the parameters after update s = 1..T in the EMA at T, by
+  running theta_hat(t) = beta(t) theta_hat(t-1) + (1 - beta(t)) theta(t)
+  on theta(s) = the s-th unit vector (float64)."""
+  ema = np.zeros(T)
+  for t in range(1, T + 1):
+    ema = paper_beta(t, gamma) * ema
+    ema[t - 1] += 1 - paper_beta(t, gamma)
+  return ema
+
+
+# --------------------------------------------------------------------------
+# The math.
+
+
+def test_sigma_rel_and_gamma_match_the_paper_and_the_profile_std():
+  # EDM2 Sec. 3.2 tracks gamma_1 = 16.97 (sigma_rel 0.05) and gamma_2 = 6.94 (0.10).
+  assert posthoc_ema.sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.005)
+  assert posthoc_ema.sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.005)
+  assert posthoc_ema.sigma_rel_to_gamma(config_lib.MAX_SIGMA_REL) == pytest.approx(0, abs=1e-9)
+  t = 3.0
+  for sigma_rel in (0.01, 0.05, 0.08, 0.2, config_lib.MAX_SIGMA_REL):
+    g = posthoc_ema.sigma_rel_to_gamma(sigma_rel)
+    moment = lambda k: integrate.quad(lambda tau: tau ** k * paper_profile(tau, t, g),
+                                      0, t, epsabs=0, epsrel=1e-12, limit=200)[0]
+    assert moment(0) == pytest.approx(1.0, rel=1e-9)
+    std = np.sqrt(moment(2) - moment(1) ** 2)
+    assert std / t == pytest.approx(sigma_rel, rel=1e-6)
+    assert float(posthoc_ema.gamma_to_sigma_rel(g)) == pytest.approx(sigma_rel, rel=1e-9)
+  for bad in (0.0, -0.1, config_lib.MAX_SIGMA_REL * 1.001):
+    with pytest.raises(ValueError, match="outside"):
+      posthoc_ema.sigma_rel_to_gamma(bad)
+
+
+def test_ema_weight_is_one_minus_the_papers_beta_and_keeps_precision():
+  for sigma_rel in (0.05, 0.10):
+    g = posthoc_ema.sigma_rel_to_gamma(sigma_rel)
+    n = np.array([1, 2, 3, 10, 1000, 10 ** 6])
+    want = 1 - paper_beta(n.astype(np.float64), g)
+    got = np.asarray(jax.jit(posthoc_ema.ema_weight, static_argnums=0)(g, jnp.asarray(n)))
+    assert got.dtype == np.float32
+    # 1 - beta ~ 1e-5 at n = 1e6: float32 1 - 1/n alone would be ~1% off there.
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_ema_recursion_weights_each_step_by_the_profile_mass():
+  """The discrete EMA with beta(t) is the continuous profile integrated over each
+  step: weight of update s at time T = int_{s-1}^{s} p_T(tau) dtau."""
+  T, g = 12, posthoc_ema.sigma_rel_to_gamma(0.1)
+  mass = [integrate.quad(lambda tau: paper_profile(tau, T, g), s - 1, s, epsrel=1e-12)[0]
+          for s in range(1, T + 1)]
+  np.testing.assert_allclose(paper_ema_weights(T, g), mass, rtol=1e-9, atol=1e-15)
+
+
+def test_profile_dot_equals_numerical_integration():
+  rng = np.random.default_rng(0)
+  for _ in range(8):
+    t_a, t_b = rng.uniform(1, 100, 2)
+    g_a, g_b = rng.uniform(0, 20, 2)
+    lo = min(t_a, t_b)
+    want = integrate.quad(lambda tau: paper_profile(tau, t_a, g_a) * paper_profile(tau, t_b, g_b),
+                          0, lo, epsabs=0, epsrel=1e-11, limit=200)[0]
+    assert float(posthoc_ema.profile_dot(t_a, g_a, t_b, g_b)) == pytest.approx(want, rel=1e-8)
+  # Exponents of sigma_rel = 0.001 (gamma ~ 1e3) do not overflow.
+  g = posthoc_ema.sigma_rel_to_gamma(0.001)
+  assert np.isfinite(posthoc_ema.profile_dot(1e6, g, 2e6, g)) and g > 500
+
+
+def test_solve_weights_reproduces_a_stored_profile_exactly():
+  """A target that is one of the snapshots' profiles: weight 1 on it, residual 0."""
+  g = [posthoc_ema.sigma_rel_to_gamma(r) for r in (0.05, 0.10)]
+  steps, gammas = np.repeat([100, 200, 300], 2), np.tile(g, 3)
+  x, residual = posthoc_ema.solve_weights(steps, gammas, 300, g[1])
+  np.testing.assert_allclose(x, [0, 0, 0, 0, 0, 1], atol=1e-6)
+  assert residual < 1e-6
+
+
+# --------------------------------------------------------------------------
+# Reconstruction against a directly tracked EMA.
+
+
+def _posthoc_config(every=2, sigma_rels=(0.05, 0.10)):
+  config = load_config()
+  config.training.posthoc_ema.snapshot_every = every
+  config.training.posthoc_ema.sigma_rels = sigma_rels
+  config.training.sample_every = 0
+  return config
+
+
+def test_reconstruction_equals_a_directly_tracked_ema(tmp_path):
+  """Parameters follow a fixed random walk (with drift) for T steps; the trainer's
+  update tracks sigma_rel 0.05, 0.10 and the target 0.08; snapshots of the first
+  two go through SnapshotWriter to disk; `reconstruct` from them equals the
+  tracked 0.08.
+
+  Tolerance, and why: reconstruction - tracked = sum_s delta_s theta(s), where
+  delta = sum_i x_i w_i - w_target are the per-step weights (paper's recursion
+  on unit vectors) left over by the least-squares profile fit. So |error| <=
+  ||delta||_1 max|theta| (+ float32 rounding of the EMAs, ~1e-6 max|theta|).
+  """
+  T, every, target = 200, 20, 0.08
+  config = _posthoc_config(every)
+  config.training.num_steps = T
+  rels = tuple(config.training.posthoc_ema.sigma_rels)
+  gammas = [posthoc_ema.sigma_rel_to_gamma(r) for r in rels + (target,)]
+  abstract = jax.eval_shape(lambda k: ddx.model.init_variables(config, k),
+                            jax.random.key(0))["params"]
+  rng = np.random.default_rng(0)
+  leaves, treedef = jax.tree.flatten(abstract)
+  theta = [np.cumsum(rng.normal(0.01, 0.05, (T,) + a.shape), axis=0).astype(np.float32)
+           for a in leaves]
+  step = jax.jit(lambda e, p, n: posthoc_ema.update(e, p, n, gammas))
+  params_at = lambda s: jax.tree.unflatten(treedef, [th[s - 1] for th in theta])
+  emas = tuple(params_at(1) for _ in gammas)
+  writer = None
+  for s in range(1, T + 1):
+    emas = step(emas, params_at(s), s)
+    state = types.SimpleNamespace(posthoc_ema=emas[:2], batch_stats={})
+    if writer is None:
+      writer = posthoc_ema.SnapshotWriter(str(tmp_path), config, s, state)
+    elif writer.due(s):
+      writer.save(s, state)
+  writer.close()
+  assert ckpt_lib.Checkpointer(str(tmp_path), name="posthoc_ema",
+                               read_only=True).steps() == list(range(every, T + 1, every))
+  _, [(variables, info)] = posthoc_ema.reconstruct(str(tmp_path), [target])
+  assert info["step"] == T and len(info["snapshots"]) == 2 * T // every
+
+  delta = -paper_ema_weights(T, gammas[2])
+  for snap in info["snapshots"]:
+    g = gammas[rels.index(snap["sigma_rel"])]
+    delta[:snap["step"]] += snap["weight"] * paper_ema_weights(snap["step"], g)
+  bound = np.abs(delta).sum()
+  assert bound < 0.02, bound    # the fit itself: 24 snapshots make sigma_rel 0.08 closely
+  scale = max(float(np.abs(th).max()) for th in theta)
+  for got, tracked in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(emas[2])):
+    err = np.abs(got - np.asarray(tracked)).max()
+    assert err <= bound * scale + 1e-5 * scale, (err, bound * scale)
+  # ... and far closer than either stored profile is to the target.
+  spread = max(np.abs(np.asarray(a) - np.asarray(b)).max()
+               for a, b in zip(jax.tree.leaves(emas[2]), jax.tree.leaves(emas[0])))
+  assert max(np.abs(g - np.asarray(t)).max() for g, t in zip(
+      jax.tree.leaves(variables["params"]), jax.tree.leaves(emas[2]))) < 0.05 * spread
+
+
+# --------------------------------------------------------------------------
+# Training: the state, snapshots, resume.
+
+
+@pytest.mark.slow
+def test_train_step_tracks_the_profiles_with_the_papers_beta():
+  """TrainState.posthoc_ema after updates 1..3 is the paper's recursion over the
+  updated params; a non-finite batch leaves it untouched."""
+  from ddx import data
+  config = _posthoc_config()
+  net, tx = ddx.models.build(config.model), train.make_optimizer(config.optim)
+  sched = ddx.schedules.from_config(config.diffusion)
+  state = jax.jit(lambda k: train.create_state(config, tx, k))(jax.random.key(0))
+  step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(1), net=net,
+                                               sched=sched, tx=tx, config=config))
+  src = data.make_source(config.data)
+  batch = lambda n: data.get_batch(src, n, batch_size=16, seed=0, random_flip=False)
+  gammas = [posthoc_ema.sigma_rel_to_gamma(r) for r in config.training.posthoc_ema.sigma_rels]
+  want = [None, None]
+  for n in range(1, 4):
+    state, _ = step(state, batch(n))
+    p = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.params)]
+    for k, g in enumerate(gammas):
+      b = paper_beta(n, g)
+      want[k] = p if n == 1 else [b * e + (1 - b) * x for e, x in zip(want[k], p)]
+      for got, w in zip(jax.tree.leaves(state.posthoc_ema[k]), want[k]):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-7)
+  bad = batch(4)
+  bad["image"] = bad["image"].copy()
+  bad["image"][0, 0, 0, 0] = np.nan
+  after, m = step(state, bad)
+  assert not bool(m["finite"])
+  for a, b in zip(jax.tree.leaves(after.posthoc_ema), jax.tree.leaves(state.posthoc_ema)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _snapshot_leaves(workdir, config):
+  """{step: [leaves]} of every snapshot of a configs/test.py run, on one device."""
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = jax.eval_shape(lambda k: ddx.model.init_variables(config, k),
+                          jax.random.key(0))["params"]
+  tree = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), params)
+  target = {"emas": (tree,) * len(config.training.posthoc_ema.sigma_rels), "batch_stats": {}}
+  store = posthoc_ema.snapshots(workdir, read_only=True)
+  return {s: [np.asarray(x) for x in jax.tree.leaves(store.restore(s, target))]
+          for s in store.steps()}
+
+
+@pytest.fixture(scope="module")
+def posthoc_run(tmp_path_factory):
+  """A 6-step run of configs/test.py with snapshots every 2 steps."""
+  workdir = str(tmp_path_factory.mktemp("posthoc") / "wd")
+  config = _posthoc_config(every=2)
+  state = train.train_and_evaluate(config, workdir)
+  return config, workdir, state
+
+
+@pytest.mark.slow
+def test_training_writes_snapshots_and_resume_is_bitwise_exact(posthoc_run, tmp_path):
+  config, workdir, straight = posthoc_run
+  snaps = _snapshot_leaves(workdir, config)
+  assert sorted(snaps) == [2, 4, 6]
+  np.testing.assert_array_equal(jax.tree.leaves(straight.posthoc_ema)[0], snaps[6][0])
+  # Stopped at 3 (a checkpoint, no snapshot), then resumed to 6.
+  wd = str(tmp_path / "wd")
+  c3 = _posthoc_config(every=2)
+  c3.training.num_steps = 3
+  train.train_and_evaluate(c3, wd)
+  assert sorted(_snapshot_leaves(wd, config)) == [2]
+  resumed = train.train_and_evaluate(config, wd)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+  again = _snapshot_leaves(wd, config)
+  assert sorted(again) == sorted(snaps)
+  for s in snaps:
+    for a, b in zip(again[s], snaps[s]):
+      np.testing.assert_array_equal(a, b, err_msg=f"snapshot {s}")
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_profiles_and_leaves_the_workdir(posthoc_run, tmp_path):
+  _, src, _ = posthoc_run
+  wd = str(tmp_path / "wd")
+  shutil.copytree(src, wd)
+  before = sorted(os.listdir(os.path.join(wd, "posthoc_ema")))
+  for every, rels in ((2, (0.05, 0.2)), (0, (0.05, 0.10)), (2, (0.05, 0.10, 0.2))):
+    config = _posthoc_config(every, rels)
+    config.training.num_steps = 8
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"track the post-hoc EMA profiles sigma_rels=\(0.05, 0.1\), "
+                             r"not .*rerun with the old training.posthoc_ema values"):
+      train.train_and_evaluate(config, wd)
+  assert sorted(os.listdir(os.path.join(wd, "posthoc_ema"))) == before
+  assert ckpt_lib.Checkpointer(wd, read_only=True).steps() == [3, 6]
+
+
+def test_checkpoints_without_posthoc_ema_still_resume(tmp_path):
+  """A checkpoint written before TrainState had posthoc_ema (no such node on
+  disk) restores into today's state (posthoc off)."""
+  config = load_config()
+  tx = train.make_optimizer(config.optim)
+  abstract = jax.eval_shape(lambda k: train.create_state(config, tx, k), jax.random.key(0))
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape).astype(s.dtype)),
+                       abstract)
+  old = {k: getattr(state, k) for k in ("step", "params", "ema_params", "opt_state",
+                                        "batch_stats")}
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  ck.save(3, old, config)
+  ck.close()
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                        abstract)
+  restored, step = ckpt_lib.Checkpointer(str(tmp_path)).resume(target)
+  assert step == 3 and restored.posthoc_ema == ()
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------
+# The command.
+
+
+@pytest.mark.slow
+def test_command_writes_loadable_workdirs(posthoc_run, tmp_path):
+  """python -m ddx.posthoc_ema with two sigma_rels: each OUT/sigma_rel_<s> loads
+  with ddx.load, holds reconstruct()'s weights, samples, and --mode eval scores it."""
+  from ddx import eval_run
+  config, workdir, _ = posthoc_run
+  out = tmp_path / "out"
+  r = subprocess.run([sys.executable, "-m", "ddx.posthoc_ema", "--workdir", workdir,
+                      "--sigma_rel", "0.08,0.15", "--out", str(out)],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ["sigma_rel_0.08", "sigma_rel_0.15"]
+  _, results = posthoc_ema.reconstruct(workdir, [0.08, 0.15])
+  for name, (variables, info) in zip(sorted(os.listdir(out)), results):
+    model = ddx.load(str(out / name))
+    for a, b in zip(jax.tree.leaves(model.variables["params"]),
+                    jax.tree.leaves(variables["params"])):
+      np.testing.assert_array_equal(a, b)
+    assert info["step"] == 6 and 0.9 < sum(s["weight"] for s in info["snapshots"]) < 1.1
+  model = ddx.load(str(out / "sigma_rel_0.08"))
+  assert ddx.sample_fn(model, jax.random.key(0), steps=2).shape == (4, 8, 8, 1)
+  c = load_config()
+  c.eval.num_samples, c.eval.batch_size, c.eval.steps = 8, 8, 2
+  metrics = eval_run.evaluate(c, str(out / "sigma_rel_0.08"))
+  assert np.isfinite(metrics["digits_fd"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--sigma_rel", "0.5"], "--sigma_rel 0.5 is outside (0, 0.2887]"),
+    (["--sigma_rel", "abc"], "--sigma_rel='abc' must be a number"),
+    (["--sigma_rel", "0.08", "--out", "NONEMPTY"], "exists and is not an empty directory"),
+    (["--sigma_rel", "0.08", "--step", "5"], "no snapshot at step 5"),
+    (["--sigma_rel", "0.08", "--workdir", "EMPTY"], "no post-hoc EMA snapshots in"),
+    (["--sigma_rel", "0.08", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+])
+def test_command_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
+  run = tmp_path / "run"
+  config = _posthoc_config()
+  store = posthoc_ema.snapshots(str(run))      # one tiny fake snapshot at step 2
+  store.save(2, {"emas": ({"w": np.zeros(2, np.float32)},) * 2, "batch_stats": {}}, config)
+  store.close()
+  full = tmp_path / "full"
+  full.mkdir()
+  (full / "keep.txt").write_text("user data")
+  (tmp_path / "empty").mkdir()
+  argv = ["--workdir", str(run), "--out", str(tmp_path / "out"), *args]
+  argv = [{"NONEMPTY": str(full), "EMPTY": str(tmp_path / "empty")}.get(a, a) for a in argv]
+  with pytest.raises(SystemExit) as e:
+    posthoc_ema.main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("ddx: error:") and needle in err[0], err
+  assert not (tmp_path / "out").exists()
+  assert sorted(os.listdir(full)) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("snapshot_every", -1, "training.posthoc_ema.snapshot_every=-1 must be an integer >= 0"),
+    ("sigma_rels", (0.05, 0.3), "training.posthoc_ema.sigma_rels has 0.3, outside (0, 0.2887]"),
+    ("sigma_rels", (0.0,), "training.posthoc_ema.sigma_rels has 0.0, outside"),
+    ("sigma_rels", (0.1, 0.1), "training.posthoc_ema.sigma_rels=(0.1, 0.1) repeats a value"),
+    ("sigma_rels", ("a",), "must be a tuple of numbers"),
+])
+def test_bad_posthoc_config_is_a_one_line_config_error(key, value, needle):
+  config = _posthoc_config()
+  config.training.posthoc_ema[key] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_snapshot_interval_must_be_a_multiple_of_steps_per_dispatch():
+  config = _posthoc_config(every=3)
+  config.training.checkpoint_every = 0
+  config.training.log_every = config.training.steps_per_dispatch = 2
+  config.training.num_steps = 6
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^training\.posthoc_ema\.snapshot_every=3 is not a multiple"):
+    config_lib.validate(config)
