@@ -18,7 +18,7 @@ from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
 from ddx import posthoc_ema, train
 
-from testutils import ROOT, load_config
+from testutils import ROOT, load_config, snapshot_leaves
 
 
 # --------------------------------------------------------------------------
@@ -216,18 +216,6 @@ def test_train_step_tracks_the_profiles_with_the_papers_beta():
     np.testing.assert_array_equal(a, b)
 
 
-def _snapshot_leaves(workdir, config):
-  """{step: [leaves]} of every snapshot of a configs/test.py run, on one device."""
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = jax.eval_shape(lambda k: ddx.model.init_variables(config, k),
-                          jax.random.key(0))["params"]
-  tree = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), params)
-  target = {"emas": (tree,) * len(config.training.posthoc_ema.sigma_rels), "batch_stats": {}}
-  store = posthoc_ema.snapshots(workdir, read_only=True)
-  return {s: [np.asarray(x) for x in jax.tree.leaves(store.restore(s, target))]
-          for s in store.steps()}
-
-
 @pytest.fixture(scope="module")
 def posthoc_run(tmp_path_factory):
   """A 6-step run of configs/test.py with snapshots every 2 steps."""
@@ -240,7 +228,7 @@ def posthoc_run(tmp_path_factory):
 @pytest.mark.slow
 def test_training_writes_snapshots_and_resume_is_bitwise_exact(posthoc_run, tmp_path):
   config, workdir, straight = posthoc_run
-  snaps = _snapshot_leaves(workdir, config)
+  snaps = snapshot_leaves(workdir, config)
   assert sorted(snaps) == [2, 4, 6]
   np.testing.assert_array_equal(jax.tree.leaves(straight.posthoc_ema)[0], snaps[6][0])
   # Stopped at 3 (a checkpoint, no snapshot), then resumed to 6.
@@ -248,11 +236,15 @@ def test_training_writes_snapshots_and_resume_is_bitwise_exact(posthoc_run, tmp_
   c3 = _posthoc_config(every=2)
   c3.training.num_steps = 3
   train.train_and_evaluate(c3, wd)
-  assert sorted(_snapshot_leaves(wd, config)) == [2]
+  assert sorted(snapshot_leaves(wd, config)) == [2]
   resumed = train.train_and_evaluate(config, wd)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
     np.testing.assert_array_equal(a, b)
-  again = _snapshot_leaves(wd, config)
+  # A kill after the step-6 checkpoint but before its snapshot was complete:
+  # the rerun (nothing left to train) writes the snapshot from the checkpoint.
+  shutil.rmtree(os.path.join(wd, "posthoc_ema", "6"))
+  train.train_and_evaluate(config, wd)
+  again = snapshot_leaves(wd, config)
   assert sorted(again) == sorted(snaps)
   for s in snaps:
     for a, b in zip(again[s], snaps[s]):
