@@ -159,10 +159,11 @@ class SnapshotWriter:
 
   Only there (not at the last or a preempted step): a run resumed, or extended
   to more steps, then holds exactly the snapshots of an uninterrupted run.
-
-  A resumed run recomputes the steps after its checkpoint bitwise, so it
-  rewrites any snapshot after that step (removed when it starts) and writes
-  the snapshot due at the resumed step if a kill came between the two saves.
+  A resumed run recomputes the steps after its checkpoint, so the snapshots
+  after that step are removed when it starts and written again (bit for bit
+  the same after a kill; from the new trajectory if a setting such as optim.lr
+  changed), and the snapshot due at the resumed step is written if a kill came
+  between its checkpoint and its snapshot.
   """
 
   def __init__(self, workdir, config, step: int, state):
@@ -199,7 +200,10 @@ def check_resume(workdir, config) -> None:
   steps = store.steps()
   if not steps:
     return
-  old = tuple(store.restore_config(steps[-1]).training.posthoc_ema.sigma_rels)
+  try:
+    old = tuple(store.restore_config(steps[-1]).training.posthoc_ema.sigma_rels)
+  except Exception:   # a damaged snapshot: reconstruct names it; training goes on
+    return
   new = tuple(config.training.posthoc_ema.sigma_rels)
   if old != new:
     raise config_lib.ConfigError(
@@ -266,7 +270,13 @@ def reconstruct(workdir, sigma_rels: Sequence[float], step: Optional[int] = None
             "batch_stats": _host(abstract.get("batch_stats", {}), dev)}
   totals = [None] * len(targets)   # float64 sums, one snapshot at a time in memory
   for i, s in enumerate(steps):
-    snap = store.restore(s, target)
+    try:
+      snap = store.restore(s, target)
+    except Exception as e:   # orbax/tensorstore raise many types for damaged files
+      raise PosthocError(
+          f"snapshot {s} in {workdir}/{SNAPSHOT_DIR} could not be read ({type(e).__name__}: "
+          f"{str(e).splitlines()[0][:200] if str(e) else ''}); move it out of that "
+          "directory and rerun") from None
     for j, tree in enumerate(snap["emas"]):
       tree = jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
       for k, (x, _) in enumerate(solved):
