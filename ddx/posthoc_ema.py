@@ -74,6 +74,7 @@ def ema_weight(gamma: float, n) -> jnp.ndarray:
 
   Computed as -expm1((gamma + 1) log1p(-1/n)), which keeps its relative
   precision in float32 where 1 - 1/n rounds (n ~ 1e6: 1 - beta ~ 1e-5).
+
   Args:
     gamma: the profile's exponent (a Python float).
     n: the update count, >= 1 (int32 scalar); update 1 has weight 1.

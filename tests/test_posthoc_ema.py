@@ -184,71 +184,61 @@ def test_reconstruction_equals_a_directly_tracked_ema(tmp_path):
 # Training: the state, snapshots, resume.
 
 
-@pytest.mark.slow
-def test_train_step_tracks_the_profiles_with_the_papers_beta():
-  """TrainState.posthoc_ema after updates 1..3 is the paper's recursion over the
-  updated params; a non-finite batch leaves it untouched."""
-  from ddx import data
-  config = _posthoc_config()
-  net, tx = ddx.models.build(config.model), train.make_optimizer(config.optim)
-  sched = ddx.schedules.from_config(config.diffusion)
-  state = jax.jit(lambda k: train.create_state(config, tx, k))(jax.random.key(0))
-  step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(1), net=net,
-                                               sched=sched, tx=tx, config=config))
-  src = data.make_source(config.data)
-  batch = lambda n: data.get_batch(src, n, batch_size=16, seed=0, random_flip=False)
-  gammas = [posthoc_ema.sigma_rel_to_gamma(r) for r in config.training.posthoc_ema.sigma_rels]
-  want = [None, None]
-  for n in range(1, 4):
-    state, _ = step(state, batch(n))
-    p = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.params)]
-    for k, g in enumerate(gammas):
-      b = paper_beta(n, g)
-      want[k] = p if n == 1 else [b * e + (1 - b) * x for e, x in zip(want[k], p)]
-      for got, w in zip(jax.tree.leaves(state.posthoc_ema[k]), want[k]):
-        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-7)
-  bad = batch(4)
-  bad["image"] = bad["image"].copy()
-  bad["image"][0, 0, 0, 0] = np.nan
-  after, m = step(state, bad)
-  assert not bool(m["finite"])
-  for a, b in zip(jax.tree.leaves(after.posthoc_ema), jax.tree.leaves(state.posthoc_ema)):
-    np.testing.assert_array_equal(a, b)
-
-
 @pytest.fixture(scope="module")
 def posthoc_run(tmp_path_factory):
-  """A 6-step run of configs/test.py with snapshots every 2 steps."""
+  """A 6-step run of configs/test.py with snapshots every 2 steps, and a
+  checkpoint after every step (the params the profiles average)."""
   workdir = str(tmp_path_factory.mktemp("posthoc") / "wd")
   config = _posthoc_config(every=2)
+  config.training.checkpoint_every, config.training.keep_checkpoints = 1, 6
   state = train.train_and_evaluate(config, workdir)
   return config, workdir, state
 
 
 @pytest.mark.slow
-def test_training_writes_snapshots_and_resume_is_bitwise_exact(posthoc_run, tmp_path):
-  config, workdir, straight = posthoc_run
+def test_training_tracks_the_profiles_with_the_papers_beta(posthoc_run):
+  """The trained state's and the snapshots' profiles are the paper's recursion
+  (float64) over the params after each update (read from the checkpoints)."""
+  config, workdir, state = posthoc_run
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {"params": jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), state.params)}
+  ck = ckpt_lib.Checkpointer(workdir, read_only=True)
+  assert ck.steps() == [1, 2, 3, 4, 5, 6]
+  params = [[np.asarray(x, np.float64) for x in jax.tree.leaves(
+      ck.restore(n, target, partial=True)["params"])] for n in ck.steps()]
   snaps = snapshot_leaves(workdir, config)
+  for k, r in enumerate(config.training.posthoc_ema.sigma_rels):
+    g = posthoc_ema.sigma_rel_to_gamma(r)
+    want = params[0]                      # beta(1) = 0: update 1 replaces the init
+    for n in range(2, 7):
+      b = paper_beta(n, g)
+      want = [b * e + (1 - b) * x for e, x in zip(want, params[n - 1])]
+      if n in snaps:
+        size = len(want)
+        for got, w in zip(snaps[n][k * size:(k + 1) * size], want):
+          np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6, err_msg=f"{r} at {n}")
+    for got, w in zip(jax.tree.leaves(state.posthoc_ema[k]), want):
+      np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_snapshot_lost_after_its_checkpoint_is_rewritten(posthoc_run, tmp_path):
+  """A kill after the step-6 checkpoint but before its snapshot was complete: the
+  rerun (nothing left to train) writes it from the checkpoint, bit for bit.
+  (Resuming mid-run, snapshots included, is tests/test_reliability.py's kill -9.)"""
+  config, src, straight = posthoc_run
+  snaps = snapshot_leaves(src, config)
   assert sorted(snaps) == [2, 4, 6]
   np.testing.assert_array_equal(jax.tree.leaves(straight.posthoc_ema)[0], snaps[6][0])
-  # Stopped at 3 (a checkpoint, no snapshot), then resumed to 6.
   wd = str(tmp_path / "wd")
-  c3 = _posthoc_config(every=2)
-  c3.training.num_steps = 3
-  train.train_and_evaluate(c3, wd)
-  assert sorted(snapshot_leaves(wd, config)) == [2]
-  resumed = train.train_and_evaluate(config, wd)
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-    np.testing.assert_array_equal(a, b)
-  # A kill after the step-6 checkpoint but before its snapshot was complete:
-  # the rerun (nothing left to train) writes the snapshot from the checkpoint.
+  shutil.copytree(src, wd)
   shutil.rmtree(os.path.join(wd, "posthoc_ema", "6"))
   train.train_and_evaluate(config, wd)
   again = snapshot_leaves(wd, config)
   assert sorted(again) == sorted(snaps)
-  for s in snaps:
-    for a, b in zip(again[s], snaps[s]):
-      np.testing.assert_array_equal(a, b, err_msg=f"snapshot {s}")
+  for a, b in zip(again[6], snaps[6]):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
@@ -265,7 +255,7 @@ def test_resume_refuses_other_profiles_and_leaves_the_workdir(posthoc_run, tmp_p
                              r"not .*rerun with the old training.posthoc_ema values"):
       train.train_and_evaluate(config, wd)
   assert sorted(os.listdir(os.path.join(wd, "posthoc_ema"))) == before
-  assert ckpt_lib.Checkpointer(wd, read_only=True).steps() == [3, 6]
+  assert ckpt_lib.Checkpointer(wd, read_only=True).steps() == [1, 2, 3, 4, 5, 6]
 
 
 def test_checkpoints_without_posthoc_ema_still_resume(tmp_path):
@@ -298,7 +288,7 @@ def test_checkpoints_without_posthoc_ema_still_resume(tmp_path):
 @pytest.mark.slow
 def test_command_writes_loadable_workdirs(posthoc_run, tmp_path):
   """python -m ddx.posthoc_ema with two sigma_rels: each OUT/sigma_rel_<s> loads
-  with ddx.load, holds reconstruct()'s weights, samples, and --mode eval scores it."""
+  with ddx.load and holds reconstruct()'s weights, and --mode eval scores it."""
   from ddx import eval_run
   config, workdir, _ = posthoc_run
   out = tmp_path / "out"
@@ -314,9 +304,7 @@ def test_command_writes_loadable_workdirs(posthoc_run, tmp_path):
                     jax.tree.leaves(variables["params"])):
       np.testing.assert_array_equal(a, b)
     assert info["step"] == 6 and 0.9 < sum(s["weight"] for s in info["snapshots"]) < 1.1
-  model = ddx.load(str(out / "sigma_rel_0.08"))
-  assert ddx.sample_fn(model, jax.random.key(0), steps=2).shape == (4, 8, 8, 1)
-  c = load_config()
+  c = load_config()   # --mode eval on OUT (it samples, so --mode sample works too)
   c.eval.num_samples, c.eval.batch_size, c.eval.steps = 8, 8, 2
   metrics = eval_run.evaluate(c, str(out / "sigma_rel_0.08"))
   assert np.isfinite(metrics["digits_fd"])
@@ -332,10 +320,7 @@ def test_command_writes_loadable_workdirs(posthoc_run, tmp_path):
 ])
 def test_command_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
   run = tmp_path / "run"
-  config = _posthoc_config()
-  store = posthoc_ema.snapshots(str(run))      # one tiny fake snapshot at step 2
-  store.save(2, {"emas": ({"w": np.zeros(2, np.float32)},) * 2, "batch_stats": {}}, config)
-  store.close()
+  _fake_snapshots(run, [2])
   full = tmp_path / "full"
   full.mkdir()
   (full / "keep.txt").write_text("user data")
@@ -351,13 +336,33 @@ def test_command_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
   assert sorted(os.listdir(full)) == ["keep.txt"]
 
 
+def _fake_snapshots(workdir, steps):
+  """Snapshots of tiny trees at steps (the profiles' value = the step)."""
+  store = posthoc_ema.snapshots(str(workdir))
+  for s in steps:
+    store.save(s, {"emas": ({"w": np.full(2, s, np.float32)},) * 2, "batch_stats": {}},
+               _posthoc_config())
+  store.close()
+
+
+def test_snapshot_writer_rewrites_what_a_resumed_run_recomputes(tmp_path):
+  """Resumed at step 4 (every 2): snapshot 6 (of a trajectory the run recomputes)
+  is removed, and the missing snapshot 4 is written from the resumed state."""
+  _fake_snapshots(tmp_path, [2, 6])
+  state = types.SimpleNamespace(posthoc_ema=({"w": np.full(2, -4, np.float32)},) * 2,
+                                batch_stats={})
+  posthoc_ema.SnapshotWriter(str(tmp_path), _posthoc_config(every=2), 4, state).close()
+  store = posthoc_ema.snapshots(str(tmp_path), read_only=True)
+  assert store.steps() == [2, 4]
+  target = {"emas": ({"w": np.zeros(2, np.float32)},) * 2, "batch_stats": {}}
+  np.testing.assert_array_equal(store.restore(4, target)["emas"][0]["w"], [-4, -4])
+  np.testing.assert_array_equal(store.restore(2, target)["emas"][0]["w"], [2, 2])
+
+
 def test_snapshots_of_other_profiles_are_refused(tmp_path):
   """A run killed before its first checkpoint still has snapshots: resuming it
   with other sigma_rels would mix profiles, so check_resume refuses."""
-  store = posthoc_ema.snapshots(str(tmp_path))
-  store.save(2, {"emas": ({"w": np.zeros(2, np.float32)},) * 2, "batch_stats": {}},
-             _posthoc_config())
-  store.close()
+  _fake_snapshots(tmp_path, [2])
   posthoc_ema.check_resume(str(tmp_path), _posthoc_config())
   with pytest.raises(config_lib.ConfigError,
                      match=r"sigma_rels=\(0.05, 0.2\) but the snapshots in .* track "
