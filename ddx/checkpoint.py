@@ -2,7 +2,8 @@
 
 Layout: `workdir/checkpoints/<step>/` with two items, `state` (the whole
 TrainState: step, params, ema_params, opt_state, batch_stats — BatchNorm's
-running statistics, empty for GroupNorm) and `config` (the run's config as
+running statistics, empty for GroupNorm — and posthoc_ema, the post-hoc EMA
+profiles, empty when off) and `config` (the run's config as
 JSON, so every checkpoint says which model it holds). orbax writes into a
 temporary directory and renames it when complete, so a checkpoint that was
 being written when the process died is never listed as a step. Workdirs are
@@ -43,11 +44,12 @@ class StructureMismatch(CheckpointError):
   """A checkpoint's leaves differ from the state this config builds."""
 
 
-def checkpoint_dir(workdir) -> epath.Path:
+def checkpoint_dir(workdir, name: str = "checkpoints") -> epath.Path:
+  """workdir/<name> as an absolute epath (checkpoints; posthoc_ema for snapshots)."""
   path = epath.Path(workdir)
   if not str(path).startswith("gs://"):
     path = path.absolute()
-  return path / "checkpoints"
+  return path / name
 
 
 class _QuietReadOnly(py_logging.Filter):
@@ -118,10 +120,17 @@ def has_checkpoints(workdir) -> bool:
 
 
 class Checkpointer:
-  """Owns the orbax CheckpointManager of one workdir."""
+  """Owns the orbax CheckpointManager of one workdir.
 
-  def __init__(self, workdir, keep: int = 3, read_only: bool = False):
-    self.directory = checkpoint_dir(workdir)
+  Args:
+    keep: the newest steps kept (None = every step).
+    name: the directory under workdir (`ddx.posthoc_ema` keeps its snapshots
+      in one of their own).
+  """
+
+  def __init__(self, workdir, keep: Optional[int] = 3, read_only: bool = False,
+               name: str = "checkpoints"):
+    self.directory = checkpoint_dir(workdir, name)
     if read_only:  # orbax warns unless these are already what read_only implies
       options = ocp.CheckpointManagerOptions(
           max_to_keep=None, save_interval_steps=0, create=False, read_only=True)
@@ -137,6 +146,9 @@ class Checkpointer:
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
+
+  def delete(self, step: int) -> None:
+    self._mngr.delete(step)
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
     """Starts an asynchronous save of `state` at `step` (no-op if it exists).
@@ -231,7 +243,7 @@ class Checkpointer:
     steps = self.steps()
     if not keep_optimizer:
       target = {k: getattr(target, k) for k in ("step", "params", "ema_params",
-                                                  "batch_stats")}
+                                                  "batch_stats", "posthoc_ema")}
     ignore = () if keep_optimizer else ("opt_state",)
     for step in reversed(steps):
       try:
@@ -242,7 +254,9 @@ class Checkpointer:
       if _all_processes_agree(meta_ok):
         self.check_structure(step, target, ignore)   # a mismatch stops here
         try:
-          state = self.restore(step, target, partial=not keep_optimizer)
+          # Partial: the leaves were just checked to be target's, and a
+          # checkpoint of an older ddx lacks the empty posthoc_ema node.
+          state = self.restore(step, target, partial=True)
           ok, err = True, None
         except Exception as e:  # orbax/tensorstore raise many types for bad files
           ok, err = False, e

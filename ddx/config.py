@@ -140,6 +140,12 @@ def base_config() -> ml_collections.ConfigDict:
                              # small models on GPU/TPU, where launching each step costs
   t.reset_optimizer = False  # resume params, EMA (and batch stats) from the newest
                              # checkpoint with a fresh optimizer state (README: Resuming)
+  # Post-hoc EMA (EDM2; docs: Post-hoc EMA): track power-function EMAs of the
+  # weights and keep snapshots of them, from which `python -m ddx.posthoc_ema`
+  # makes the EMA of any width after training.
+  t.posthoc_ema = p = ml_collections.ConfigDict()
+  p.snapshot_every = 0       # snapshots (workdir/posthoc_ema/) at multiples of this step; 0 = off
+  p.sigma_rels = (0.05, 0.10)  # the tracked profiles' relative widths sigma_rel (EDM2's)
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 2e-4
@@ -436,6 +442,7 @@ def _check_training(config, num_data_shards: int) -> None:
            f"training.label_dropout={t.label_dropout} must be in [0, 1)")
   _require(t.nan_policy in ("stop", "skip"),
            f"training.nan_policy={t.nan_policy!r} must be stop or skip")
+  _check_posthoc_ema(config)
 
   _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
   _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
@@ -480,6 +487,36 @@ def _check_training(config, num_data_shards: int) -> None:
   _check_bpd(config)
   if e.every_steps:   # in-loop evaluation: fail now, not hours into training
     check_eval_inputs(config)
+
+
+# sigma_rel of the power-function EMA with gamma = 0 (the uniform average of all
+# steps so far): the widest profile ddx tracks or reconstructs (ddx.posthoc_ema).
+MAX_SIGMA_REL = 12 ** -0.5
+
+
+def _check_posthoc_ema(config: ml_collections.ConfigDict) -> None:
+  """training.posthoc_ema: the snapshot interval and the tracked profiles."""
+  p, k = config.training.posthoc_ema, config.training.steps_per_dispatch
+  every = p.snapshot_every
+  _require(isinstance(every, int) and not isinstance(every, bool) and every >= 0,
+           f"training.posthoc_ema.snapshot_every={every!r} must be an integer >= 0 "
+           "(steps between snapshots; 0 = off)")
+  _require(every % k == 0,
+           f"training.posthoc_ema.snapshot_every={every} is not a multiple of "
+           f"training.steps_per_dispatch={k}; use a multiple of {k}")
+  rels = tuple(p.sigma_rels) if isinstance(p.sigma_rels, (tuple, list)) else (p.sigma_rels,)
+  _require(len(rels) >= 1 and all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                                  for r in rels),
+           f"training.posthoc_ema.sigma_rels={p.sigma_rels!r} must be a tuple of numbers, "
+           "e.g. (0.05, 0.10)")
+  bad = [r for r in rels if not 0 < r <= MAX_SIGMA_REL]
+  _require(not bad,
+           f"training.posthoc_ema.sigma_rels has {bad[0] if bad else None}, outside "
+           f"(0, {MAX_SIGMA_REL:.4f}] (the widest is the uniform average); use values "
+           "such as (0.05, 0.10)")
+  _require(len(set(rels)) == len(rels),
+           f"training.posthoc_ema.sigma_rels={rels} repeats a value; track distinct "
+           "profiles, e.g. (0.05, 0.10)")
 
 
 def _check_bpd(config: ml_collections.ConfigDict) -> None:

@@ -36,6 +36,7 @@ from ddx import evaluation
 from ddx import latents
 from ddx import logging as log_lib
 from ddx import parallel
+from ddx import posthoc_ema
 from ddx import model as model_lib
 
 
@@ -48,6 +49,9 @@ class TrainState:
   # BatchNorm's running statistics (model.norm = batch), {} for GroupNorm.
   # Not averaged: sampling uses them with ema_params (see `ema_variables`).
   batch_stats: Any = flax.struct.field(default_factory=dict)
+  # training.posthoc_ema: one power-function EMA of params per sigma_rel
+  # (`ddx.posthoc_ema`), () when off.
+  posthoc_ema: Any = ()
 
 
 def ema_variables(state: TrainState) -> dict:
@@ -102,13 +106,16 @@ def ema_decay(optim: ml_collections.ConfigDict, n: jnp.ndarray) -> jnp.ndarray:
 
 
 def create_state(config, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-  """A fresh TrainState: initialised network, its copy as EMA, optimizer state."""
+  """A fresh TrainState: initialised network, its copy as EMA (and as each
+  post-hoc EMA profile, which update 1 replaces), optimizer state."""
   variables = model_lib.init_variables(config, rng)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),
                     opt_state=tx.init(params),
-                    batch_stats=dict(variables.get("batch_stats", {})))
+                    batch_stats=dict(variables.get("batch_stats", {})),
+                    posthoc_ema=tuple(jax.tree.map(jnp.copy, params)
+                                      for _ in posthoc_ema.gammas_of(config)))
 
 
 def process_loss(apply_fn, params, process, x0, rng, config):
@@ -140,7 +147,7 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
   Returns:
     (new state, metrics): loss, grad_norm (before clipping), param_norm,
     update_norm, lr, ema_decay, mse_by_quartile [4], finite (bool). A
-    non-finite loss or gradient leaves params, EMA, optimizer and BatchNorm
+    non-finite loss or gradient leaves params, EMAs, optimizer and BatchNorm
     statistics untouched.
   """
   rng = jax.random.fold_in(base_rng, state.step)
@@ -172,13 +179,15 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
   n = state.step + 1
   decay = ema_decay(config.optim, n)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  posthoc = posthoc_ema.update(state.posthoc_ema, params, n, posthoc_ema.gammas_of(config))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = TrainState(step=n, params=keep(params, state.params),
                          ema_params=keep(ema, state.ema_params),
                          opt_state=keep(opt_state, state.opt_state),
-                         batch_stats=keep(dict(aux["aux"]), state.batch_stats))
+                         batch_stats=keep(dict(aux["aux"]), state.batch_stats),
+                         posthoc_ema=keep(posthoc, state.posthoc_ema))
   metrics = {
       "loss": loss,
       "mse_by_quartile": aux["mse_by_quartile"],
@@ -218,8 +227,10 @@ def _check_resume(ck: ckpt_lib.Checkpointer, workdir: str, config, abstract) -> 
   The newest checkpoint's saved leaves are compared with the state this config
   builds; if they differ, the error names every changed key that can change
   structure (model.*, optim.*, data.image_size/channels) with its old and new
-  value. A checkpoint whose metadata does not read is left to `resume`, which
-  sets it aside as unreadable.
+  value. Post-hoc EMA profiles (training.posthoc_ema) turned on or off, or
+  with other sigma_rels, are refused too: each follows the run from step 1.
+  A checkpoint whose metadata does not read is left to `resume`, which sets
+  it aside as unreadable.
   """
   steps = ck.steps()
   if not steps:
@@ -230,14 +241,24 @@ def _check_resume(ck: ckpt_lib.Checkpointer, workdir: str, config, abstract) -> 
     saved = ck.saved_shapes(step)
   except Exception:
     return
-  detail = ckpt_lib.structure_difference(saved, abstract,
-                                         ignore=("opt_state",) if reset else ())
-  if detail is None:
-    return
+  ignore = ("opt_state",) if reset else ()
+  detail = ckpt_lib.structure_difference(saved, abstract, ignore=ignore)
   try:
     old = ck.restore_config(step)
   except Exception:
     old = None
+  rels = lambda c: (tuple(c.training.posthoc_ema.sigma_rels)
+                    if c.training.posthoc_ema.snapshot_every else ())
+  posthoc_changed = old is not None and rels(old) != rels(config)
+  if detail is None and not posthoc_changed:
+    return
+  if posthoc_changed or ckpt_lib.structure_difference(
+      saved, abstract, ignore=ignore + ("posthoc_ema",)) is None:
+    raise config_lib.ConfigError(
+        f"workdir {workdir} holds checkpoints (step {step}) that track the post-hoc "
+        f"EMA profiles sigma_rels={rels(old) if old is not None else '?'}, not "
+        f"{rels(config)}; a profile follows a run from its first step: rerun with the "
+        "old training.posthoc_ema values or use a new --workdir")
   params_ok = ckpt_lib.structure_difference(saved, abstract, ignore=("opt_state",)) is None
   changes = config_lib.structure_changes(old, config) if old is not None else []
   named = (", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
@@ -435,9 +456,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"{source.num_classes} classes; set --config.model.num_classes={source.num_classes}")
   is_main = jax.process_index() == 0
   setup = make_setup(config, mesh)
-  if ckpt_lib.has_checkpoints(workdir):   # nothing is written before this check
+  if ckpt_lib.has_checkpoints(workdir):   # nothing is written before these checks
     _check_resume(ckpt_lib.Checkpointer(workdir, read_only=True), workdir, config,
                   setup.abstract)
+  if config.training.posthoc_ema.snapshot_every:
+    posthoc_ema.check_resume(workdir, config)
   if is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     _write_config(workdir, config)
@@ -447,6 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = restore_or_init(setup, ck, config, init_rng)
   step = int(state.step)
   step_fn, multi_fn = setup.step, setup.steps
+  snapshots = (posthoc_ema.SnapshotWriter(workdir, config, step, state)
+               if config.training.posthoc_ema.snapshot_every else None)
 
   frozen = config_lib.freeze(config)
   t = config.training
@@ -514,6 +539,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         last_log_time, last_log_step = now, step
       if t.checkpoint_every and step % t.checkpoint_every == 0 or done:
         ck.save(step, state, config)
+      if snapshots and snapshots.due(step):
+        snapshots.save(step, state)
       if t.sample_every and (step % t.sample_every == 0 or done):
         model = model_lib.Model(ema_variables(state), frozen, autoencoder)
         save_samples(model, jax.random.fold_in(sample_rng, step),
@@ -528,5 +555,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     loader.close()
     writer.close()
     preemption.close()
-    ck.close()   # last: waits for the final save and may raise CheckpointWriteError
+    try:
+      if snapshots:
+        snapshots.close()   # waits for the last snapshot; may raise CheckpointWriteError
+    finally:
+      ck.close()   # last: waits for the final save and may raise CheckpointWriteError
   return state

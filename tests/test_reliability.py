@@ -15,7 +15,7 @@ from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
 from ddx import train
 
-from testutils import ROOT, load_config
+from testutils import ROOT, load_config, snapshot_leaves
 
 
 def _main_cmd(workdir, *overrides):
@@ -55,8 +55,16 @@ def _snapshot(path):
 # kill -9 and SIGTERM on a real trainer process.
 
 N_STEPS = 12
+SNAPSHOT_EVERY = 2   # post-hoc EMA snapshots: a kill can land in one of those saves too
 RUN_ARGS = (f"--config.training.num_steps={N_STEPS}", "--config.training.log_every=1",
-            "--config.training.checkpoint_every=1", "--config.training.keep_checkpoints=2")
+            "--config.training.checkpoint_every=1", "--config.training.keep_checkpoints=2",
+            f"--config.training.posthoc_ema.snapshot_every={SNAPSHOT_EVERY}")
+
+
+def _run_config():
+  config = load_config()
+  config.training.posthoc_ema.snapshot_every = SNAPSHOT_EVERY
+  return config
 
 
 def _wait_for_step(proc, at_least, timeout=300):
@@ -82,13 +90,16 @@ def reference_run(tmp_path_factory):
   r = subprocess.run(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  return _raw_state(wd)
+  return _raw_state(wd, config=_run_config()), snapshot_leaves(wd, _run_config())
 
 
 @pytest.mark.slow
 def test_kill9_at_random_steps_then_resume_is_bitwise_exact(reference_run, tmp_path):
-  ref_step, ref_leaves = reference_run
+  """The state and the post-hoc EMA snapshots of a killed and resumed run are
+  an uninterrupted run's, bit for bit."""
+  (ref_step, ref_leaves), ref_snaps = reference_run
   assert ref_step == N_STEPS
+  assert sorted(ref_snaps) == list(range(SNAPSHOT_EVERY, N_STEPS + 1, SNAPSHOT_EVERY))
   assert any(np.any(a != 0) for a in ref_leaves)
   rnd = random.Random(1234)
   for trial in range(1):   # two trainer processes; bitwise resume is also in test_train
@@ -106,11 +117,16 @@ def test_kill9_at_random_steps_then_resume_is_bitwise_exact(reference_run, tmp_p
     r = subprocess.run(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    step, leaves = _raw_state(wd)
+    step, leaves = _raw_state(wd, config=_run_config())
     assert step == N_STEPS
     assert len(leaves) == len(ref_leaves)
     for a, b in zip(leaves, ref_leaves):
       np.testing.assert_array_equal(a, b, err_msg=f"trial {trial}")
+    snaps = snapshot_leaves(wd, _run_config())
+    assert sorted(snaps) == sorted(ref_snaps)
+    for s in snaps:
+      for a, b in zip(snaps[s], ref_snaps[s]):
+        np.testing.assert_array_equal(a, b, err_msg=f"trial {trial}, snapshot {s}")
 
 
 @pytest.mark.slow

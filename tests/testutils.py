@@ -73,3 +73,20 @@ def gaussian_data(seed: int, shape, std_range=(0.3, 1.5)):
   mean = rng.normal(size=shape).astype(np.float32)
   std = rng.uniform(*std_range, size=shape).astype(np.float32)
   return rng, mean, std
+
+
+def snapshot_leaves(workdir, config) -> dict:
+  """{step: [leaves]} of every post-hoc EMA snapshot of a run of `config`,
+  restored onto this process's first device (whatever device count saved it)."""
+  import jax
+  import numpy as np
+  from ddx import model as model_lib
+  from ddx import posthoc_ema
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = jax.eval_shape(lambda k: model_lib.init_variables(config, k),
+                          jax.random.key(0))["params"]
+  tree = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), params)
+  target = {"emas": (tree,) * len(config.training.posthoc_ema.sigma_rels), "batch_stats": {}}
+  store = posthoc_ema.snapshots(workdir, read_only=True)
+  return {s: [np.asarray(x) for x in jax.tree.leaves(store.restore(s, target))]
+          for s in store.steps()}
