@@ -141,3 +141,13 @@ def test_remat_keeps_gradients_and_changes_the_program(model):
     scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(ref))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_make_setup_builds_the_net_with_training_remat():
+  from ddx import parallel, train
+  from testutils import load_config
+  config = load_config("test")
+  config.training.remat = "full"
+  setup = train.make_setup(config, parallel.make_mesh())
+  assert setup.net.remat == "full"
+  assert model_lib.network(config).remat == "none"   # sampling: the plain network
