@@ -664,9 +664,9 @@ def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict
 # sampling, eval, num_steps, ...) never blocks a resume.
 _STRUCTURE_GROUPS = ("model", "optim", "data.image_size", "data.channels",
                      "autoencoder.downsample", "autoencoder.latent_channels")
-_NEVER_STRUCTURE = ("model.dtype", "model.dropout", "model.attention", "optim.lr",
-                    "optim.warmup_steps", "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
-                    "optim.eps")
+_NEVER_STRUCTURE = ("model.dtype", "model.dropout", "optim.lr", "optim.warmup_steps",
+                    "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
+                    "optim.eps", "model.attention")
 
 
 def structure_changes(old, new) -> list[tuple[str, object, object]]:

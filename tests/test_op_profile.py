@@ -33,9 +33,12 @@ HLO = """HloModule jit_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
 
 ENTRY %main (a: f32[4]) -> f32[4] {
   %a = f32[4]{0} parameter(0)
-  %conv_fusion = f32[1,4,4,8]{3,2,1,0} fusion(%a, %a), kind=kOutput, calls=%fused_conv, metadata={op_name="jit(step)/UNet/down_0_block_0/conv1/conv_general_dilated"}
-  %dot.1 = f32[2,16,16]{2,1,0} dot(%a, %a), lhs_batch_dims={0}, metadata={op_name="jit(step)/UNet/mid_attn/bqc,bkc->bqk/dot_general"}
-  %dot.2 = f32[32,8]{1,0} dot(%a, %a), metadata={op_name="jit(step)/DiT/blocks_0/attn/qkv/dot_general"}
+  %conv_fusion = f32[1,4,4,8]{3,2,1,0} fusion(%a, %a), kind=kOutput, calls=%fused_conv, """ \
+    """metadata={op_name="jit(step)/UNet/down_0_block_0/conv1/conv_general_dilated"}
+  %dot.1 = f32[2,16,16]{2,1,0} dot(%a, %a), lhs_batch_dims={0}, """ \
+    """metadata={op_name="jit(step)/UNet/mid_attn/bqc,bkc->bqk/dot_general"}
+  %dot.2 = f32[32,8]{1,0} dot(%a, %a), """ \
+    """metadata={op_name="jit(step)/DiT/blocks_0/attn/qkv/dot_general"}
   %norm_fusion = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_norm
   %all-reduce.3 = f32[4]{0} all-reduce(%a), to_apply=%sum
   ROOT %copy.4 = (f32[4]{0}, /*index=1*/f32[4]{0}) copy(%a)
