@@ -303,6 +303,9 @@ def profile(config, what: str = "train", batch: int = 8, steps: int = 1, reps: i
     for _ in range(reps):
       run()
   times = op_self_times(load_trace(trace_dir), instrs, module)
+  if not times:
+    raise RuntimeError(f"the trace in {trace_dir} has no op events of {module} on "
+                       f"{jax.default_backend()}; open it in Perfetto to see what it holds")
   ops = sorted(((n, kinds[n], instrs[n].opcode, us / reps) for n, us in times.items()),
                key=lambda r: -r[3])
   cats = {c: 0.0 for c in CATEGORIES}
