@@ -60,8 +60,9 @@ def ddx_times(batch, size, reps):
   return enc, dec, compile_s
 
 
-def torch_times(batch, size, reps, threads):
-  """(encode s, decode s) of diffusers' AutoencoderKL (float32, eval, no_grad)."""
+def torch_times(batch, size, reps, threads, device="cpu"):
+  """(encode s, decode s) of diffusers' AutoencoderKL (float32, eval, no_grad) on
+  `device` ("cpu" or "cuda"; each timed call ends with a sync)."""
   import torch
   import diffusers
   torch.set_num_threads(threads)
@@ -69,12 +70,13 @@ def torch_times(batch, size, reps, threads):
   model = diffusers.AutoencoderKL(
       block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
       down_block_types=("DownEncoderBlock2D",) * 4,
-      up_block_types=("UpDecoderBlock2D",) * 4, sample_size=size).eval()
-  x = torch.rand(batch, 3, size, size) * 2 - 1
-  z = torch.randn(batch, 4, size // 8, size // 8)
+      up_block_types=("UpDecoderBlock2D",) * 4, sample_size=size).to(device).eval()
+  x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+  z = torch.randn(batch, 4, size // 8, size // 8, device=device)
+  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
   with torch.no_grad():
-    enc = lambda: model.encode(x).latent_dist.mean
-    dec = lambda: model.decode(z).sample
+    enc = lambda: (model.encode(x).latent_dist.mean, sync())
+    dec = lambda: (model.decode(z).sample, sync())
     enc(), dec()    # warm-up
     return _best(enc, reps), _best(dec, reps)
 

@@ -76,13 +76,9 @@ def _oom(e: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in s or "Out of memory" in s or "out of memory" in s
 
 
-def train_rate(config, batch: int, steps: int):
-  """(seconds per step, FLOPs per step, bytes needed) of the real jitted update.
-
-  Compiled once ahead of time: the program's memory analysis decides whether
-  it fits (None seconds when it does not) before anything runs; FLOPs are
-  XLA's cost analysis of the compiled update (what metrics.jsonl logs).
-  """
+def compiled_train_step(config, batch: int):
+  """(compiled update, (state, batch, key), lowered) of the run's real jitted
+  update (`ddx.train.make_setup`) at `batch`, on random images and labels."""
   import jax
   import numpy as np
   from ddx import config as config_lib, parallel, train
@@ -97,7 +93,18 @@ def train_rate(config, batch: int, steps: int):
                                                    batch).astype(np.int32)}, mesh)
   key = jax.random.key(1)
   lowered = setup.step.lower(state, b, key)
-  compiled = lowered.compile()
+  return lowered.compile(), (state, b, key), lowered
+
+
+def train_rate(config, batch: int, steps: int):
+  """(seconds per step, FLOPs per step, bytes needed) of the real jitted update.
+
+  Compiled once ahead of time: the program's memory analysis decides whether
+  it fits (None seconds when it does not) before anything runs; FLOPs are
+  XLA's cost analysis of the compiled update (what metrics.jsonl logs).
+  """
+  import jax
+  compiled, (state, b, key), lowered = compiled_train_step(config, batch)
   cost = compiled.cost_analysis() or lowered.cost_analysis()   # GPU: the compiled one's
   cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
   flops = float(cost.get("flops", 0.0))

@@ -35,7 +35,7 @@ def _dit_b2(quick: bool):
   return latent_dit(768, 12, 12, quick)
 
 
-def _peer_dit_train(config, batch, steps, device, compile_):
+def peer_dit_train(config, batch, steps, device, compile_):
   """Seconds per AdamW step of diffusers' DiTTransformer2DModel (bf16 autocast)."""
   import torch
   from diffusers import DiTTransformer2DModel
@@ -116,7 +116,7 @@ def main():
         continue
       if compile_ and device == "cpu":
         continue   # torch.compile on CPU needs a C++ toolchain run; GPU only
-      s = _peer_dit_train(_dit_b2(q), train_batch, train_steps, device, compile_)
+      s = peer_dit_train(_dit_b2(q), train_batch, train_steps, device, compile_)
       save(f"peer_dit_b2_bf16_{'compile' if compile_ else 'eager'}", {"steps_per_s": 1 / s})
   out["total_s"] = time.perf_counter() - start
   if args.out:

@@ -169,15 +169,17 @@ def _autocast(device, amp):
   return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
 
 
-def peer_train_time(config, batch, steps, device="cpu", amp=False):
+def peer_train_time(config, batch, steps, device="cpu", amp=False, compile_=False):
   """Seconds per step of the same update in PyTorch: ε-MSE, clip, Adam, EMA.
 
   The loss is not fetched per step (as ddx's loop does not): one sync at the end.
+  compile_ runs the network under torch.compile (compiled in the untimed warm-up).
   """
   import copy
   import torch
   net = peer_unet(config).to(device).train()
   ema = copy.deepcopy(net).eval()
+  fwd = torch.compile(net) if compile_ else net
   opt = torch.optim.Adam(net.parameters(), lr=config.optim.lr)
   shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
   x0 = torch.rand(shape, device=device) * 2 - 1
@@ -189,7 +191,7 @@ def peer_train_time(config, batch, steps, device="cpu", amp=False):
     a = ab[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with _autocast(device, amp):
-      out = net(xt, t).sample
+      out = fwd(xt, t).sample
     loss = torch.nn.functional.mse_loss(out.float(), noise)
     opt.zero_grad(set_to_none=True)
     loss.backward()

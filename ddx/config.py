@@ -30,6 +30,8 @@ SAMPLERS_BY_PROCESS = {
 SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")   # the discrete DDPM samplers (ddx.sampling)
 FLOW_PREDICTIONS = ("v", "x0")             # diffusion.prediction for process = flow
 MODELS = ("unet", "dit")                   # model.name (ddx.models.NAMES)
+ATTENTIONS = ("xla", "auto", "cudnn", "tpu_flash")   # model.attention (ddx.models.attention)
+REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
 SIGMA_INDICES = ("nearest", "interp")      # sampling.sigma_index: a DDPM model on a σ grid
 SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")   # ddx.sampling.SPACINGS
 DDPM_VARIANCES = ("posterior", "beta")     # sampling.ddpm_variance
@@ -83,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.downsample_padding = "bottom_right"  # stride-2 conv pad: bottom_right (DDPM) | symmetric
   m.attn_head_dim = 0        # channels per attention head; 0 = one head (DDPM)
   m.norm_eps = 1e-6          # GroupNorm epsilon (DDPM 1e-6; diffusers' default 1e-5)
+  m.attention = "xla"        # xla | auto (jax.nn.dot_product_attention picks) | cudnn (NVIDIA
+                             # GPU) | tpu_flash (Pallas TPU kernel); the same function
 
   # Latent diffusion (README: Latent diffusion): the diffusion model runs on the
   # latents of a KL autoencoder; data.image_size/channels stay the pixels'.
@@ -146,6 +150,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.posthoc_ema = p = ml_collections.ConfigDict()
   p.snapshot_every = 0       # snapshots (workdir/posthoc_ema/) at multiples of this step; 0 = off
   p.sigma_rels = (0.05, 0.10)  # the tracked profiles' relative widths sigma_rel (EDM2's)
+  t.remat = "none"           # recompute in the backward pass, per U-Net/DiT block: none |
+                             # dots (keep matmul/conv outputs) | full (keep block inputs)
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 2e-4
@@ -251,6 +257,8 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
            "precision on TPU/GPU")
   _require(isinstance(m.num_classes, int) and m.num_classes >= 0,
            f"model.num_classes={m.num_classes!r} must be an integer >= 0 (0 = unconditional)")
+  _require(m.attention in ATTENTIONS,
+           f"model.attention={m.attention!r} is unknown; use one of {ATTENTIONS}")
   _check_process(config)
   _check_latent(config)
   _check_training(config, num_data_shards)
@@ -440,6 +448,8 @@ def _check_training(config, num_data_shards: int) -> None:
   _require(t.keep_checkpoints >= 1, "training.keep_checkpoints must be >= 1")
   _require(0.0 <= t.label_dropout < 1.0,
            f"training.label_dropout={t.label_dropout} must be in [0, 1)")
+  _require(t.remat in REMATS,
+           f"training.remat={t.remat!r} is unknown; use one of {REMATS}")
   _require(t.nan_policy in ("stop", "skip"),
            f"training.nan_policy={t.nan_policy!r} must be stop or skip")
   _check_posthoc_ema(config)
@@ -693,7 +703,7 @@ _STRUCTURE_GROUPS = ("model", "optim", "data.image_size", "data.channels",
                      "autoencoder.downsample", "autoencoder.latent_channels")
 _NEVER_STRUCTURE = ("model.dtype", "model.dropout", "optim.lr", "optim.warmup_steps",
                     "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
-                    "optim.eps")
+                    "optim.eps", "model.attention")
 
 
 def structure_changes(old, new) -> list[tuple[str, object, object]]:

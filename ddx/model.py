@@ -52,7 +52,17 @@ def mean_output(config, out: jnp.ndarray) -> jnp.ndarray:
 
 
 def network(config):
-  """The Flax network a run config names (config.model.name: unet | dit)."""
+  """The Flax network a run config names (config.model.name: unet | dit).
+
+  Raises ConfigError, before anything is traced, when model.attention needs
+  a backend this process does not have (cudnn without a GPU, ...).
+  """
+  attention = config.model.get("attention", "xla")
+  why = models.attention.unavailable(attention, jax.default_backend())
+  if why:
+    raise config_lib.ConfigError(
+        f"model.attention={attention!r}: {why}; use --config.model.attention=xla "
+        "(or auto)")
   return models.build(config.model)
 
 

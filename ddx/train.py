@@ -312,7 +312,8 @@ def make_setup(config, mesh) -> TrainSetup:
   its shardings come from its abstract shapes. Tests and benchmarks build
   their steps with this too, so they measure what training runs.
   """
-  net = model_lib.network(config)
+  # training.remat only matters under differentiation: sampling builds the plain net.
+  net = model_lib.network(config).clone(remat=config.training.remat)
   sched = model_lib.process_from_config(config.diffusion)
   tx = make_optimizer(config.optim)
   init = functools.partial(create_state, config, tx)

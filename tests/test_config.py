@@ -23,8 +23,10 @@ def test_configs_load_with_ml_collections_alone():
 
 def test_name_lists_match_the_implementations():
   from ddx import diffusion, evaluation, sampling, schedules
-  from ddx.models import layers
+  from ddx.models import attention, layers
   assert config_lib.PREDICTIONS == diffusion.PREDICTIONS
+  assert config_lib.ATTENTIONS == attention.ATTENTIONS
+  assert config_lib.REMATS == layers.REMATS
   assert config_lib.SCHEDULES == schedules.names()
   assert config_lib.NORMS == layers.NORMS
   assert config_lib.SAMPLERS == tuple(sampling.SAMPLERS)

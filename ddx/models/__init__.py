@@ -5,6 +5,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
+from ddx.models import attention
 from ddx.models.dit import DiT
 from ddx.models.unet import UNet
 
@@ -39,4 +40,4 @@ def build(model_config: Mapping[str, Any]) -> nn.Module:
   return cls(**{k: model_config[k] for k in keys if k in fields})
 
 
-__all__ = ["DiT", "NAMES", "UNet", "build"]
+__all__ = ["DiT", "NAMES", "UNet", "attention", "build"]

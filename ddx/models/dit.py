@@ -57,6 +57,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddx.models import attention as attention_lib
+from ddx.models.layers import rematerialised
+
 # (hidden_size, depth, num_heads) of the paper's Table 1 models.
 PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
            "XL": (1152, 28, 16)}
@@ -217,9 +220,11 @@ class Attention(nn.Module):
   Attributes:
     num_heads: heads; must divide the token width D.
     dtype: computation dtype (the softmax is float32 regardless).
+    attention: "xla" | "auto" | "cudnn" | "tpu_flash" (`ddx.models.attention`).
   """
   num_heads: int
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -237,7 +242,10 @@ class Attention(nn.Module):
     qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     # Scale 1/sqrt(head_dim); logits and softmax in float32 (also for bf16).
-    h = jax.nn.dot_product_attention(q, k, v)
+    if self.attention == "xla":
+      h = jax.nn.dot_product_attention(q, k, v)
+    else:
+      h = attention_lib.attend(q, k, v, self.attention)
     return _dense(d, self.dtype, "proj")(h.reshape(b, n, d))
 
 
@@ -269,10 +277,12 @@ class DiTBlock(nn.Module):
     num_heads: attention heads; must divide D.
     mlp_ratio: MLP hidden width / D.
     dtype: computation dtype of the dense layers and attention.
+    attention: the attention implementation (see `Attention`).
   """
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -291,7 +301,7 @@ class DiTBlock(nn.Module):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         jnp.split(mod, 6, axis=-1))
     h = modulate(layer_norm(x), shift_msa, scale_msa).astype(self.dtype)
-    h = Attention(self.num_heads, self.dtype, name="attn")(h)
+    h = Attention(self.num_heads, self.dtype, self.attention, name="attn")(h)
     x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
     h = modulate(layer_norm(x), shift_mlp, scale_mlp).astype(self.dtype)
     h = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(h)
@@ -352,6 +362,11 @@ class DiT(nn.Module):
     learn_sigma: also output C variance channels (after the C mean channels).
     dtype: computation dtype, "float32" or "bfloat16" (a string, as in the
       config, or a jnp dtype); parameters stay float32.
+    attention: attention implementation, "xla" | "auto" | "cudnn" |
+      "tpu_flash" (`ddx.models.attention`); the same function either way.
+    remat: what the backward pass recomputes in each DiT block, "none" |
+      "dots" | "full" (`ddx.models.layers.rematerialised`; the trainer sets
+      it from training.remat). Changes memory and time, not the gradients.
   """
   patch_size: int = 2
   hidden_size: int = 384
@@ -361,6 +376,8 @@ class DiT(nn.Module):
   num_classes: int = 0
   learn_sigma: bool = False
   dtype: Any = jnp.float32
+  attention: str = "xla"
+  remat: str = "none"
 
   def _check(self, x: jax.Array, t: jax.Array,
              labels: Optional[jax.Array]) -> None:
@@ -424,8 +441,9 @@ class DiT(nn.Module):
       c = c + nn.Embed(self.num_classes + 1, d, dtype=dt,
                        embedding_init=_normal_002, name="y_embedder")(labels)
 
+    block_cls = rematerialised(DiTBlock, self.remat)
     for i in range(self.depth):
-      tokens = DiTBlock(self.num_heads, self.mlp_ratio, dt,
-                        name=f"blocks_{i}")(tokens, c)
+      tokens = block_cls(self.num_heads, self.mlp_ratio, dt, self.attention,
+                         name=f"blocks_{i}")(tokens, c)
     out = FinalLayer(p * p * out_ch, dt, name="final_layer")(tokens, c)
     return unpatchify(out, p, hgt, wid, out_ch).astype(jnp.float32)

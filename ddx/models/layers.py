@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddx.models import attention as attention_lib
+
 # DDPM's `default_init(scale=1.0)`: variance_scaling(1, fan_avg, uniform).
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
@@ -114,6 +116,46 @@ def norm_layer(kind: str, num_groups: int, dtype: Any, name: str,
   raise ValueError(f"norm={kind!r} is unknown; use one of {NORMS}")
 
 
+REMATS = ("none", "dots", "full")
+
+
+def _save_dots_and_convs(prim, *_, **params) -> bool:
+  """Remat policy: keep conv outputs and matmuls without batch dimensions.
+
+  The dense layers' and convolutions' outputs are the expensive values to
+  recompute; batched dots (the attention logits, [B, N, T, T]) are the big
+  ones to store, so they and everything element-wise are recomputed.
+  """
+  if prim.name == "conv_general_dilated":
+    return True
+  if prim.name == "dot_general":
+    (_, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]
+    return not lhs_batch and not rhs_batch
+  return False
+
+
+def rematerialised(block: type, remat: str, static_argnums: tuple = ()) -> type:
+  """The block class, recomputed in the backward pass as `remat` says.
+
+  Args:
+    block: a Flax module class (a backbone block).
+    remat: "none" (store every activation: the block itself), "dots" (store
+      matmul and conv outputs, recompute the rest: normalisation, activations,
+      softmax) or "full" (store only the block's inputs).
+    static_argnums: the block's non-array arguments, counting self as 0
+      (e.g. `train`), which the checkpoint must treat as Python values.
+
+  Returns:
+    A module class with the same fields and parameter names.
+  """
+  if remat == "none":
+    return block
+  if remat not in REMATS:
+    raise ValueError(f"remat={remat!r} is unknown; use one of {REMATS}")
+  policy = _save_dots_and_convs if remat == "dots" else None
+  return nn.remat(block, policy=policy, static_argnums=static_argnums)
+
+
 class ResBlock(nn.Module):
   """Residual block with a time-embedding bias, as in DDPM.
 
@@ -183,12 +225,15 @@ class AttnBlock(nn.Module):
     norm_eps: GroupNorm epsilon.
     head_dim: channels per head; 0 = one head of all C channels. Must divide
       C.
+    attention: "xla" (the einsums below) or a fused implementation of
+      `ddx.models.attention` ("auto" | "cudnn" | "tpu_flash").
   """
   num_groups: int = 32
   dtype: Any = jnp.float32
   norm: str = "group"
   norm_eps: float = GN_EPSILON
   head_dim: int = 0
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -211,13 +256,15 @@ class AttnBlock(nn.Module):
     q = _dense(c, self.dtype, "q")(h).reshape(b, hgt * wid, c)
     k = _dense(c, self.dtype, "k")(h).reshape(b, hgt * wid, c)
     v = _dense(c, self.dtype, "v")(h).reshape(b, hgt * wid, c)
-    if d == c:
+    heads = lambda a: a.reshape(b, hgt * wid, c // d, d)
+    if self.attention != "xla":
+      h = attention_lib.attend(heads(q), heads(k), heads(v), self.attention)
+    elif d == c:
       logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
       # Softmax in float32: bf16 logits lose too much precision over H*W keys.
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       h = jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v)
     else:
-      heads = lambda a: a.reshape(b, hgt * wid, c // d, d)
       logits = jnp.einsum("bqhd,bkhd->bhqk", heads(q), heads(k)) * (d ** -0.5)
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       h = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), heads(v))

@@ -51,8 +51,8 @@ import jax.numpy as jnp
 
 from ddx.models.layers import (DOWNSAMPLE_PADDINGS, GN_EPSILON, NORMS,
                                AttnBlock, Downsample, ResBlock, Upsample,
-                               default_init, norm_layer, timestep_embedding,
-                               zero_init)
+                               default_init, norm_layer, rematerialised,
+                               timestep_embedding, zero_init)
 
 
 class UNet(nn.Module):
@@ -86,6 +86,11 @@ class UNet(nn.Module):
     attn_head_dim: channels per attention head; 0 = one head over all
       channels (DDPM). Must divide the channels of every attention block.
     norm_eps: GroupNorm epsilon (DDPM 1e-6, diffusers' default 1e-5).
+    attention: attention implementation, "xla" | "auto" | "cudnn" |
+      "tpu_flash" (`ddx.models.attention`); the same function either way.
+    remat: what the backward pass recomputes in each ResBlock and AttnBlock,
+      "none" | "dots" | "full" (`layers.rematerialised`; the trainer sets it
+      from training.remat). Changes memory and time, not the gradients.
   """
   ch: int = 32
   ch_mult: Sequence[int] = (1, 2)
@@ -102,6 +107,8 @@ class UNet(nn.Module):
   downsample_padding: str = "bottom_right"
   attn_head_dim: int = 0
   norm_eps: float = GN_EPSILON
+  attention: str = "xla"
+  remat: str = "none"
 
   def _check(self, x: jax.Array, labels: Optional[jax.Array]) -> None:
     """Raises ValueError for a config or input the network cannot handle."""
@@ -179,15 +186,19 @@ class UNet(nn.Module):
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=dt,
                              name="label_embed")(labels)
 
+    # `train` is a Python bool: static for the checkpoint (self is arg 0).
+    res_cls = rematerialised(ResBlock, self.remat, static_argnums=(3,))
+    attn_cls = rematerialised(AttnBlock, self.remat, static_argnums=(2,))
+
     def res_block(h, ch, name):
-      return ResBlock(out_ch=ch, dropout=self.dropout,
-                      num_groups=self.num_groups, dtype=dt, norm=self.norm,
-                      norm_eps=self.norm_eps, name=name)(h, temb, train)
+      return res_cls(out_ch=ch, dropout=self.dropout,
+                     num_groups=self.num_groups, dtype=dt, norm=self.norm,
+                     norm_eps=self.norm_eps, name=name)(h, temb, train)
 
     def attn_block(h, name):
-      return AttnBlock(num_groups=self.num_groups, dtype=dt, norm=self.norm,
-                       norm_eps=self.norm_eps, head_dim=self.attn_head_dim,
-                       name=name)(h, train)
+      return attn_cls(num_groups=self.num_groups, dtype=dt, norm=self.norm,
+                      norm_eps=self.norm_eps, head_dim=self.attn_head_dim,
+                      attention=self.attention, name=name)(h, train)
 
     # Down path; every intermediate output is a skip connection.
     h = nn.Conv(self.ch, (3, 3), padding="SAME", dtype=dt,
