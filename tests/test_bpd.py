@@ -13,6 +13,7 @@ Each process's ODE gives the density of the data smoothed by N(0, s_min² I)
 log N(x; mu, Σ + s_min² I), in float64 NumPy.
 """
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -277,15 +278,23 @@ def test_bpd_config_errors_are_one_line():
     config_lib.validate(_bpd_config(process))
 
 
-def test_adaptive_solver_without_diffrax_is_a_config_error():
+def test_adaptive_solver_without_diffrax_is_a_config_error(monkeypatch):
+  """Without diffrax, adaptive is a one-line ConfigError up front, and the solver
+  itself says how to install it. diffrax is simulated missing (the test extra
+  installs it, so an importorskip-style check would never run this in CI)."""
   import importlib.util
-  if importlib.util.find_spec("diffrax") is not None:
-    pytest.skip("diffrax is installed")
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "diffrax" else find_spec(name, *a))
+  monkeypatch.setitem(sys.modules, "diffrax", None)   # `import diffrax` raises ImportError
   c = _bpd_config()
   c.eval.bpd_solver = "adaptive"
   config_lib.validate(c)            # the value is valid; running it needs diffrax
   with pytest.raises(config_lib.ConfigError, match="bpd_solver=adaptive needs diffrax"):
     config_lib.check_eval_inputs(c)
+  with pytest.raises(ValueError, match="solver='adaptive' needs diffrax: pip install"):
+    bpd.ode_logp(edm.EDM(), edm_D, jnp.asarray(X0.reshape((-1,) + SHAPE), jnp.float32),
+                 None, trace="exact", solver="adaptive", rtol=1e-5, atol=1e-5)
 
 
 def test_adaptive_solver_through_the_adapter():

@@ -196,9 +196,9 @@ def test_batchnorm_statistics_are_global_over_a_sharded_batch():
   assert r.returncode == 0 and "GLOBAL OK" in r.stdout, r.stderr[-3000:]
 
 
-def test_readme_guidance_example_runs(monkeypatch):
-  """README's class-conditional block, on a tiny random conditional network."""
-  with open(os.path.join(ROOT, "README.md")) as f:
+def test_docs_guidance_example_runs(monkeypatch):
+  """docs/samplers.md's class-conditional block, on a tiny random conditional network."""
+  with open(os.path.join(ROOT, "docs", "samplers.md")) as f:
     blocks = [b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S)
               if "runs/digits_cond" in b]
   assert len(blocks) == 1
@@ -213,7 +213,7 @@ def test_readme_guidance_example_runs(monkeypatch):
   model = ddx.Model({"params": params}, config_lib.freeze(c))
   monkeypatch.setattr(ddx, "load", lambda workdir: model)
   scope = {}
-  exec(compile(blocks[0], "README.md", "exec"), scope)
+  exec(compile(blocks[0], "docs/samplers.md", "exec"), scope)
   imgs = scope["imgs"]
   assert imgs.shape == (100, 8, 8, 1) and bool(jnp.all(jnp.abs(imgs) <= 1))
   assert float(jnp.abs(imgs[0] - imgs[10]).max()) > 1e-2   # label 0 vs label 1

@@ -264,17 +264,3 @@ def test_cli_sample_mode(trained):
   assert z["images"].shape == (6, 8, 8, 1) and z["images"].dtype == np.uint8
   assert json.loads(str(z["sampling"]))["steps"] == 5
   assert os.path.exists(new + ".png")
-
-
-@pytest.mark.slow
-def test_readme_main_command_on_digits(tmp_path):
-  """README's first command (configs/digits.py), shrunk to 2 steps."""
-  wd = tmp_path / "runs" / "digits"     # parent does not exist yet, as on a fresh clone
-  r = _cli("--config", "configs/digits.py", "--workdir", str(wd),
-           "--config.training.num_steps=2", "--config.training.log_every=1",
-           "--config.sampling.steps=2", "--config.sampling.num_samples=4",
-           "--config.training.batch_size=8")
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "step 2/2" in r.stdout
-  assert (wd / "samples" / "step_0000002.png").exists()
-  assert (wd / "checkpoints" / "2").exists()

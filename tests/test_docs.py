@@ -1,0 +1,220 @@
+"""Every runnable block of README.md and docs/*.md runs as written.
+
+Blocks are found, not listed: each ```python and ```bash block of README.md and
+docs/*.md is one test. A block preceded by `<!-- skip-test: REASON -->` is not
+run; SKIPPED below must name every such block with the same reason, so a block
+cannot go untested silently. All blocks share ONE short training run at
+`runs/digits` in a temporary working directory (README's training command, made
+cheap as below), and the compile cache of tests/conftest.py.
+
+Python blocks are exec'd there as written. Shell blocks may only run
+`python -m ddx.main ...`; each command runs in-process through ddx.main's own
+`main` (flags parsed into a fresh FlagValues), made cheap as the tests' own
+runs are: training commands run 2 steps (of a test-sized network, except README's
+command, which resumes the shared run at its end), sample and eval commands draw
+a handful of samples or images.
+"""
+import glob
+import os
+import re
+import shlex
+import sys
+
+import pytest
+
+from testutils import ROOT, load_config
+
+# (page, text of the block's first line) -> the reason its skip marker gives.
+SKIPPED = {
+    ("README.md", "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
+                  "python -m ddx.main --config configs/digits.py --workdir runs/digits"):
+        "installs ddx; its training command runs in README's Train, sample, evaluate block",
+    ("README.md", "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' "
+                  "&& python -m pytest tests -q -n 2 --dist loadfile"):
+        "installs the test extra and runs the whole suite: this is what .ci/run runs",
+    ("docs/samplers.md", "import jax, jax.numpy as jnp"):
+        "needs a class-conditional run: test_features.py runs it on a random conditional network",
+    ("docs/backbones.md", "python -m ddx.main --config configs/article.py --workdir runs/article \\"):
+        "needs your image folder (data.path)",
+    ("docs/backbones.md",
+     "python -m ddx.main --config configs/cifar10_dit.py --workdir runs/cifar10_dit   # DiT-S/2, pixels"):
+        "needs CIFAR-10 prepared (docs/data.md)",
+    ("docs/data.md", "python -m ddx.main --config configs/cifar10.py --workdir runs/cifar10 --config.data.num_workers=8"):
+        "needs CIFAR-10 prepared",
+    ("docs/data.md", "pip install tensorflow tensorflow-datasets"):
+        "needs the network and TensorFlow",
+    ("docs/data.md", "python -m ddx.main --config configs/cifar10.py --workdir runs/cifar10 \\"):
+        "needs CIFAR-10 prepared",
+    ("docs/checkpoints.md", "python -m ddx.main --config configs/cifar10.py --workdir runs/ddpm-cifar10 --mode sample \\"):
+        "needs published weights; test_convert.py converts random ones",
+    ("docs/checkpoints.md", "python benchmarks/reproduce_cifar10.py --workdir runs/ddpm-cifar10 \\"):
+        "needs published weights, CIFAR-10 and an accelerator; test_reproduce_cifar10.py runs it on a tiny model",
+    ("docs/evaluation.md", "# CIFAR-10: FID-50k, KID and IS of the newest checkpoint"):
+        "needs CIFAR-10 and the Inception weights",
+    ("docs/evaluation.md", "pip install torch       # only for this step; not a ddx dependency"):
+        "needs pytorch-fid's weight file",
+    ("docs/latent.md", "huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir sd-vae-ft-ema"):
+        "downloads published weights",
+    ("docs/latent.md", "from ddx import autoencoder"):
+        "needs published weights; test_autoencoder.py runs these calls on random weights",
+    ("docs/latent.md", "python -m ddx.main --config configs/imagenet256_dit.py --mode encode --workdir runs/in256 \\"):
+        "needs ImageNet and the VAE; test_latents.py encodes and trains on digits",
+    ("docs/latent.md", "wget https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"):
+        "downloads published weights",
+    ("docs/latent.md", "import jax, jax.numpy as jnp, ddx"):
+        "needs published weights; test_dit_import.py imports random ones",
+}
+
+# Cheap versions of what a command does (appended, so they win over the block's).
+# Trainings other than README's (the shared run, on the real digits network) use
+# a test-sized network; U-Net keys are ignored by a DiT and DiT keys by a U-Net.
+SMALL_NET = ["--config.model.ch=8", "--config.model.num_res_blocks=1",
+             "--config.model.num_groups=4", "--config.model.hidden_size=32",
+             "--config.model.depth=1", "--config.model.num_heads=2"]
+CHEAP = {
+    "train": ["--config.training.num_steps=2", "--config.training.batch_size=16",
+              "--config.training.log_every=1", "--config.training.sample_every=0",
+              "--config.eval.every_steps=0", "--config.training.steps_per_dispatch=1"],
+    "sample": ["--config.sampling.num_samples=4", "--config.sampling.steps=2"],
+    "eval": ["--config.eval.num_samples=8", "--config.eval.batch_size=4",
+             "--config.eval.steps=2", "--config.eval.bpd_num_images=4",
+             "--config.eval.bpd_steps=8"],   # the steps of likelihood.md's Python block
+}
+
+_BLOCK = re.compile(r"(?:<!--\s*skip-test:\s*(?P<skip>.*?)\s*-->\s*\n)?"
+                    r"^(?P<indent>[ \t]*)```(?P<lang>\S*)\n(?P<code>.*?)^(?P=indent)```",
+                    re.S | re.M)
+
+
+def _pages():
+  return ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in
+                                glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def _blocks():
+  """(page, index, lang, code, skip reason or None) of every fenced block."""
+  out = []
+  for page in _pages():
+    with open(os.path.join(ROOT, page)) as f:
+      text = f.read()
+    for i, m in enumerate(_BLOCK.finditer(text)):
+      code = "\n".join(l[len(m["indent"]):] for l in m["code"].split("\n"))
+      out.append((page, i, m["lang"], code, m["skip"]))
+  return out
+
+
+def _first_line(code):
+  return code.strip().split("\n")[0].strip()
+
+
+def _runnable():
+  return [pytest.param(page, lang, code, id=f"{page}:{i}")
+          for page, i, lang, code, skip in _blocks()
+          if lang in ("python", "bash") and skip is None]
+
+
+def test_every_block_is_run_or_listed_as_skipped():
+  """Only python, bash and plain blocks; skip markers match SKIPPED exactly."""
+  marked = {}
+  for page, i, lang, code, skip in _blocks():
+    assert lang in ("python", "bash", ""), f"{page} block {i}: ```{lang} is neither run nor plain"
+    if skip is not None:
+      assert lang, f"{page} block {i}: a skip marker on a plain block"
+      marked[(page, _first_line(code))] = skip
+  assert marked == SKIPPED
+
+
+def test_readme_test_command_is_what_ci_runs():
+  with open(os.path.join(ROOT, ".ci", "run")) as f:
+    ci = [l.strip() for l in f if l.strip() and not l.startswith("#")]
+  readme = [code for page, _, lang, code, _ in _blocks() if page == "README.md" and lang == "bash"]
+  assert readme[1].strip().endswith("&& " + ci[-1])
+  assert "pip install -e '.[test]'" in readme[1] and ci[-2] == "pip install -q -e '.[test]'"
+
+
+README_RUN = ["--config", "configs/digits.py", "--workdir", "runs/digits"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+  """A working directory holding one short training run at runs/digits."""
+  tmp = tmp_path_factory.mktemp("docs")
+  cwd = os.getcwd()
+  os.chdir(tmp)
+  try:
+    _run_main(README_RUN)
+    yield tmp
+  finally:
+    os.chdir(cwd)
+
+
+def _commands(code):
+  """The shell block's commands as argument lists (continuations joined)."""
+  return [a for a in (shlex.split(l, comments=True)
+                      for l in code.replace("\\\n", " ").split("\n")) if a]
+
+
+def _run_main(args):
+  """Runs `python -m ddx.main ARGS` in-process, cheaply; returns its mode and workdir."""
+  from absl import flags
+  from ml_collections import config_flags
+  from ddx import main as cli
+  fv = flags.FlagValues()
+  holders = {
+      "_CONFIG": config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                                 lock_config=True),
+      "_WORKDIR": flags.DEFINE_string("workdir", None, "", flag_values=fv),
+      "_MODE": flags.DEFINE_enum("mode", "train", flags.FLAGS["mode"].parser.enum_values, "",
+                                 flag_values=fv),
+      "_COORDINATOR": flags.DEFINE_string("coordinator_address", "", "", flag_values=fv),
+      "_NUM_PROCESSES": flags.DEFINE_integer("num_processes", 0, "", flag_values=fv),
+      "_PROCESS_ID": flags.DEFINE_integer("process_id", -1, "", flag_values=fv),
+  }
+  args = [a.replace("configs/", os.path.join(ROOT, "configs") + "/", 1)
+          if a.startswith(("configs/", "--config=configs/")) else a for a in args]
+  modes = [a.split("=", 1)[1] for a in args if a.startswith("--mode=")]
+  modes += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--mode"]
+  mode = (modes or ["train"])[-1]
+  small = SMALL_NET if mode == "train" and args != README_RUN else []
+  argv = ["ddx.main", *args, *CHEAP[mode], *small]
+  saved = {k: getattr(cli, k) for k in holders}, sys.argv
+  try:
+    sys.argv = argv              # ml_collections reads the overrides from sys.argv
+    fv(argv)
+    for k, h in holders.items():
+      setattr(cli, k, h)
+    cli.main(["ddx.main"])
+  except SystemExit as e:
+    pytest.fail(f"python -m ddx.main {' '.join(args)} exited {e.code} (stderr above)")
+  finally:
+    for k, v in saved[0].items():
+      setattr(cli, k, v)
+    sys.argv = saved[1]
+  return mode, fv["workdir"].value
+
+
+# What a block must produce, checked after it ran (block text -> check).
+def _check_python(code, scope):
+  if 'ddx.load("runs/digits")' in code and "ddx.sample_fn" in code and "invert_fn" not in code:
+    assert scope["imgs"].shape == (load_config("digits").sampling.num_samples, 8, 8, 1)
+  if "invert_fn" in code:      # 8 interpolants of two digits
+    assert scope["imgs"].shape == (8, 8, 8, 1)
+  if "ddx.bpd" in code:        # finite, positive bits/dim per image
+    assert scope["bpd"].shape == (4,) and bool((scope["bpd"] > 0).all())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page,lang,code", _runnable())
+def test_block_runs(page, lang, code, workspace):
+  if lang == "python":
+    scope = {}
+    exec(compile(code, page, "exec"), scope)
+    _check_python(code, scope)
+    return
+  for argv in _commands(code):
+    assert argv[:3] == ["python", "-m", "ddx.main"], (
+        f"{page}: a runnable shell block may only run python -m ddx.main; mark "
+        f"`{' '.join(argv)}` with <!-- skip-test: REASON --> and list it in SKIPPED")
+    mode, workdir = _run_main(argv[3:])
+    if mode == "train":
+      assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
