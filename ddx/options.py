@@ -97,7 +97,7 @@ _INT_FIELDS = ("steps", "num_samples")
 
 def _plain(v):
   """A Python scalar of a config value or a concrete array."""
-  if isinstance(v, (np.ndarray, np.generic)) or hasattr(v, "__array__"):
+  if hasattr(v, "__array__"):   # NumPy or (concrete) JAX scalars
     v = np.asarray(v).item()
   return v
 
