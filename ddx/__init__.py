@@ -8,6 +8,7 @@ Public API (see README):
   ddx.q_sample, ddx.diffusion_loss    forward process and training loss
   ddx.sample                          any sampler as one lax.scan
   ddx.load, ddx.sample_fn, ddx.Model  a trained model, and sampling from it
+  ddx.options, ddx.SampleOptions      every sampling option, resolved once
   ddx.invert, ddx.invert_fn, ddx.slerp DDIM inversion and latent interpolation
   ddx.to_uint8                        [-1, 1] floats -> uint8 images
   ddx.bpd.ode_bpd / vlb_bpd           bits/dim of 8-bit images (likelihood)
@@ -37,6 +38,8 @@ _API = {
     "sample": ("ddx.sampling", "sample"),
     "Model": ("ddx.model", "Model"),
     "sample_fn": ("ddx.model", "sample_fn"),
+    "options": ("ddx.options", None),
+    "SampleOptions": ("ddx.options", "SampleOptions"),
     "to_uint8": ("ddx.model", "to_uint8"),
 }
 

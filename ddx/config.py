@@ -187,8 +187,8 @@ def base_config() -> ml_collections.ConfigDict:
                              # Inception weights; bpd scores held-out data, no sampling)
   e.num_samples = 512        # samples per evaluation (FID-50k: 50_000)
   e.batch_size = 500         # samples per sampler call (global) = images per chunk file
-  e.sampler = "ddim"         # eval samples: sampler, steps, eta; clip_x0, guidance_scale
-  e.steps = 50               # and ddpm_variance come from the sampling group
+  e.sampler = "ddim"         # eval samples: sampler, steps, eta, spacing; every other
+  e.steps = 50               # option comes from the sampling group (ddx.options)
   e.eta = 0.0
   e.spacing = "auto"         # as sampling.spacing
   e.seed = 0                 # chunk c uses fold_in(key(seed), c): the same noise every eval

@@ -45,6 +45,7 @@ from ddx import evaluation
 from ddx import inception
 from ddx import logging as log_lib
 from ddx import model as model_lib
+from ddx import options as options_lib
 from ddx import parallel
 
 KID_REFERENCE_SIZE = 5000   # reference features kept for KID (subsets of 1,000 by default)
@@ -200,36 +201,92 @@ def model_fingerprint(model: model_lib.Model) -> str:
   return ",".join(f"{v:.9e}" for v in np.asarray(_weights_digest(model.variables)))
 
 
-def _settings(config, model: model_lib.Model) -> str:
-  """Everything besides the chunk index that decides a chunk's images.
+def _settings(options: options_lib.SampleOptions, e, model: model_lib.Model) -> str:
+  """Everything besides the chunk index that decides a chunk's images: every
+  sampling option, eval.seed and eval.batch_size (of `e`, the eval group).
 
   Includes a fingerprint of the weights, so chunks left by an earlier run in
   the same workdir at the same step are not reused after a retrain.
   """
-  e, s = config.eval, config.sampling
-  return json.dumps({"sampler": e.sampler, "steps": e.steps, "eta": float(e.eta),
-                     "spacing": e.get("spacing", "auto"),
-                     "seed": e.seed, "chunk": e.batch_size, "clip_x0": bool(s.clip_x0),
-                     "guidance_scale": float(s.guidance_scale),
-                     "ddpm_variance": s.ddpm_variance,
-                     "weights": model_fingerprint(model)}, sort_keys=True)
+  return json.dumps({"options": json.loads(options.to_json()), "seed": e.seed,
+                     "chunk": e.batch_size, "weights": model_fingerprint(model)},
+                    sort_keys=True)
+
+
+def _chunk_file(out_dir: str, prefix: str, chunk: int) -> str:
+  return os.path.join(out_dir, f"{prefix}_{chunk:05d}.npz")
 
 
 def chunk_path(out_dir: str, chunk: int) -> str:
-  return os.path.join(out_dir, f"samples_{chunk:05d}.npz")
+  """Where `sample_chunks` keeps chunk `chunk` of out_dir."""
+  return _chunk_file(out_dir, "samples", chunk)
 
 
-def _read_chunk(path: str, settings: str, count: int, image_shape) -> Optional[np.ndarray]:
-  """A finished chunk's images, or None if absent, unreadable or made otherwise."""
+def _read_chunk(path: str, settings: str, keys) -> Optional[dict]:
+  """A finished chunk's arrays by key, or None if absent, unreadable or made otherwise."""
   try:
     with np.load(path, allow_pickle=False) as f:
       if str(f["settings"]) != settings:
         return None
-      images = f["images"]
+      return {k: np.asarray(f[k]) for k in keys}
   except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
     return None
-  ok = images.dtype == np.uint8 and images.shape == (count,) + tuple(image_shape)
-  return images if ok else None
+
+
+def resumable_chunks(num: int, batch_size: int, compute: Callable[[int, int], dict], *,
+                     keys, settings: str, out_dir: Optional[str] = None,
+                     prefix: str = "samples",
+                     valid: Callable[[dict, int], bool] = lambda arrays, count: True,
+                     progress: bool = True, label: str = "samples", unit: str = "chunk",
+                     verb: str = "sampled") -> list[dict]:
+  """compute(c, count) for chunks c = 0 .. ceil(num / batch_size) - 1, resumable on disk.
+
+  Chunk c covers items c·B .. c·B + count - 1 (count = B but for the last).
+  With out_dir, process 0 writes each chunk's arrays and `settings` to
+  out_dir/<prefix>_XXXXX.npz (complete or not at all), and a later call
+  reuses a chunk whose settings are equal and whose arrays pass
+  valid(arrays, count); any other file is recomputed and overwritten.
+
+  Args:
+    num, batch_size: items in all, items per chunk.
+    compute: (chunk index, count) -> {key: numpy array}; every process calls
+      it (it may run one program over all devices).
+    keys: the keys compute returns (those read back from disk).
+    settings: a text that names everything besides the chunk index that
+      decides the results (options, seed, weights fingerprint).
+    progress: print one line per chunk: "eval: <label> done/num (<unit> c/n
+      <verb> | reused from disk), rate, ETA".
+  Returns:
+    One dict per chunk, in order.
+  """
+  chunks = math.ceil(num / batch_size)
+  is_main = jax.process_index() == 0
+  if out_dir and is_main:
+    os.makedirs(out_dir, exist_ok=True)
+  parts, t0, made = [], time.perf_counter(), 0
+  for c in range(chunks):
+    count = min(batch_size, num - c * batch_size)
+    path = _chunk_file(out_dir, prefix, c) if out_dir else None
+    res = _read_chunk(path, settings, keys) if path else None
+    if res is not None and not valid(res, count):
+      res = None
+    fresh = res is None
+    if fresh:
+      res = compute(c, count)
+      made += count
+      if path and is_main:
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, settings=settings, **res)
+        os.replace(tmp, path)   # a chunk on disk is always complete
+    parts.append(res)
+    if progress and is_main:
+      done = c * batch_size + count
+      rate = made / (time.perf_counter() - t0) if made else float("nan")
+      eta = (num - done) / rate if rate == rate and rate > 0 else float("nan")
+      speed = f", {rate:.1f} img/s, ETA {log_lib.hms(eta)}" if made else ""
+      print(f"eval: {label} {done}/{num} ({unit} {c + 1}/{chunks} "
+            f"{verb if fresh else 'reused from disk'}){speed}", flush=True)
+  return parts
 
 
 def _to_host(images) -> np.ndarray:
@@ -238,6 +295,13 @@ def _to_host(images) -> np.ndarray:
     from jax.experimental import multihost_utils
     images = multihost_utils.process_allgather(images, tiled=True)
   return model_lib.to_uint8(images)
+
+
+def eval_options(model: model_lib.Model, config) -> options_lib.SampleOptions:
+  """The options evaluation samples with: `config`'s eval group (sampler, steps,
+  eta, spacing, batch_size) and sampling group (the rest) over the model's
+  saved config (`ddx.options.resolve` with group="eval")."""
+  return options_lib.resolve(model.config, config, group="eval")
 
 
 def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
@@ -250,49 +314,32 @@ def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
 
   Args:
     model: the EMA model (`ddx.load` or built from a TrainState).
-    config: eval.{num_samples, batch_size, sampler, steps, eta, spacing, seed} and
-      sampling.{clip_x0, guidance_scale, ddpm_variance} set the samples.
+    config: the run (or command-line) config: eval.{num_samples, batch_size,
+      seed}, and the options of `eval_options` (every one of them is in a
+      chunk's key, so a changed option never reuses a chunk).
     out_dir: if given, each chunk is written as samples_XXXXX.npz (uint8
       "images" [n, H, W, C]) and chunks already there are reused.
     progress: print a line per chunk.
   Returns:
     uint8 [eval.num_samples, H, W, C].
   """
-  e, s = config.eval, config.sampling
-  num, bs = int(e.num_samples), int(e.batch_size)
-  settings = _settings(config, model)
+  e = config.eval
+  options = eval_options(model, config)
   base = jax.random.key(e.seed)
-  chunks = math.ceil(num / bs)
-  is_main = jax.process_index() == 0
-  if out_dir and is_main:
-    os.makedirs(out_dir, exist_ok=True)
-  parts, t0, made = [], time.perf_counter(), 0
-  for c in range(chunks):
-    count = min(bs, num - c * bs)
-    path = chunk_path(out_dir, c) if out_dir else None
-    images = _read_chunk(path, settings, count, model.image_shape) if path else None
-    fresh = images is None
-    if fresh:
-      x = model_lib.sample_fn(model, jax.random.fold_in(base, c), steps=e.steps,
-                             num_samples=bs, sampler=e.sampler, eta=e.eta,
-                             clip_x0=s.clip_x0, guidance_scale=s.guidance_scale,
-                             ddpm_variance=s.ddpm_variance,
-                             spacing=e.get("spacing", "auto"))
-      images = _to_host(x)[:count]
-      made += count
-      if path and is_main:
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, images=images, settings=settings)
-        os.replace(tmp, path)   # a chunk on disk is always complete
-    parts.append(images)
-    if progress and is_main:
-      done = sum(len(p) for p in parts)
-      rate = made / (time.perf_counter() - t0) if made else float("nan")
-      eta = (num - done) / rate if rate == rate and rate > 0 else float("nan")
-      speed = f", {rate:.1f} img/s, ETA {log_lib.hms(eta)}" if made else ""
-      print(f"eval: samples {done}/{num} (chunk {c + 1}/{chunks} "
-            f"{'sampled' if fresh else 'reused from disk'}){speed}", flush=True)
-  return np.concatenate(parts)
+  shape = tuple(model.image_shape)
+
+  def compute(c, count):
+    x = model_lib.sample_fn(model, jax.random.fold_in(base, c), options=options)
+    return {"images": _to_host(x)[:count]}
+
+  def valid(arrays, count):
+    images = arrays["images"]
+    return images.dtype == np.uint8 and images.shape == (count,) + shape
+
+  parts = resumable_chunks(int(e.num_samples), int(e.batch_size), compute, keys=("images",),
+                           settings=_settings(options, e, model), out_dir=out_dir,
+                           valid=valid, progress=progress)
+  return np.concatenate([p["images"] for p in parts])
 
 
 # --------------------------------------------------------------------------
@@ -361,7 +408,7 @@ def _bpd_labels(model: model_lib.Model, labels: np.ndarray) -> tuple[Optional[np
   return labels, "the images' classes: log p(x | y)"
 
 
-def _bpd_settings(config, model: model_lib.Model, num_images: int) -> str:
+def _bpd_settings(config, model: model_lib.Model, num_images: int, variance: str) -> str:
   """Everything besides the batch index that decides a batch's bits/dim."""
   e = config.eval
   return json.dumps({"estimator": e.bpd_estimator, "trace": e.bpd_trace,
@@ -371,25 +418,12 @@ def _bpd_settings(config, model: model_lib.Model, num_images: int) -> str:
                      "vlb_terms": e.bpd_vlb_terms, "num_images": num_images,
                      "split": e.bpd_split, "data": _data_fingerprint(config.data),
                      "seed": e.seed, "chunk": e.batch_size,
-                     "ddpm_variance": config.sampling.ddpm_variance,
-                     "weights": model_fingerprint(model)}, sort_keys=True)
+                     "ddpm_variance": variance, "weights": model_fingerprint(model)}, sort_keys=True)
 
 
 def bpd_chunk_path(out_dir: str, chunk: int) -> str:
-  return os.path.join(out_dir, f"bpd_{chunk:05d}.npz")
-
-
-def _read_bpd_chunk(path: str, settings: str, count: int, keys) -> Optional[dict]:
-  """A finished batch's results, or None if absent, unreadable or made otherwise."""
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      if str(f["settings"]) != settings:
-        return None
-      out = {k: np.asarray(f[k]) for k in keys}
-  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-    return None
-  ok = all(out[k].shape == (count,) for k in keys if not k.endswith("nfe"))
-  return out if ok else None
+  """Where `bpd_chunks` keeps batch `chunk` of out_dir."""
+  return _chunk_file(out_dir, "bpd", chunk)
 
 
 def bpd_chunks(model: model_lib.Model, config, images: np.ndarray, labels: np.ndarray,
@@ -402,8 +436,9 @@ def bpd_chunks(model: model_lib.Model, config, images: np.ndarray, labels: np.nd
 
   Args:
     model: the EMA model.
-    config: eval.bpd_* (the estimators and their settings), eval.batch_size
-      and eval.seed.
+    config: eval.bpd_* (the estimators and their settings), eval.batch_size,
+      eval.seed, and sampling.ddpm_variance (the VLB's reverse variance,
+      over the model's saved one).
     images: uint8 [N, H, W, C] (`bpd_images`); labels: int64 [N].
     out_dir: if given, batch c is written as bpd_XXXXX.npz and batches
       already there (same settings and weights) are reused.
@@ -416,55 +451,42 @@ def bpd_chunks(model: model_lib.Model, config, images: np.ndarray, labels: np.nd
   num, bs = len(images), int(e.batch_size)
   estimators = _bpd_estimators(config)
   keys = [k for est in estimators for k in (est, est + "_nfe")]
-  settings = _bpd_settings(config, model, num)
+  variance = options_lib.resolve(model.config, config).ddpm_variance
+  settings = _bpd_settings(config, model, num, variance)
   cond_labels, what = _bpd_labels(model, labels)
   base = jax.random.key(e.seed)
-  chunks = math.ceil(num / bs)
-  is_main = jax.process_index() == 0
-  if out_dir and is_main:
-    os.makedirs(out_dir, exist_ok=True)
-  if progress and is_main:
+  if progress and jax.process_index() == 0:
     print(f"eval: bits/dim of {num} held-out images ({', '.join(estimators)}; "
           f"{what})", flush=True)
-  parts, t0, made = [], time.perf_counter(), 0
-  for c in range(chunks):
-    count = min(bs, num - c * bs)
-    path = bpd_chunk_path(out_dir, c) if out_dir else None
-    res = _read_bpd_chunk(path, settings, count, keys) if path else None
-    fresh = res is None
-    if fresh:
-      pad = np.concatenate([np.arange(c * bs, c * bs + count),
-                            np.full(bs - count, c * bs + count - 1)])
-      batch = images[pad]
-      y = None if cond_labels is None else jnp.asarray(cond_labels[pad], jnp.int32)
-      ode_rng, vlb_rng = jax.random.split(jax.random.fold_in(base, c))
-      res = {}
-      if "ode" in estimators:
-        b, nfe = bpd_lib.ode_bpd(model, batch, ode_rng, labels=y, trace=e.bpd_trace,
-                                 probe=e.bpd_probe, num_probes=e.bpd_probes,
-                                 solver=e.bpd_solver, steps=e.bpd_steps,
-                                 rtol=e.bpd_rtol, atol=e.bpd_atol,
-                                 trace_chunk=16 if e.bpd_trace == "exact" else None)
-        res["ode"] = np.asarray(parallel.gather(b), np.float32)[:count]
-        res["ode_nfe"] = np.asarray(nfe, np.int32)
-      if "vlb" in estimators:
-        b, nfe = bpd_lib.vlb_bpd(model, batch, vlb_rng, labels=y,
-                                 num_terms=e.bpd_vlb_terms or None)
-        res["vlb"] = np.asarray(parallel.gather(b), np.float32)[:count]
-        res["vlb_nfe"] = np.asarray(nfe, np.int32)
-      made += count
-      if path and is_main:
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, settings=settings, **res)
-        os.replace(tmp, path)   # a batch on disk is always complete
-    parts.append(res)
-    if progress and is_main:
-      done = sum(len(p[estimators[0]]) for p in parts)
-      rate = made / (time.perf_counter() - t0) if made else float("nan")
-      eta = (num - done) / rate if rate == rate and rate > 0 else float("nan")
-      speed = f", {rate:.1f} img/s, ETA {log_lib.hms(eta)}" if made else ""
-      print(f"eval: bits/dim {done}/{num} (batch {c + 1}/{chunks} "
-            f"{'scored' if fresh else 'reused from disk'}){speed}", flush=True)
+
+  def compute(c, count):
+    pad = np.concatenate([np.arange(c * bs, c * bs + count),
+                          np.full(bs - count, c * bs + count - 1)])
+    batch = images[pad]
+    y = None if cond_labels is None else jnp.asarray(cond_labels[pad], jnp.int32)
+    ode_rng, vlb_rng = jax.random.split(jax.random.fold_in(base, c))
+    res = {}
+    if "ode" in estimators:
+      b, nfe = bpd_lib.ode_bpd(model, batch, ode_rng, labels=y, trace=e.bpd_trace,
+                               probe=e.bpd_probe, num_probes=e.bpd_probes,
+                               solver=e.bpd_solver, steps=e.bpd_steps,
+                               rtol=e.bpd_rtol, atol=e.bpd_atol,
+                               trace_chunk=16 if e.bpd_trace == "exact" else None)
+      res["ode"] = np.asarray(parallel.gather(b), np.float32)[:count]
+      res["ode_nfe"] = np.asarray(nfe, np.int32)
+    if "vlb" in estimators:
+      b, nfe = bpd_lib.vlb_bpd(model, batch, vlb_rng, labels=y,
+                               num_terms=e.bpd_vlb_terms or None, variance=variance)
+      res["vlb"] = np.asarray(parallel.gather(b), np.float32)[:count]
+      res["vlb_nfe"] = np.asarray(nfe, np.int32)
+    return res
+
+  def valid(arrays, count):
+    return all(arrays[k].shape == (count,) for k in keys if not k.endswith("nfe"))
+
+  parts = resumable_chunks(num, bs, compute, keys=keys, settings=settings, out_dir=out_dir,
+                           prefix="bpd", valid=valid, progress=progress, label="bits/dim",
+                           unit="batch", verb="scored")
   return {k: (np.concatenate([p[k] for p in parts]) if not k.endswith("nfe")
               else np.stack([p[k] for p in parts])) for k in keys}
 
@@ -618,8 +640,8 @@ def evaluate(config, workdir: str) -> dict:
         f"{want}; pass the run's own config file")
   if jax.process_index() == 0:
     evaluator.setup()   # reference statistics before sampling: a data error shows early
-  e = config.eval
-  out_dir = os.path.join(workdir, "eval", f"step_{step:07d}_{e.sampler}{e.steps}")
+  e, o = config.eval, eval_options(model, config)
+  out_dir = os.path.join(workdir, "eval", f"step_{step:07d}_{o.sampler}{o.steps}")
   writer = log_lib.MetricWriter(workdir, active=jax.process_index() == 0)
   try:
     metrics = evaluator(model, step, writer, out_dir)

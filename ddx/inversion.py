@@ -38,6 +38,7 @@ import numpy as np
 
 from ddx import diffusion
 from ddx import model as model_lib
+from ddx import options as options_lib
 from ddx import sampling
 from ddx.model import Model
 from ddx.sampling import DenoiseFn
@@ -144,9 +145,8 @@ def invert_fn(model: Model, images: jnp.ndarray, steps: Optional[int] = None, *,
   if images.ndim != 4 or tuple(images.shape[1:]) != model.image_shape:
     raise ValueError(f"images must have shape [N, {', '.join(map(str, model.image_shape))}]"
                      f" for this model, got {images.shape}")
-  s = model.config.sampling
-  steps = s.steps if steps is None else steps
-  w = s.guidance_scale if guidance_scale is None else guidance_scale
+  o = options_lib.resolve(model.config, steps=steps, guidance_scale=guidance_scale)
+  steps, w = o.steps, o.guidance_scale
   labels = model_lib.resolve_labels(model, labels, images.shape[0])
   guided = labels is not None and float(w) != 1.0
   if guided:

@@ -119,13 +119,12 @@ def _sample(config, workdir):
   from etils import epath
   import ddx
   from ddx import evaluation
+  from ddx import options as options_lib
   model = ddx.load(workdir)
   s = config.sampling
-  # Sampling options come from the command line config, the model from the run.
-  images = ddx.sample_fn(model, jax.random.key(config.training.seed + 1), steps=s.steps,
-                         num_samples=s.num_samples, sampler=s.sampler, eta=s.eta,
-                         clip_x0=s.clip_x0, guidance_scale=s.guidance_scale,
-                         ddpm_variance=s.ddpm_variance, spacing=s.spacing)
+  # Every sampling option from the command line config over the run's saved one.
+  options = options_lib.resolve(model.config, config)
+  images = ddx.sample_fn(model, jax.random.key(config.training.seed + 1), options=options)
   u8 = ddx.to_uint8(images)
   if jax.process_index() != 0:   # every process sampled its share; one writes
     return

@@ -20,6 +20,7 @@ from ddx import config as config_lib
 from ddx import edm
 from ddx import flow
 from ddx import models
+from ddx import options as options_lib
 from ddx import parallel
 from ddx import sampling
 from ddx import schedules
@@ -187,27 +188,29 @@ def shard_batch(x):
   return x
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("num_samples", "steps", "sampler", "clip_x0", "guided",
-                     "ddpm_variance", "spacing", "sigma_index", "return_trajectory",
-                     "decode"))
-def sample_jit(model, rng, labels, guidance_scale, eta, x_T, churn=0.0, *,
-               num_samples, steps, sampler, clip_x0, guided, ddpm_variance, spacing,
-               sigma_index="nearest", return_trajectory=False, decode=True):
-  """`sample_fn`'s compiled program; arguments already resolved (see sample_fn)."""
-  fn = process_denoiser(model, denoiser(model, labels, guidance_scale, guided))
-  shape = (num_samples,) + model.image_shape
+@functools.partial(jax.jit, static_argnames=("guided", "return_trajectory", "decode"))
+def sample_jit(model, rng, labels, x_T, options: options_lib.SampleOptions, *,
+               guided, return_trajectory=False, decode=True):
+  """`sample_fn`'s compiled program; `options` already resolved (see sample_fn).
+
+  `options` is a pytree: its float knobs are traced arguments, its other
+  fields static (one program per value).
+  """
+  o = options
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  fn = process_denoiser(model, denoiser(model, labels, f32(o.guidance_scale), guided))
+  shape = (o.num_samples,) + model.image_shape
   if x_T is None:
     x_T = sampling.initial_noise(rng, shape)
-  s = model.config.sampling
+  sampler, steps, eta = o.sampler, o.steps, f32(o.eta)
+  clip_x0, ddpm_variance = o.clip_x0, o.ddpm_variance
+  spacing = None if o.spacing == "auto" else o.spacing
   extra = {}
   if sampler == "stochastic":
-    extra = dict(churn=churn, s_tmin=float(s.get("s_tmin", 0.0)),
-                 s_tmax=float(s.get("s_tmax", float("inf"))),
-                 s_noise=float(s.get("s_noise", 1.0)))
+    extra = dict(churn=f32(o.churn), s_tmin=f32(o.s_tmin), s_tmax=f32(o.s_tmax),
+                 s_noise=f32(o.s_noise))
   if isinstance(model.process, Schedule) and sampler not in sampling.SAMPLERS:
-    extra["sigma_index"] = sigma_index
+    extra["sigma_index"] = o.sigma_index
   res = sampling.sample(fn, model.process, rng, shape,
                         sampler=sampler, steps=steps, eta=eta, x_T=shard_batch(x_T),
                         clip_x0=clip_x0, prediction=model.config.diffusion.prediction,
@@ -298,20 +301,26 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
               guidance_scale: Optional[float] = None,
               clip_x0: Optional[bool] = None, x_T=None,
               ddpm_variance: Optional[str] = None, spacing: Optional[str] = None,
-              churn: Optional[float] = None, sigma_index: Optional[str] = None,
+              churn: Optional[float] = None, s_tmin: Optional[float] = None,
+              s_tmax: Optional[float] = None, s_noise: Optional[float] = None,
+              sigma_index: Optional[str] = None,
+              options: Optional[options_lib.SampleOptions] = None,
               return_trajectory: bool = False, decode: bool = True):
   """Samples images from a trained model; the whole trajectory is one jitted program.
 
-  Defaults come from `model.config.sampling`. The model pytree is a jit
-  argument (weights are never baked in as constants), so calls with the same
-  shapes and static options reuse the compiled program.
+  Every option is resolved once (`ddx.options.resolve`): a keyword argument
+  given here wins, then `options`, then the model's saved config
+  (`model.config.sampling`). The model pytree is a jit argument (weights are
+  never baked in as constants), so calls with the same shapes and static
+  options reuse the compiled program; eta, guidance_scale, churn, s_tmin,
+  s_tmax and s_noise are traced (a new value does not recompile).
 
   Args:
     model: what `ddx.load(workdir)` returns (or a `ddx.Model` you build).
     rng: PRNG key; same key and inputs -> the same images, bit for bit.
     steps: network evaluations (default config.sampling.steps).
-    num_samples: batch size N (default config.sampling.num_samples, or
-      len(labels), or x_T.shape[0]).
+    num_samples: batch size N (default len(labels), or x_T.shape[0], or
+      config.sampling.num_samples).
     sampler: one of the process's samplers (ddx.sampling.SAMPLERS_BY_PROCESS):
       ddpm: ddpm | ddim | dpm_solver_pp | euler | heun | stochastic;
       edm: euler | heun | stochastic | dpm_solver_pp; flow: euler | heun.
@@ -323,11 +332,14 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
     clip_x0: clip x̂_0 to [-1, 1] at each step.
     x_T: optional starting noise [N, H, W, C].
     ddpm_variance: posterior | beta, for the ddpm sampler.
-    spacing: uniform | trailing | quadratic | logsnr (README: Samplers);
-      default config.sampling.spacing ("auto": the sampler's own default).
-    churn: EDM S_churn of the stochastic sampler (s_tmin, s_tmax, s_noise
-      come from config.sampling).
+    spacing: auto | uniform | trailing | quadratic | logsnr (README:
+      Samplers); "auto" is the sampler's own default.
+    churn, s_tmin, s_tmax, s_noise: EDM S_churn, S_tmin, S_tmax, S_noise of
+      the stochastic sampler.
     sigma_index: nearest | interp, for a DDPM model on a σ-grid sampler.
+    options: a `ddx.options.SampleOptions` (e.g. `ddx.options.resolve(
+      model.config, cli_config)`) used instead of the model's config;
+      keyword arguments still override its fields.
     return_trajectory: also return every intermediate state (latents for a
       latent model).
     decode: a latent model's samples go through its autoencoder's decoder
@@ -338,34 +350,25 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
     a latent model with decode=False (or no autoencoder) the latents
     [N, h, w, c], unclipped.
   """
-  s = model.config.sampling
-  steps = s.steps if steps is None else steps
-  sampler = s.sampler if sampler is None else sampler
-  eta = s.eta if eta is None else eta
-  clip_x0 = s.clip_x0 if clip_x0 is None else clip_x0
-  ddpm_variance = s.ddpm_variance if ddpm_variance is None else ddpm_variance
-  spacing = s.get("spacing", "auto") if spacing is None else spacing
-  w = s.guidance_scale if guidance_scale is None else guidance_scale
-  churn = s.get("churn", 0.0) if churn is None else churn
-  sigma_index = s.get("sigma_index", "nearest") if sigma_index is None else sigma_index
   if num_samples is None:
     if labels is not None:
       num_samples = len(labels)
     elif x_T is not None:
       num_samples = x_T.shape[0]
-    else:
-      num_samples = s.num_samples
-  labels = resolve_labels(model, labels, num_samples)
+  given = dict(steps=steps, num_samples=num_samples, sampler=sampler, eta=eta,
+               guidance_scale=guidance_scale, clip_x0=clip_x0,
+               ddpm_variance=ddpm_variance, spacing=spacing, churn=churn, s_tmin=s_tmin,
+               s_tmax=s_tmax, s_noise=s_noise, sigma_index=sigma_index)
+  o = (options_lib.resolve(model.config) if options is None else options).override(**given)
+  labels = resolve_labels(model, labels, o.num_samples)
+  w = o.guidance_scale
   guided = labels is not None and float(w) != 1.0
   if guided:
     check_guidance(model, w)
-  return sample_jit(model, rng, labels, jnp.float32(w), jnp.float32(eta), x_T,
-                    jnp.float32(churn), num_samples=int(num_samples), steps=int(steps),
-                    sampler=sampler, clip_x0=bool(clip_x0), guided=guided,
-                    ddpm_variance=ddpm_variance,
-                    spacing=None if spacing == "auto" else spacing,
-                    sigma_index=sigma_index, return_trajectory=bool(return_trajectory),
-                    decode=bool(decode))
+  # Float knobs as float32 arrays: one program whatever their Python type.
+  traced = o.replace(**{k: jnp.float32(getattr(o, k)) for k in options_lib.FLOAT_FIELDS})
+  return sample_jit(model, rng, labels, x_T, traced, guided=guided,
+                    return_trajectory=bool(return_trajectory), decode=bool(decode))
 
 
 def load_autoencoder(config):

@@ -78,10 +78,9 @@ def test_sample_fn_compiles_once_per_static_signature():
 
 def test_weights_are_arguments_not_constants():
   """The compiled sampler takes every weight as an input, none baked in."""
-  lowered = model_lib.sample_jit.lower(
-      MODEL, jax.random.key(0), None, jnp.float32(1), jnp.float32(0), None,
-      num_samples=2, steps=3, sampler="ddim", clip_x0=True, guided=False,
-      ddpm_variance="posterior", spacing=None, return_trajectory=False)
+  options = ddx.options.resolve(MODEL.config, num_samples=2, steps=3, sampler="ddim")
+  lowered = model_lib.sample_jit.lower(MODEL, jax.random.key(0), None, None, options,
+                                       guided=False)
   text = lowered.as_text()
   main = next(l for l in text.splitlines() if "func.func public @main" in l)
   n_weights = len(jax.tree.leaves(MODEL.variables))

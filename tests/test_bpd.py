@@ -208,6 +208,25 @@ def test_evaluator_bpd_scores_held_out_digits_and_resumes(tmp_path, monkeypatch,
   assert calls["ode"] == 2
 
 
+@pytest.mark.slow
+def test_bpd_chunks_use_the_command_line_ddpm_variance():
+  """The VLB's reverse variance: the command line's over the run's saved one (the
+  chunk key recorded the command line's while the score used the saved one)."""
+  c = _bpd_config()
+  c.model.ch_mult, c.model.attn_resolutions = (1,), ()   # a quick compile
+  c.eval.bpd_estimator, c.eval.batch_size = "vlb", 2
+  model = random_model(c)   # saved: sampling.ddpm_variance = posterior
+  images, labels = eval_run.bpd_images(c)
+  images, labels = images[:2], labels[:2]
+  c.sampling.ddpm_variance = "beta"
+  got = eval_run.bpd_chunks(model, c, images, labels, progress=False)["vlb"]
+  _, rng = jax.random.split(jax.random.fold_in(jax.random.key(c.eval.seed), 0))
+  want = {v: bpd.vlb_bpd(model, images, rng, num_terms=3, variance=v)[0]
+          for v in ("beta", "posterior")}
+  np.testing.assert_allclose(got, want["beta"], rtol=1e-6)
+  assert not np.allclose(want["beta"], want["posterior"], rtol=1e-3)
+
+
 @pytest.mark.parametrize("process", ["edm", "flow"])
 def test_ode_bpd_of_edm_and_flow_models_and_no_vlb(process):
   c = _bpd_config(process)

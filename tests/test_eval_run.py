@@ -1,4 +1,5 @@
 """Evaluation runs: config checks, resumable sample chunks, reference stats, --mode eval."""
+import dataclasses
 import json
 import os
 import shutil
@@ -80,6 +81,32 @@ def test_sample_chunks_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch)
   calls.clear()
   retrained = eval_run.sample_chunks(random_model(c, seed=1), c, out, progress=False)
   assert len(calls) == 3 and not np.array_equal(retrained, other)
+
+
+def test_a_changed_option_never_reuses_an_eval_chunk(tmp_path, capsys):
+  """Issue 23: churn 40 after churn 0 was "reused from disk" (not in the chunk key)."""
+  c = load_config()
+  c.model.ch_mult, c.model.attn_resolutions = (1,), ()   # a quick compile
+  c.eval.num_samples = c.eval.batch_size = 2
+  c.eval.sampler, c.eval.steps = "stochastic", 2
+  model = random_model(c)   # its saved config has churn 0
+  out = str(tmp_path / "chunks")
+  first = eval_run.sample_chunks(model, c, out)
+  c.sampling.churn = 40.0   # on the command line
+  second = eval_run.sample_chunks(model, c, out)
+  third = eval_run.sample_chunks(model, c, out)
+  log = capsys.readouterr().out.splitlines()
+  assert [l.split("(")[1].split(")")[0] for l in log] == [
+      "chunk 1/1 sampled", "chunk 1/1 sampled", "chunk 1/1 reused from disk"]
+  assert not np.array_equal(first, second) and np.array_equal(second, third)
+  # Every option is in the key.
+  options = eval_run.eval_options(model, c)
+  key = eval_run._settings(options, c.eval, model)
+  for f in dataclasses.fields(options):
+    v = getattr(options, f.name)
+    other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: 2.0 if v == 1.0 else 1.0,
+             str: lambda v: v + "x"}[type(v)](v)
+    assert eval_run._settings(options.replace(**{f.name: other}), c.eval, model) != key
 
 
 @pytest.fixture(scope="module")
