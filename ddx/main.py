@@ -113,7 +113,6 @@ def _check_writable(workdir: str) -> None:
 
 def _sample(config, workdir):
   import io
-  import json
   import jax
   import numpy as np
   from etils import epath
@@ -121,18 +120,18 @@ def _sample(config, workdir):
   from ddx import evaluation
   from ddx import options as options_lib
   model = ddx.load(workdir)
-  s = config.sampling
   # Every sampling option from the command line config over the run's saved one.
   options = options_lib.resolve(model.config, config)
-  images = ddx.sample_fn(model, jax.random.key(config.training.seed + 1), options=options)
+  seed = config.training.seed + 1
+  images = ddx.sample_fn(model, jax.random.key(seed), options=options)
   u8 = ddx.to_uint8(images)
   if jax.process_index() != 0:   # every process sampled its share; one writes
     return
   out = epath.Path(workdir) / "samples"
   out.mkdir(parents=True, exist_ok=True)
-  npz = _new_file(out, f"sample_{s.sampler}_{s.steps}", ".npz")
+  npz = _new_file(out, f"sample_{options.sampler}_{options.steps}", ".npz")
   buf = io.BytesIO()
-  np.savez_compressed(buf, images=u8, sampling=json.dumps(s.to_dict(), sort_keys=True))
+  np.savez_compressed(buf, images=u8, sampling=options.to_json(), seed=seed)
   npz.write_bytes(buf.getvalue())
   png = npz.with_suffix(".png")
   evaluation.save_grid(u8, png)

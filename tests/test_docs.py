@@ -26,6 +26,12 @@ from testutils import ROOT, load_config
 
 # (page, text of the block's first line) -> the reason its skip marker gives.
 SKIPPED = {
+    ("docs/posthoc-ema.md", "python -m ddx.posthoc_ema --workdir runs/digits_ph --sigma_rel 0.08 --out runs/digits_ph_008"):
+        "tests/test_posthoc_ema.py runs this command on a tiny run and loads, samples and scores its output",
+    ("docs/speed.md", "python -m ddx.main --config configs/cifar10.py --workdir runs/c10 \\"):
+        "needs CIFAR-10 and a GPU",
+    ("docs/speed.md", "python benchmarks/op_profile.py --config cifar10 --set model.dtype=bfloat16 --batch 128"):
+        "benchmarks; tests/test_op_profile.py profiles a tiny config, gpu_speed.py --quick is its CPU smoke run",
     ("README.md", "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
                   "python -m ddx.main --config configs/digits.py --workdir runs/digits"):
         "installs ddx; its training command runs in README's Train, sample, evaluate block",
