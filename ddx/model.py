@@ -52,8 +52,10 @@ def mean_output(config, out: jnp.ndarray) -> jnp.ndarray:
 
 
 def network(config):
-  """The Flax network a run config names (config.model.name: unet | dit)."""
-  return models.build(config.model)
+  """The Flax network a run config names (config.model.name: unet | dit), with its
+  time embedding resolved for the run's process (config.time_embedding)."""
+  kind, scale = config_lib.time_embedding(config)
+  return models.build(config.model, time_embedding=kind, time_scale=scale)
 
 
 def init_variables(config, rng: jax.Array) -> dict:
