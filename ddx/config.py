@@ -37,8 +37,9 @@ TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models
 AUTO_TIME_EMBEDDING = {"ddpm": "positional", "edm": "positional", "flow": "positional"}
 # model.time_scale = "auto", by (process, embedding): the factor on the time input.
 # 1 is the sinusoidal table as DDPM, EDM and SD3 feed it. fourier on edm: EDM2's
-# 2π·N(0, 1) frequencies on ln(σ)/4. The sensitivity of each to ln σ (and why EDM
-# might want ~600 on positional): tests/test_time_embedding.py, BENCHMARKS.md.
+# 2π·N(0, 1) frequencies on ln(σ)/4. How fast each moves with ln σ (EDM's ln(σ)/4
+# needs x600 to match DDPM's index): tests/test_time_embedding.py; sample quality
+# of the alternatives: benchmarks/noise_conditioning.py.
 AUTO_TIME_SCALE = {("ddpm", "positional"): 1.0, ("edm", "positional"): 1.0,
                    ("flow", "positional"): 1.0, ("edm", "fourier"): 1.0}
 SIGMA_INDICES = ("nearest", "interp")      # sampling.sigma_index: a DDPM model on a σ grid
