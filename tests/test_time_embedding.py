@@ -93,21 +93,23 @@ def test_sensitivity_figure():
     flow = sensitivity(flow_law(), freqs)
     edm = sensitivity(edm_law(1.0), freqs)
     edm_new = sensitivity(edm_law(EDM_POSITIONAL_SCALE), freqs)
-    rows += [(name, "ddpm", "positional, index i", ddpm),
-             (name, "flow", "positional, 1000·t", flow),
-             (name, "edm", "positional, ln(σ)/4 (default)", edm),
-             (name, "edm", f"positional, ln(σ)/4 · {EDM_POSITIONAL_SCALE:g}", edm_new)]
+    k = len(freqs)
+    rows += [(name, "ddpm", "positional, index i", ddpm, k),
+             (name, "flow", "positional, 1000·t", flow, k),
+             (name, "edm", "positional, ln(σ)/4 (default)", edm, k),
+             (name, "edm", f"positional, ln(σ)/4 · {EDM_POSITIONAL_SCALE:g}", edm_new, k)]
     # Today's EDM input barely moves the embedding: ~1/500 of DDPM's.
     assert edm[0] < ddpm[0] / 300 and edm[1] <= max(2, len(freqs) // 10)
     assert ddpm[0] > 100 and flow[0] > 100
     # The scaled EDM input separates noise levels at least as well as DDPM's index.
     assert edm_new[0] >= ddpm[0] and edm_new[1] >= ddpm[1], (name, edm_new, ddpm)
   four = fourier_freqs(32)
-  rows.append(("U-Net ch=32", "edm", "fourier, ln(σ)/4 (EDM2)", sensitivity(edm_law(1.0), four)))
+  rows.append(("U-Net ch=32", "edm", "fourier, ln(σ)/4 (EDM2)",
+               sensitivity(edm_law(1.0), four), len(four)))
   print("\n| network | process | time input | ‖d emb / d ln σ‖ (mean) | frequencies "
         "turning ≥ 1 rad |\n|---|---|---|---|---|")
-  for name, process, what, (s, turns) in rows:
-    print(f"| {name} | {process} | {what} | {s:.2f} | {turns} |")
+  for name, process, what, (s, turns), k in rows:
+    print(f"| {name} | {process} | {what} | {s:.2f} | {turns}/{k} |")
 
 
 def test_the_networks_embeddings_are_the_transcribed_formulas():
