@@ -30,6 +30,35 @@ def steps_for(sampler: str, nfe: int) -> int:
   return (nfe + 1) // 2 if sampler in TWO_PER_STEP else nfe
 
 
+def cell_options(process: str, sampler: str, nfe: int) -> dict:
+  """sample_fn options of a table cell: `sampler` at (at most) nfe network
+  evaluations; the stochastic sampler with churn 10; a DDPM model on a σ grid
+  with the nearest index."""
+  kw = dict(sampler=sampler, steps=steps_for(sampler, nfe))
+  if sampler == "stochastic":
+    kw["churn"] = 10.0
+  if process == "ddpm" and sampler in TWO_PER_STEP + ("euler",):
+    kw["sigma_index"] = "nearest"
+  return kw
+
+
+def nfe_of(sampler: str, steps: int) -> int:
+  """Network evaluations of `steps` steps (Heun and stochastic: 2N - 1)."""
+  return 2 * steps - 1 if sampler in TWO_PER_STEP else steps
+
+
+def fd_row(model, metric, num_samples: int, label: str, **kw) -> dict:
+  """One cell: the digits FD of num_samples samples of `model` (key 0, eta 0)
+  drawn with sample_fn options kw, as a row {run, **kw, fd, seconds}."""
+  import jax
+  import ddx
+  t0 = time.perf_counter()
+  imgs = ddx.sample_fn(model, jax.random.key(0), num_samples=num_samples, eta=0.0, **kw)
+  fd = metric.score(ddx.to_uint8(imgs))["fd"]
+  return {"run": label, **kw, "fd": round(float(fd), 3),
+          "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("table", choices=("spacing", "nfe"))
@@ -38,7 +67,6 @@ def main():
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   parallel.split_cpu_into_devices(args.num_samples)
-  import jax
   import ddx
   from ddx import sampling
   from ddx.evaluation import DigitsMetric
@@ -46,12 +74,7 @@ def main():
   rows = []
 
   def score(model, label, **kw):
-    t0 = time.perf_counter()
-    imgs = ddx.sample_fn(model, jax.random.key(0), num_samples=args.num_samples,
-                         eta=0.0, **kw)
-    fd = metric.score(ddx.to_uint8(imgs))["fd"]
-    row = {"run": label, **kw, "fd": round(float(fd), 3),
-           "seconds": round(time.perf_counter() - t0, 1)}
+    row = fd_row(model, metric, args.num_samples, label, **kw)
     rows.append(row)
     print(row, flush=True)
     return row
@@ -70,13 +93,8 @@ def main():
         if sampler == "ddpm":
           continue                  # ancestral: many steps by design, not an ODE solver
         for nfe in NFES:
-          kw = dict(sampler=sampler, steps=steps_for(sampler, nfe))
-          if sampler == "stochastic":
-            kw["churn"] = 10.0
-          if model.config.diffusion.process == "ddpm" and sampler in TWO_PER_STEP + ("euler",):
-            kw["sigma_index"] = "nearest"
-          r = score(model, label, **kw)
-          r["nfe"] = (2 * r["steps"] - 1) if sampler in TWO_PER_STEP else r["steps"]
+          r = score(model, label, **cell_options(process, sampler, nfe))
+          r["nfe"] = nfe_of(sampler, r["steps"])
   print(f"\n{args.num_samples} samples per cell; classifier held-out accuracy "
         f"{metric.heldout_accuracy:.3f}\n")
   if args.table == "spacing":

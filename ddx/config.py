@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
@@ -32,6 +33,17 @@ FLOW_PREDICTIONS = ("v", "x0")             # diffusion.prediction for process = 
 MODELS = ("unet", "dit")                   # model.name (ddx.models.NAMES)
 ATTENTIONS = ("xla", "auto", "cudnn", "tpu_flash")   # model.attention (ddx.models.attention)
 REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
+TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models.layers)
+# model.time_embedding = "auto", by process: the embedding of the network's time
+# input (ddpm: the index i in [0, T); edm: c_noise = ln(σ)/4; flow: 1000·t).
+AUTO_TIME_EMBEDDING = {"ddpm": "positional", "edm": "positional", "flow": "positional"}
+# model.time_scale = "auto", by (process, embedding): the factor on the time input.
+# 1 is the sinusoidal table as DDPM, EDM and SD3 feed it. fourier on edm: EDM2's
+# 2π·N(0, 1) frequencies on ln(σ)/4. How fast each moves with ln σ (EDM's ln(σ)/4
+# needs x600 to match DDPM's index): tests/test_time_embedding.py; sample quality
+# of the alternatives: benchmarks/noise_conditioning.py.
+AUTO_TIME_SCALE = {("ddpm", "positional"): 1.0, ("edm", "positional"): 1.0,
+                   ("flow", "positional"): 1.0, ("edm", "fourier"): 1.0}
 SIGMA_INDICES = ("nearest", "interp")      # sampling.sigma_index: a DDPM model on a σ grid
 SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")   # ddx.sampling.SPACINGS
 DDPM_VARIANCES = ("posterior", "beta")     # sampling.ddpm_variance
@@ -87,6 +99,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6          # GroupNorm epsilon (DDPM 1e-6; diffusers' default 1e-5)
   m.attention = "xla"        # xla | auto (jax.nn.dot_product_attention picks) | cudnn (NVIDIA
                              # GPU) | tpu_flash (Pallas TPU kernel); the same function
+  # How the process's time input enters the network (U-Net and DiT): positional (the
+  # sinusoidal table) | fourier (fixed random 2π·N(0, 1) frequencies) | auto (the
+  # process's: AUTO_TIME_EMBEDDING); time_scale multiplies the time input first:
+  # a number > 0 | auto (AUTO_TIME_SCALE). Training saves the resolved values.
+  m.time_embedding = "auto"
+  m.time_scale = ml_collections.FieldReference("auto", field_type=object)
 
   # Latent diffusion (README: Latent diffusion): the diffusion model runs on the
   # latents of a KL autoencoder; data.image_size/channels stay the pixels'.
@@ -116,7 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
   f.beta_end = 0.02
   f.prediction = "eps"       # what the network predicts: ddpm eps | x0 | v; flow v | x0
   # edm (defaults: EDM's)
-  f.sigma_data = 0.5
+  # σ_d, the data's standard deviation: a number, or auto (measured from the training
+  # data when training starts, saved in config.json: ddx.data.value_std)
+  f.sigma_data = ml_collections.FieldReference(0.5, field_type=object)
   f.sigma_min = 0.002
   f.sigma_max = 80.0
   f.rho = 7.0
@@ -260,6 +280,7 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(m.attention in ATTENTIONS,
            f"model.attention={m.attention!r} is unknown; use one of {ATTENTIONS}")
   _check_process(config)
+  _check_time_embedding(config)
   _check_latent(config)
   _check_training(config, num_data_shards)
 
@@ -390,11 +411,17 @@ def _check_process(config) -> None:
   process = f.get("process", "ddpm")
   _require(process in PROCESSES,
            f"diffusion.process={process!r} is unknown; use one of {PROCESSES}")
+  sigma_data = f.get("sigma_data", 0.5)
+  _require(sigma_data == "auto" or (_is_number(sigma_data) and sigma_data > 0),
+           f"diffusion.sigma_data={sigma_data!r} must be a number > 0 (the data's standard "
+           "deviation) or auto (measured from the training data)")
   if process == "edm":
     from ddx import edm   # imports JAX: only validating an EDM run needs it
     try:
-      edm.EDM(**{k: f[k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho",
-                                    "p_mean", "p_std")}).check()
+      # "auto" becomes a number when training starts; check the other fields now.
+      edm.EDM(**{k: 0.5 if k == "sigma_data" and sigma_data == "auto" else f[k]
+                 for k in ("sigma_data", "sigma_min", "sigma_max", "rho",
+                           "p_mean", "p_std")}).check()
     except ValueError as e:
       raise ConfigError(str(e)) from None
     return
@@ -416,6 +443,47 @@ def _check_process(config) -> None:
              "0 < beta_start <= beta_end < 1")
   _require(f.prediction in PREDICTIONS,
            f"diffusion.prediction={f.prediction!r} is unknown; use one of {PREDICTIONS}")
+
+
+def _is_number(v) -> bool:
+  return (isinstance(v, (int, float)) and not isinstance(v, bool)
+          and math.isfinite(v))
+
+
+def _check_time_embedding(config) -> None:
+  """model.time_embedding and model.time_scale (after the process is checked)."""
+  m = config.model
+  kind, scale = m.get("time_embedding", "auto"), m.get("time_scale", "auto")
+  _require(kind == "auto" or kind in TIME_EMBEDDINGS,
+           f"model.time_embedding={kind!r} is unknown; use auto or one of {TIME_EMBEDDINGS}")
+  _require(scale == "auto" or (_is_number(scale) and scale > 0),
+           f"model.time_scale={scale!r} must be a number > 0 (it multiplies the network's "
+           "time input) or auto")
+  process = config.diffusion.get("process", "ddpm")
+  kind = AUTO_TIME_EMBEDDING[process] if kind == "auto" else kind
+  _require(scale != "auto" or (process, kind) in AUTO_TIME_SCALE,
+           f"model.time_embedding={kind} has no automatic scale for diffusion.process="
+           f"{process}; set --config.model.time_scale=S (the time input is multiplied by S)")
+
+
+def time_embedding(config) -> tuple[str, float]:
+  """(kind, scale) of the network's time embedding, "auto" resolved for the process.
+
+  Args:
+    config: a run config (validated); missing keys count as "auto".
+  Returns:
+    kind in TIME_EMBEDDINGS and the float factor on the network's time input.
+  """
+  m = config.model
+  process = config.diffusion.get("process", "ddpm")
+  kind, scale = m.get("time_embedding", "auto"), m.get("time_scale", "auto")
+  kind = AUTO_TIME_EMBEDDING[process] if kind == "auto" else kind
+  if scale == "auto":
+    if (process, kind) not in AUTO_TIME_SCALE:
+      raise ConfigError(f"model.time_embedding={kind} has no automatic scale for "
+                        f"diffusion.process={process}; set --config.model.time_scale=S")
+    scale = AUTO_TIME_SCALE[(process, kind)]
+  return kind, float(scale)
 
 
 def _check_training(config, num_data_shards: int) -> None:
@@ -679,15 +747,21 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fix(d))
 
 
+# Keys whose default ("auto") may one day resolve to something else than what a
+# ddx without the key did: a saved config that lacks them gets that old behaviour.
+_BEFORE_KEY = {"model": {"time_embedding": "positional", "time_scale": 1.0}}
+
+
 def with_defaults(d: dict) -> ml_collections.ConfigDict:
   """A saved config dict (config.json, a checkpoint's config) with today's
-  defaults filled in for keys that the ddx which wrote it did not have."""
+  defaults filled in for keys that the ddx which wrote it did not have (and,
+  for the keys of `_BEFORE_KEY`, what that ddx did)."""
   def merge(base, new):
     out = dict(base)
     for k, v in new.items():
       out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
-  return from_dict(merge(to_dict(base_config()), d))
+  return from_dict(merge(to_dict(base_config()), merge(_BEFORE_KEY, d)))
 
 
 def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:

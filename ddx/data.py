@@ -629,11 +629,16 @@ class FlipRows(grain.transforms.Map):
     return element
 
 
+def to_float(images: np.ndarray) -> np.ndarray:
+  """uint8 images -> the float32 values in [-1, 1] that training sees (u8 / 127.5 - 1)."""
+  return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
 class ToFloat(grain.transforms.Map):
   """uint8 images -> float32 in [-1, 1] (u8 / 127.5 - 1); keeps what the model uses."""
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    images = element["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    images = to_float(element["image"])
     return {"step": element["step"], "image": images, "label": element["label"],
             "skipped": element["skipped"]}
 
@@ -685,6 +690,75 @@ def get_batch(source: Source, step: int, *, batch_size: int, seed: int, random_f
     element = transform.map(element)
   _warn_skipped(element["skipped"])
   return {"image": element["image"], "label": element["label"]}
+
+
+# diffusion.sigma_data = "auto" (`value_std`): datasets of at most this many
+# images are measured whole, larger ones on a fixed seeded choice of this many.
+STD_MAX_IMAGES = 10_000
+# The choice's seed is fixed, not the run's: runs that differ only in
+# training.seed measure the same σ_data.
+_STD_SEED = 0
+_STD_CHUNK = 1000   # images read at a time
+
+
+def value_std(source: Source, max_images: int = STD_MAX_IMAGES) -> float:
+  """The standard deviation of the values the model trains on: σ_data.
+
+  Pooled over every pixel and channel (one number, as EDM's σ_data), about
+  their mean, accumulated in float64. Pixels are the [-1, 1] floats training
+  sees (`to_float`); flips do not change them. A source with
+  `value_moments(index) -> (mean, var)`, each float64 [k, ...] (the latent
+  cache: what training draws for each row is mean + sqrt(var)·ε), gives the
+  pooled variance mean(var) + Var(mean). Unreadable images are left out.
+  Deterministic: all images when len(source) <= max_images, else the
+  max_images of a permutation seeded with _STD_SEED.
+
+  Args:
+    source: the training source.
+    max_images: the most images read.
+
+  Returns:
+    σ_data > 0 as a Python float.
+  """
+  n = len(source)
+  index = np.arange(n)
+  if n > max_images:
+    rng = np.random.default_rng(_STD_SEED)
+    index = np.sort(rng.permutation(n)[:max_images])
+  moments = getattr(source, "value_moments", None)
+  total = np.zeros(3)   # count, sum, sum of squares (+ the within-row variance)
+  for start in range(0, len(index), _STD_CHUNK):
+    rows = index[start:start + _STD_CHUNK]
+    if moments is not None:
+      mean, var = moments(rows)
+    else:
+      mean = to_float(_read_rows(source, rows)).astype(np.float64)
+      var = 0.0
+    total += (mean.size, mean.sum(), np.square(mean).sum() + np.sum(var))
+  count, s1, s2 = total
+  if count == 0:
+    raise DataError("no readable image to measure diffusion.sigma_data=auto on; set "
+                    "--config.diffusion.sigma_data to a number")
+  std = float(np.sqrt(max(s2 / count - (s1 / count) ** 2, 0.0)))
+  if not std > 0:
+    raise DataError("the training data are constant (standard deviation 0), so "
+                    "diffusion.sigma_data=auto cannot be used; set a number")
+  return std
+
+
+def _read_rows(source: Source, rows: np.ndarray) -> np.ndarray:
+  """uint8 [k, H, W, C] of the readable images among `rows`."""
+  read_batch = getattr(source, "read_batch", None)
+  if read_batch is not None:
+    return read_batch(rows)[0]
+  images = []
+  for i in rows:
+    try:
+      images.append(source[int(i)][0])
+    except UnreadableImageError:
+      continue
+  return (np.stack(images) if images
+          else np.zeros((0,) + tuple(source.image_shape), np.uint8))
 
 
 def available_cores() -> int:

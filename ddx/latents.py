@@ -362,6 +362,20 @@ class LatentSource:
   def read_transforms(self, seed: int) -> list[grain.transforms.Map]:
     return [ReadLatents(self, seed)]
 
+  def value_moments(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The law of the scaled latent training draws for rows `index` (for
+    `ddx.data.value_std`): (mean, variance) float64 [k·V, h, w, c], V = 2
+    (both mirror variants) with random_flip, else 1; the variance is the
+    posterior's (std·scale)², or 0 without sample_posterior."""
+    scale = np.float64(self.meta["scaling_factor"])
+    means, variances = [], []
+    for flip in ([False, True] if self.random_flip else [False]):
+      m, _ = self.moments(np.asarray(index), np.full(len(index), flip))
+      means.append((m[:, 0].astype(np.float64) - self.meta["shift_factor"]) * scale)
+      variances.append(np.square(m[:, 1].astype(np.float64) * scale)
+                       * float(self.sample_posterior))
+    return np.concatenate(means), np.concatenate(variances)
+
 
 class _RemoteRows:
   """Rows of a remote .npy file, each read with one seek + read (no full download)."""

@@ -53,7 +53,8 @@ def mean_output(config, out: jnp.ndarray) -> jnp.ndarray:
 
 
 def network(config):
-  """The Flax network a run config names (config.model.name: unet | dit).
+  """The Flax network a run config names (config.model.name: unet | dit), with its
+  time embedding resolved for the run's process (config.time_embedding).
 
   Raises ConfigError, before anything is traced, when model.attention needs
   a backend this process does not have (cudnn without a GPU, ...).
@@ -64,7 +65,8 @@ def network(config):
     raise config_lib.ConfigError(
         f"model.attention={attention!r}: {why}; use --config.model.attention=xla "
         "(or auto)")
-  return models.build(config.model)
+  kind, scale = config_lib.time_embedding(config)
+  return models.build(config.model, time_embedding=kind, time_scale=scale)
 
 
 def init_variables(config, rng: jax.Array) -> dict:

@@ -292,6 +292,43 @@ def _write_config(workdir: str, config) -> None:
   tmp.replace(path)
 
 
+def resolve_auto(config, workdir: str, source) -> ml_collections.ConfigDict:
+  """The run config with its "auto" values made numbers, as config.json records them.
+
+  diffusion.sigma_data = auto is measured on the training source
+  (`ddx.data.value_std`); model.time_embedding and time_scale = auto become the
+  process's (`ddx.config.time_embedding`). A value that the workdir's
+  config.json already holds is kept instead, so a resumed run (and
+  `ddx.load`) sees the numbers the run started with.
+
+  Args:
+    config: the validated run config (not changed).
+    workdir: the run's directory; its config.json may not exist yet.
+    source: the training source (`ddx.latents.run_source`).
+  Returns:
+    a new ConfigDict without "auto" in those keys.
+  """
+  d = config_lib.to_dict(config)
+  path = epath.Path(workdir) / "config.json"
+  saved = (config_lib.to_dict(config_lib.with_defaults(json.loads(path.read_text())))
+           if path.exists() else None)
+
+  def pick(group: str, key: str, fresh: Callable[[], Any]) -> None:
+    if d[group].get(key, "auto") != "auto":
+      return
+    old = saved[group][key] if saved is not None else "auto"
+    d[group][key] = old if old != "auto" else fresh()
+
+  pick("diffusion", "sigma_data", lambda: data_lib.value_std(source))
+  pick("model", "time_embedding",
+       lambda: config_lib.time_embedding(config_lib.from_dict(d))[0])
+  pick("model", "time_scale", lambda: config_lib.time_embedding(config_lib.from_dict(d))[1])
+  if config.diffusion.get("sigma_data") == "auto":
+    logging.info("diffusion.sigma_data=auto: %.6f (written to config.json)",
+                 d["diffusion"]["sigma_data"])
+  return config_lib.from_dict(d)
+
+
 class TrainSetup(NamedTuple):
   """Everything compiled or derived once for a config on a mesh (see `make_setup`)."""
   mesh: Any
@@ -456,6 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"model.num_classes={config.model.num_classes} is smaller than the dataset's "
         f"{source.num_classes} classes; set --config.model.num_classes={source.num_classes}")
   is_main = jax.process_index() == 0
+  config = resolve_auto(config, workdir, source)   # config.json keeps the numbers
   setup = make_setup(config, mesh)
   if ckpt_lib.has_checkpoints(workdir):   # nothing is written before these checks
     _check_resume(ckpt_lib.Checkpointer(workdir, read_only=True), workdir, config,

@@ -289,3 +289,17 @@ def test_encode_cli_two_processes_write_the_same_cache(cache, tmp_path):
     np.testing.assert_allclose(np.load(out / f"shard_{k:06d}.npy"),
                                np.load(os.path.join(config.data.path, f"shard_{k:06d}.npy")),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_sigma_data_auto_of_a_latent_cache_is_the_std_of_its_training_draws(cache):
+  """value_std from the cache's moments (no sampling) against the std of the
+  batches training draws (posterior samples of both mirror variants)."""
+  _, _, config, _ = cache
+  src = latents.run_source(config)
+  got = data_lib.value_std(src)
+  draws = np.concatenate([data_lib.get_batch(src, step, batch_size=128, seed=0,
+                                             random_flip=True)["image"]
+                          for step in range(40)])
+  assert got == pytest.approx(float(np.std(draws.astype(np.float64))), rel=0.01)
+  mean_src = latents.LatentSource(config.data.path, random_flip=True, sample_posterior=False)
+  assert data_lib.value_std(mean_src) < got

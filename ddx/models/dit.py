@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx.models import attention as attention_lib
-from ddx.models.layers import rematerialised
+from ddx.models.layers import (TIME_EMBEDDINGS, fourier_embedding, rematerialised,
+                               scaled_time)
 
 # (hidden_size, depth, num_heads) of the paper's Table 1 models.
 PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
@@ -309,19 +310,28 @@ class DiTBlock(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-  """sinusoidal(t, 256) -> Dense(D) -> SiLU -> Dense(D).
+  """embedding(t · scale, 256) -> Dense(D) -> SiLU -> Dense(D).
 
   Attributes:
     hidden_size: D.
     dtype: computation dtype.
+    kind: "positional" (DiT's sinusoidal table) or "fourier" (fixed random
+      frequencies, ddx.models.layers.fourier_embedding).
+    scale: factor on t before the embedding (1 = DiT's).
   """
   hidden_size: int
   dtype: Any = jnp.float32
+  kind: str = "positional"
+  scale: float = 1.0
 
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
     """Args: t: [B] numeric. Returns: [B, D] in `dtype`."""
-    h = timestep_embedding(t)
+    t = scaled_time(t, self.scale)
+    if self.kind == "fourier":
+      h = fourier_embedding(t, FREQUENCY_EMBEDDING_SIZE)
+    else:
+      h = timestep_embedding(t)
     h = _dense(self.hidden_size, self.dtype, "mlp_0", _normal_002)(h)
     return _dense(self.hidden_size, self.dtype, "mlp_2", _normal_002)(nn.silu(h))
 
@@ -360,6 +370,8 @@ class DiT(nn.Module):
     mlp_ratio: MLP hidden width / D.
     num_classes: classes for label conditioning; 0 = unconditional.
     learn_sigma: also output C variance channels (after the C mean channels).
+    time_embedding: "positional" (DiT's) or "fourier" (see TimestepEmbedder).
+    time_scale: factor on `t` before the time embedding (1 = DiT's).
     dtype: computation dtype, "float32" or "bfloat16" (a string, as in the
       config, or a jnp dtype); parameters stay float32.
     attention: attention implementation, "xla" | "auto" | "cudnn" |
@@ -375,6 +387,8 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   num_classes: int = 0
   learn_sigma: bool = False
+  time_embedding: str = "positional"
+  time_scale: float = 1.0
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: str = "none"
@@ -400,6 +414,9 @@ class DiT(nn.Module):
       raise ValueError(
           f"model.hidden_size={self.hidden_size} must be a multiple of 4 "
           f"(the 2-D sin-cos position embedding)")
+    if self.time_embedding not in TIME_EMBEDDINGS:
+      raise ValueError(f"time_embedding={self.time_embedding!r} is unknown; use one "
+                       f"of {TIME_EMBEDDINGS}")
     if labels is not None and self.num_classes <= 0:
       raise ValueError("labels were given but the DiT has num_classes=0")
 
@@ -434,7 +451,8 @@ class DiT(nn.Module):
     pos = sincos_pos_embed_2d(d, hgt // p, wid // p)   # a constant
     tokens = tokens.reshape(b, -1, d).astype(jnp.float32) + pos[None]
 
-    c = TimestepEmbedder(d, dt, name="t_embedder")(t)
+    c = TimestepEmbedder(d, dt, self.time_embedding, self.time_scale,
+                         name="t_embedder")(t)
     if self.num_classes > 0:
       if labels is None:
         labels = jnp.full((b,), self.num_classes, dtype=jnp.int32)

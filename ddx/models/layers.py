@@ -24,6 +24,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddx.models import attention as attention_lib
 
@@ -72,6 +73,58 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool = False,
   emb = t.astype(jnp.float32)[:, None] * freqs[None, :]
   parts = [jnp.sin(emb), jnp.cos(emb)]
   emb = jnp.concatenate(parts[::-1] if flip_sin_to_cos else parts, axis=-1)
+  if dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+# How a network embeds its time input (the `time_embedding` field of UNet and DiT).
+TIME_EMBEDDINGS = ("positional", "fourier")
+
+# The Fourier features' frequencies are drawn once from this seed: the same in
+# every network, run and machine (NumPy's PCG64 stream), so they need no saving.
+_FOURIER_SEED = 0
+
+
+def scaled_time(t: jax.Array, scale: float) -> jax.Array:
+  """The network's time input times `scale` (its `time_scale`), as float32.
+
+  Args:
+    t: [B] any numeric dtype.
+    scale: a Python float; 1 returns t as float32 with no multiply, so the
+      embedding is bit for bit the unscaled one.
+
+  Returns:
+    [B] float32.
+  """
+  t = t.astype(jnp.float32)
+  return t if scale == 1 else t * jnp.float32(scale)
+
+
+def fourier_embedding(t: jax.Array, dim: int) -> jax.Array:
+  """Random Fourier features of the time with fixed frequencies (NCSN++, EDM2).
+
+  Frequencies f_k ~ N(0, 1), k < dim // 2, are the first draws of NumPy's
+  default_rng(_FOURIER_SEED); their spread is set by scaling t (`scaled_time`):
+  t·s with f ~ N(0, 1) is NCSN++'s Gaussian projection of scale s.
+
+  Args:
+    t: [B] (any numeric dtype; used as float32).
+    dim: embedding size, at least 2.
+
+  Returns:
+    [B, dim] float32: concat([sin(2π f t), cos(2π f t)]), plus a zero column
+    if `dim` is odd.
+  """
+  if t.ndim != 1:
+    raise ValueError(f"fourier_embedding expects t of shape [B], got {t.shape}")
+  half = dim // 2
+  if half < 1:
+    raise ValueError(f"fourier_embedding needs dim >= 2, got {dim}")
+  freqs = np.random.default_rng(_FOURIER_SEED).standard_normal(half)
+  freqs = jnp.asarray(2 * np.pi * freqs, jnp.float32)
+  emb = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
   if dim % 2 == 1:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb

@@ -35,9 +35,10 @@ the output is cast back to float32, so the loss is float32.
 
 Resolutions of the levels are H, H/2, ..., H / 2**(L-1).
 
-Timestep convention: `t` is the array index i in [0, T) of the diffusion step
-(not i + 1, not a continuous time in [0, 1]); it is fed as float to the
-sinusoidal embedding. Label convention: classes are 0 .. num_classes - 1, and
+Timestep convention: `t` is the process's time input: for DDPM the array
+index i in [0, T) of the diffusion step (not i + 1, not a continuous time in
+[0, 1]), for EDM c_noise = ln(σ)/4, for flow 1000·t. It is multiplied by
+time_scale and fed as float to the time embedding. Label convention: classes are 0 .. num_classes - 1, and
 the extra index `num_classes` is the "null" label used for classifier-free
 guidance; `labels=None` means every example gets the null label.
 """
@@ -50,8 +51,9 @@ import jax
 import jax.numpy as jnp
 
 from ddx.models.layers import (DOWNSAMPLE_PADDINGS, GN_EPSILON, NORMS,
-                               AttnBlock, Downsample, ResBlock, Upsample,
-                               default_init, norm_layer, rematerialised,
+                               TIME_EMBEDDINGS, AttnBlock, Downsample,
+                               ResBlock, Upsample, default_init,
+                               fourier_embedding, norm_layer, rematerialised, scaled_time,
                                timestep_embedding, zero_init)
 
 
@@ -81,6 +83,9 @@ class UNet(nn.Module):
       [sin, cos].
     freq_shift: time-embedding frequencies 10000^(-k / (ch/2 - freq_shift)),
       k = 0 .. ch/2 - 1; DDPM's 1 ends exactly at 1/10000.
+    time_embedding: "positional" (the sinusoidal table above, DDPM) or
+      "fourier" (fixed random frequencies, layers.fourier_embedding).
+    time_scale: factor on `t` before the embedding (1 = DDPM's).
     downsample_padding: "bottom_right" (DDPM, TensorFlow's SAME) or
       "symmetric" (PyTorch's padding=1) for the stride-2 downsampling conv.
     attn_head_dim: channels per attention head; 0 = one head over all
@@ -104,6 +109,8 @@ class UNet(nn.Module):
   norm: str = "group"
   flip_sin_to_cos: bool = False
   freq_shift: int = 1
+  time_embedding: str = "positional"
+  time_scale: float = 1.0
   downsample_padding: str = "bottom_right"
   attn_head_dim: int = 0
   norm_eps: float = GN_EPSILON
@@ -135,6 +142,9 @@ class UNet(nn.Module):
         raise ValueError(
             f"channel count {c} (ch={self.ch}, ch_mult={tuple(self.ch_mult)}) "
             f"is not divisible by num_groups={self.num_groups}")
+    if self.time_embedding not in TIME_EMBEDDINGS:
+      raise ValueError(f"time_embedding={self.time_embedding!r} is unknown; use one "
+                       f"of {TIME_EMBEDDINGS}")
     if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
       raise ValueError(f"downsample_padding={self.downsample_padding!r} is "
                        f"unknown; use one of {DOWNSAMPLE_PADDINGS}")
@@ -157,7 +167,8 @@ class UNet(nn.Module):
 
     Args:
       x: [B, H, W, C] float32 noisy images.
-      t: [B] int32 diffusion step index i in [0, T).
+      t: [B] the time input (DDPM: int32 step index i in [0, T); any numeric
+        dtype, used as float32).
       labels: [B] int32 class labels in [0, num_classes] (num_classes = null),
         or None (all null). Only allowed when num_classes > 0.
       train: enables dropout; then apply needs rngs={'dropout': key} if
@@ -174,8 +185,12 @@ class UNet(nn.Module):
     dt = jnp.dtype(self.dtype)   # the config gives a string
 
     # Time (and label) embedding, shared by every ResBlock.
-    temb = timestep_embedding(t, self.ch, self.flip_sin_to_cos,
-                              self.freq_shift)
+    t = scaled_time(t, self.time_scale)
+    if self.time_embedding == "fourier":
+      temb = fourier_embedding(t, self.ch)
+    else:
+      temb = timestep_embedding(t, self.ch, self.flip_sin_to_cos,
+                                self.freq_shift)
     temb = nn.Dense(4 * self.ch, dtype=dt, kernel_init=default_init,
                     name="temb_dense0")(temb)
     temb = nn.Dense(4 * self.ch, dtype=dt, kernel_init=default_init,

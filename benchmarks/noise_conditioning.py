@@ -1,0 +1,158 @@
+"""Noise conditioning on the digits: the time embedding's input scale and σ_data.
+
+  python benchmarks/noise_conditioning.py --seeds 0,1,2 \
+      --out benchmarks/noise_conditioning.json
+  python benchmarks/noise_conditioning.py --quick     # smoke run (4 steps, 3 settings)
+
+Trains configs/digits_edm.py once per setting and seed: every
+--embeddings entry (model.time_embedding:time_scale; positional:1 is what EDM
+feeds today, ln(σ)/4 into the sinusoidal table; positional:600 moves that
+table per unit ln σ as fast as DDPM's index does, tests/test_time_embedding.py;
+fourier:1 is EDM2's Fourier features) crossed with every --sigma_data entry
+(0.5, EDM's CIFAR-10 value, or auto: measured from the digits, ~0.75), plus
+configs/digits.py as the DDPM baseline. The runs live in --root/<setting>/
+seed<k> (a finished run is not trained again). Each run is scored with the
+digits FD (ddx.evaluation.DigitsMetric, lower is better) at 10, 20 and 35
+network evaluations with each --samplers entry (benchmarks/fd_nfe.py's
+cells). Prints mean ± std over seeds per setting and NFE as Markdown and
+writes every row to --out.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fd_nfe  # noqa: E402  (the FD cells: steps per NFE, sampler options, scoring)
+
+from ddx import parallel  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NFES = (10, 20, 35)
+
+
+def settings(embeddings: str, sigma_datas: str) -> list[dict]:
+  """The runs to compare: the DDPM baseline, then EDM per (embedding, σ_data).
+
+  Returns:
+    [{"name", "config" (a file in configs/), "overrides" {group.key: value}}];
+    explicit values (never "auto" for the embedding), so a row keeps its
+    meaning if a default changes.
+  """
+  out = [{"name": "ddpm", "config": "digits.py", "overrides": {}}]
+  for emb in embeddings.split(","):
+    kind, _, scale = emb.partition(":")
+    for sd in sigma_datas.split(","):
+      sd = sd if sd == "auto" else float(sd)
+      out.append({"name": f"edm {kind}x{float(scale):g} sigma_data={sd}",
+                  "config": "digits_edm.py",
+                  "overrides": {"model.time_embedding": kind,
+                                "model.time_scale": float(scale),
+                                "diffusion.sigma_data": sd}})
+  return out
+
+
+def run_config(setting: dict, seed: int, quick: bool):
+  """The run config of a setting and seed (no in-loop evaluation or grids)."""
+  from ddx import config as config_lib
+  c = config_lib.from_file(os.path.join(ROOT, "configs", setting["config"]))
+  for key, value in setting["overrides"].items():
+    group, field = key.split(".")
+    c[group][field] = value
+  c.training.seed = seed
+  c.eval.every_steps = 0
+  c.training.sample_every = 0
+  if quick:
+    c.training.num_steps = 4
+    c.training.log_every = 2
+    c.optim.warmup_steps = 2
+  c.training.checkpoint_every = c.training.num_steps
+  return c
+
+
+def _slug(name: str) -> str:
+  return "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in name)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--embeddings", default="positional:1,positional:600,fourier:1",
+                  help="EDM time embeddings, kind:time_scale, comma-separated")
+  ap.add_argument("--sigma_data", default="0.5,auto",
+                  help="EDM diffusion.sigma_data values (numbers or auto)")
+  ap.add_argument("--samplers", default="dpm_solver_pp,heun")
+  ap.add_argument("--num_samples", type=int, default=500)
+  ap.add_argument("--root", default=os.path.join("runs", "noise_conditioning"))
+  ap.add_argument("--out", default="")
+  ap.add_argument("--quick", action="store_true",
+                  help="smoke run: 4 training steps, seed 0, three settings, 100 "
+                  "samples, 10 NFE")
+  args = ap.parse_args()
+  seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+  nfes = NFES[:1] if args.quick else NFES
+  num_samples = 100 if args.quick else args.num_samples
+  batch = run_config(settings("positional:1", "0.5")[0], 0, args.quick).training.batch_size
+  parallel.split_cpu_into_devices(math.gcd(batch, num_samples))
+  import jax
+  import ddx
+  from ddx import train
+  from ddx.evaluation import DigitsMetric
+  metric = DigitsMetric()
+  rows = []
+  start = time.perf_counter()
+
+  def save():
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+                   "devices": [d.device_kind for d in jax.devices()],
+                   "num_samples": num_samples, "quick": args.quick, "rows": rows},
+                  f, indent=1)
+
+  todo = settings(args.embeddings, args.sigma_data)
+  if args.quick:    # the baseline, and the first and last EDM settings
+    todo = todo[:2] + todo[-1:]
+  for setting in todo:
+    for seed in seeds:
+      workdir = os.path.join(args.root, _slug(setting["name"]), f"seed{seed}")
+      if args.quick:
+        workdir += "_quick"
+      config = run_config(setting, seed, args.quick)
+      t0 = time.perf_counter()
+      train.train_and_evaluate(config, workdir)
+      train_s = time.perf_counter() - t0
+      model = ddx.load(workdir)
+      process = model.config.diffusion.process
+      for sampler in args.samplers.split(","):
+        for nfe in nfes:
+          row = fd_nfe.fd_row(model, metric, num_samples, setting["name"],
+                              **fd_nfe.cell_options(process, sampler, nfe))
+          row.update(seed=seed, nfe=fd_nfe.nfe_of(sampler, row["steps"]),
+                     sigma_data=model.config.diffusion.sigma_data,
+                     train_seconds=round(train_s, 1))
+          rows.append(row)
+          print(f"[{time.perf_counter() - start:7.1f} s] {json.dumps(row)}", flush=True)
+          save()
+
+  print(f"\nFD of {num_samples} samples (digits metric), mean ± std over seeds "
+        f"{seeds}\n")
+  print("| setting | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+  print("|---|---|" + "---|" * len(nfes))
+  for key in dict.fromkeys((r["run"], r["sampler"]) for r in rows):
+    cells = []
+    for nfe in dict.fromkeys(r["nfe"] for r in rows if (r["run"], r["sampler"]) == key):
+      fds = [r["fd"] for r in rows if (r["run"], r["sampler"], r["nfe"]) == key + (nfe,)]
+      sd = statistics.stdev(fds) if len(fds) > 1 else 0.0
+      cells.append(f"{statistics.mean(fds):.2f} ± {sd:.2f} ({nfe})")
+    print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+  if args.out:
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
