@@ -88,7 +88,9 @@ def test_a_changed_option_never_reuses_an_eval_chunk(tmp_path, capsys):
   c = load_config()
   c.model.ch_mult, c.model.attn_resolutions = (1,), ()   # a quick compile
   c.eval.num_samples = c.eval.batch_size = 2
-  c.eval.sampler, c.eval.steps = "stochastic", 2
+  # 3 steps: with 2 the churned σ̂ of both steps rounds back to the schedule's
+  # σ (σ_max caps the first, the second rounds down to σ_min), so churn changes nothing.
+  c.eval.sampler, c.eval.steps = "stochastic", 3
   model = random_model(c)   # its saved config has churn 0
   out = str(tmp_path / "chunks")
   first = eval_run.sample_chunks(model, c, out)
