@@ -2,7 +2,7 @@
 
 A process is two modules and one line in `REGISTRY` below:
 
-  <name>_config.py   a `Spec` (ddx.processes.spec), plain Python: the
+  <name>_config.py   a `Spec` (ddx.processes.base), plain Python: the
                      diffusion.* keys it owns with their defaults and range
                      checks, its predictions and samplers and their defaults.
                      `ddx.config` validates through it, so checking a config
@@ -28,7 +28,7 @@ import importlib
 from typing import Any, Callable, Optional, Protocol
 
 from ddx.processes import ddpm_config, edm_config, flow_config
-from ddx.processes.spec import AUTO, Field, Spec
+from ddx.processes.base import AUTO, Field, Spec
 
 # diffusion.process -> its Spec. A new process: one entry here.
 REGISTRY: dict[str, Spec] = {

@@ -16,7 +16,7 @@ from ddx import diffusion
 from ddx import schedules
 from ddx.processes import ddpm_config
 from ddx.processes import edm as edm_process
-from ddx.processes.spec import AUTO
+from ddx.processes.base import AUTO
 from ddx.sampling import discrete
 from ddx.sampling import sigma as sigma_lib
 from ddx.schedules import Schedule

@@ -6,7 +6,7 @@ their lists, which tests/test_config.py compares with these.
 """
 from __future__ import annotations
 
-from ddx.processes import spec as spec_lib
+from ddx.processes import base
 
 PREDICTIONS = ("eps", "x0", "v")          # diffusion.prediction (ddx.diffusion)
 SCHEDULES = ("linear", "cosine")          # diffusion.schedule (ddx.schedules)
@@ -17,14 +17,14 @@ DDPM_VARIANCES = ("posterior", "beta")    # sampling.ddpm_variance
 SIGMA_INDICES = ("nearest", "interp")     # sampling.sigma_index: a DDPM model on a σ grid
 
 
-class DDPMSpec(spec_lib.Spec):
+class DDPMSpec(base.Spec):
   """Discrete-time DDPM (Ho et al. 2020) over a `ddx.schedules.Schedule`."""
   name = "ddpm"
   fields = (
-      spec_lib.Field("schedule", "linear", "linear | cosine"),
-      spec_lib.Field("num_timesteps", 1000, "T, the number of diffusion steps"),
-      spec_lib.Field("beta_start", 1e-4, "linear schedule only: β_1"),
-      spec_lib.Field("beta_end", 0.02, "linear schedule only: β_T"),
+      base.Field("schedule", "linear", "linear | cosine"),
+      base.Field("num_timesteps", 1000, "T, the number of diffusion steps"),
+      base.Field("beta_start", 1e-4, "linear schedule only: β_1"),
+      base.Field("beta_end", 0.02, "linear schedule only: β_T"),
   )
   predictions = PREDICTIONS
   default_prediction = "eps"
@@ -35,11 +35,11 @@ class DDPMSpec(spec_lib.Spec):
   implementation = "ddx.processes.ddpm:DDPMProcess"
 
   def check(self, f) -> None:
-    spec_lib.one_of(f, "schedule", SCHEDULES)
+    base.one_of(f, "schedule", SCHEDULES)
     t = f["num_timesteps"]
     if isinstance(t, bool) or not isinstance(t, int) or t < 1:
       raise ValueError(f"diffusion.num_timesteps={t!r} must be a positive integer")
-    spec_lib.finite(f, "beta_start", "beta_end")
+    base.finite(f, "beta_start", "beta_end")
     if not 0 < f["beta_start"] <= f["beta_end"] < 1:
       raise ValueError(f"diffusion.beta_start={f['beta_start']}, beta_end={f['beta_end']}: "
                        "need 0 < beta_start <= beta_end < 1")

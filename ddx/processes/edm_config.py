@@ -1,22 +1,22 @@
 """The EDM process's config half (no JAX): its keys, checks, samplers and defaults."""
 from __future__ import annotations
 
-from ddx.processes import spec as spec_lib
+from ddx.processes import base
 
 SAMPLERS = ("euler", "heun", "stochastic", "dpm_solver_pp")   # ddx.sampling.sigma.SAMPLERS
 
 
-class EDMSpec(spec_lib.Spec):
+class EDMSpec(base.Spec):
   """EDM (Karras et al. 2022): x = y + σn with EDM's preconditioning; defaults
   are the paper's (Table 1, Sec. 5)."""
   name = "edm"
   fields = (
-      spec_lib.Field("sigma_data", 0.5, "σ_d, the data's standard deviation"),
-      spec_lib.Field("sigma_min", 0.002, "smallest σ of the sampling grid"),
-      spec_lib.Field("sigma_max", 80.0, "largest σ (the start of sampling)"),
-      spec_lib.Field("rho", 7.0, "ρ of the Karras grid (EDM Eq. 5)"),
-      spec_lib.Field("p_mean", -1.2, "training ln σ ~ N(p_mean, p_std²)"),
-      spec_lib.Field("p_std", 1.2, "training ln σ ~ N(p_mean, p_std²)"),
+      base.Field("sigma_data", 0.5, "σ_d, the data's standard deviation"),
+      base.Field("sigma_min", 0.002, "smallest σ of the sampling grid"),
+      base.Field("sigma_max", 80.0, "largest σ (the start of sampling)"),
+      base.Field("rho", 7.0, "ρ of the Karras grid (EDM Eq. 5)"),
+      base.Field("p_mean", -1.2, "training ln σ ~ N(p_mean, p_std²)"),
+      base.Field("p_std", 1.2, "training ln σ ~ N(p_mean, p_std²)"),
   )
   predictions = ()          # the network is preconditioned: no choice of target
   samplers = SAMPLERS
@@ -24,7 +24,7 @@ class EDMSpec(spec_lib.Spec):
   implementation = "ddx.processes.edm:EDMProcess"
 
   def check(self, f) -> None:
-    spec_lib.finite(f, "sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std")
+    base.finite(f, "sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std")
     if f["sigma_data"] <= 0:
       raise ValueError(f"diffusion.sigma_data={f['sigma_data']} must be > 0 "
                        "(the data's standard deviation, 0.5 for images in [-1, 1])")

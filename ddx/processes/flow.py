@@ -15,7 +15,7 @@ import numpy as np
 from ddx import flow
 from ddx import likelihood
 from ddx.processes import flow_config
-from ddx.processes.spec import AUTO
+from ddx.processes.base import AUTO
 from ddx.sampling import flow as flow_sampling
 
 # The likelihood ODE's data-side time: the network's velocity is integrated

@@ -1,23 +1,23 @@
 """The flow-matching process's config half (no JAX): keys, checks, samplers, defaults."""
 from __future__ import annotations
 
-from ddx.processes import spec as spec_lib
+from ddx.processes import base
 
 T_SAMPLINGS = ("logit_normal", "uniform")   # diffusion.t_sampling
 PREDICTIONS = ("v", "x0")                   # diffusion.prediction for process = flow
 SAMPLERS = ("euler", "heun")                # ddx.sampling.flow.SAMPLERS
 
 
-class FlowSpec(spec_lib.Spec):
+class FlowSpec(base.Spec):
   """Rectified flow (as SD3): x_t = (1 − t)·x_0 + t·n, the network's velocity."""
   name = "flow"
   fields = (
-      spec_lib.Field("t_sampling", "logit_normal", "logit_normal (SD3) | uniform"),
-      spec_lib.Field("logit_mean", 0.0, "logit-normal training times: mean"),
-      spec_lib.Field("logit_std", 1.0, "logit-normal training times: std"),
-      spec_lib.Field("shift", 1.0, "SD3's resolution time shift (1 = none), training "
+      base.Field("t_sampling", "logit_normal", "logit_normal (SD3) | uniform"),
+      base.Field("logit_mean", 0.0, "logit-normal training times: mean"),
+      base.Field("logit_std", 1.0, "logit-normal training times: std"),
+      base.Field("shift", 1.0, "SD3's resolution time shift (1 = none), training "
                      "and sampling"),
-      spec_lib.Field("t_min", 0.05, "x0 prediction: the velocity loss clips t below at "
+      base.Field("t_min", 0.05, "x0 prediction: the velocity loss clips t below at "
                      "t_min"),
   )
   predictions = PREDICTIONS
@@ -30,7 +30,7 @@ class FlowSpec(spec_lib.Spec):
     if f["t_sampling"] not in T_SAMPLINGS:
       raise ValueError(f"diffusion.t_sampling={f['t_sampling']!r} is unknown; "
                        f"use one of {T_SAMPLINGS}")
-    spec_lib.finite(f, "logit_mean", "logit_std", "shift", "t_min")
+    base.finite(f, "logit_mean", "logit_std", "shift", "t_min")
     if f["logit_std"] <= 0:
       raise ValueError(f"diffusion.logit_std={f['logit_std']} must be > 0 (SD3: 1.0)")
     if f["shift"] <= 0:

@@ -1,6 +1,6 @@
 """What config validation needs to know of a process, in plain Python (no JAX).
 
-Each process module pair is `<name>_config.py` (a `Spec`: its diffusion.*
+Each process is a pair of modules: `<name>_config.py` (a `Spec`: its diffusion.*
 keys with defaults, their range checks, its predictions and samplers and
 their defaults) and `<name>.py` (the JAX implementation the Spec names).
 `ddx.config` validates a run through the Specs alone, so loading and
