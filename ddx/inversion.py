@@ -113,7 +113,7 @@ def _invert_jit(model, images, labels, guidance_scale, *, steps, guided):
     images = jax.lax.with_sharding_constraint(images, parallel.data_sharded(mesh))
   # Uniform spacing: pass spacing="uniform" to sample_fn to sample back.
   return invert(fn, model.schedule, images, steps=steps,
-                prediction=model.config.diffusion.prediction, spacing="uniform")
+                prediction=model.schedule.prediction, spacing="uniform")
 
 
 def invert_fn(model: Model, images: jnp.ndarray, steps: Optional[int] = None, *,

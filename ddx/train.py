@@ -33,6 +33,7 @@ from ddx import evaluation
 from ddx import latents
 from ddx import logging as log_lib
 from ddx import parallel
+from ddx import processes
 from ddx import model as model_lib
 
 
@@ -111,8 +112,9 @@ def create_state(config, tx: optax.GradientTransformation, rng: jax.Array) -> Tr
 def process_loss(apply_fn, params, process, x0, rng, config):
   """The training loss of the run's process (`process.loss`, `ddx.processes`),
   with the network's auxiliary output. `apply_fn(params, x, time) -> (out, aux)`.
+  A bare Schedule trains in config.diffusion.prediction.
   """
-  del config   # the process carries its settings (diffusion.prediction included)
+  process = processes.as_process(process, config.diffusion.get("prediction"))
   return process.loss(apply_fn, params, x0, rng, has_aux=True)
 
 
@@ -126,7 +128,8 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
     batch: {"image": [B, H, W, C] float32 in [-1, 1], "label": [B] int32}.
     base_rng: the run's base key; this step's key is fold_in(base_rng, step).
     net, sched, tx, config: static (bound with functools.partial before jit);
-      sched is the process (`ddx.processes.Process`).
+      sched is the process (`ddx.processes.Process`, or a bare Schedule, EDM
+      or Flow).
   Returns:
     (new state, metrics): loss, grad_norm (before clipping), param_norm,
     update_norm, lr, ema_decay, mse_by_quartile [4], finite (bool). A
