@@ -86,6 +86,11 @@ class Process(Protocol):
     """The likelihood ODE: (drift(x, s), grid [steps + 1] NumPy, prior_logp(x),
     scale), integrated from grid[0] (data side, at scale·x) to grid[-1]."""
 
+  # Optional, where a mapping exists: to_sigma(denoise_fn, steps, sigma_index)
+  # -> (σ grid [steps + 1], D(x; σ)), the process in EDM's σ form x = y + σn
+  # (DDPM: the VP mapping; EDM: itself), which the σ-grid samplers and the
+  # σ-form ODE (`ddx.processes.edm.sigma_ode`) run on.
+
 
 def register(spec: Spec) -> None:
   """Adds (or replaces) a process for diffusion.process = spec.name."""

@@ -72,7 +72,7 @@ class DDPMProcess(Schedule):
   def to_sigma(self, denoise_fn, steps: int, sigma_index: str = "nearest"):
     """EDM's VP mapping (EDM Sec. 2): (σ grid [steps + 1], D(x; σ)) that run this
     model on the σ-grid samplers (`ddx.sampling.sigma.vp_grid`, `vp_denoiser`)."""
-    return (self.grid("heun", steps, sigma_index=sigma_index),
+    return (sigma_lib.vp_grid(self, steps, sigma_index),
             sigma_lib.vp_denoiser(denoise_fn, self, self.prediction, sigma_index))
 
   def sample(self, denoise_fn, rng, shape, sampler: str, steps: int, *, x_T=None,

@@ -53,7 +53,7 @@ class EDMProcess(edm.EDM):
 
   def to_sigma(self, denoise_fn, steps: int, sigma_index: str = "nearest"):
     """EDM is the σ form: its grid and denoiser as they are."""
-    return self.grid("heun", steps), denoise_fn
+    return self.grid(None, steps), denoise_fn
 
   def sample(self, denoise_fn, rng, shape, sampler: str, steps: int, *, x_T=None,
              clip_x0: bool = False, return_trajectory: bool = False, churn=0.0,
