@@ -43,7 +43,7 @@ def get_config():
   c.optim.warmup_steps = 0
   c.optim.grad_clip = 0.0
   c.optim.ema_decay = 0.999
-  c.sampling.sampler = "ddim"
+  c.sampling.sampler = "auto"   # the process's default: DDIM for ddpm
   c.sampling.steps = 200
   c.sampling.eta = 0.0
   c.sampling.num_samples = 64

@@ -35,7 +35,7 @@ def get_config():
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.9999
   c.optim.ema_warmup = False   # the paper's EMA; 800k steps wash out the init
-  c.sampling.sampler = "ddim"
+  c.sampling.sampler = "auto"   # the process's default: DDIM for ddpm
   c.sampling.steps = 100
   c.sampling.num_samples = 64
   # FID-50k / KID / IS against the training set. Needs the FID Inception
@@ -49,7 +49,7 @@ def get_config():
   c.eval.every_steps = 0
   c.eval.num_samples = 50_000
   c.eval.batch_size = 1000
-  c.eval.sampler = "ddim"
+  c.eval.sampler = "auto"       # DDIM for ddpm
   c.eval.steps = 100
   c.eval.feature_batch_size = 200
   return c

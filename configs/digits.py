@@ -31,7 +31,7 @@ def get_config():
   c.optim.ema_decay = 0.999
   # DDIM-100 keeps the in-loop grids at ~7 s each; for the best samples run
   # --mode sample --config.sampling.sampler=ddpm --config.sampling.steps=1000
-  c.sampling.sampler = "ddim"
+  c.sampling.sampler = "auto"   # the process's default: DDIM for ddpm
   c.sampling.steps = 100
   c.sampling.num_samples = 100
   # In-loop quality: DigitsMetric on 500 DPM-Solver++ 10-step samples, logged

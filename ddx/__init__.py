@@ -3,6 +3,7 @@
 Public API (see README):
   ddx.schedules.linear / cosine       DDPM noise schedules
   ddx.edm, ddx.flow                   the EDM and flow-matching processes
+  ddx.processes                       the process protocol and registry (diffusion.process)
   ddx.models.build                    the network a config names (U-Net, DiT)
   ddx.sampling                        the pure samplers
   ddx.q_sample, ddx.diffusion_loss    forward process and training loss
@@ -24,6 +25,7 @@ _API = {
     "schedules": ("ddx.schedules", None),
     "edm": ("ddx.edm", None),
     "flow": ("ddx.flow", None),
+    "processes": ("ddx.processes", None),
     "models": ("ddx.models", None),
     "sampling": ("ddx.sampling", None),
     "bpd": ("ddx.bpd", None),

@@ -1,16 +1,17 @@
-"""Bits/dim of 8-bit images under any ddx process: the per-process adapters.
+"""Bits/dim of 8-bit images under any ddx process.
 
 `ddx.likelihood` owns the process-agnostic math (the probability-flow ODE
 log-likelihood with an exact or Skilling-Hutchinson trace, the DDPM bound,
-dequantisation, bits/dim). This module says, for each process, which ODE to
-integrate, over what range, from which prior, and applies it to a `ddx.Model`:
+dequantisation, bits/dim). Each process says which ODE to integrate, over
+what range, from which prior (`process.ode`, `ddx.processes`); this module
+applies it to a `ddx.Model`:
 
   ode_logp(process, denoise_fn, x, rng, ...)    the testable core: any process,
                                                 any process-native denoiser
   ode_bpd(model, images_u8, rng, ...)           a Model on uint8 images
   vlb_bpd(model, images_u8, rng, ...)           the DDPM bound of a ddpm Model
 
-The probability-flow ODE of each process (all three are "data + Gaussian
+The probability-flow ODE of each built-in process (all three are "data + Gaussian
 noise" families, so each gives the density of the data smoothed by a small
 Gaussian, evaluated at the dequantised image):
 
@@ -46,51 +47,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx import edm as edm_lib
-from ddx import flow as flow_lib
 from ddx import likelihood
 from ddx import model as model_lib
-from ddx.sampling import sigma as sigma_lib
-from ddx.schedules import Schedule
+from ddx import processes
+from ddx.processes.flow import ODE_T_EPS as FLOW_T_EPS   # the flow ODE's data-side time
 
 ESTIMATORS = ("ode", "vlb", "both")   # = ddx.config.BPD_ESTIMATORS (tested)
-# The flow ODE's data-side time: the network's velocity is integrated over
-# [FLOW_T_EPS, 1] (score_sde stops its VP SDE at 1e-5, but rectified-flow
-# networks trained on logit-normal t see almost no t below 1e-3).
-FLOW_T_EPS = 1e-3
 
 Nfe = Union[int, jax.Array]
 
 
-def _ode_setup(process, denoise_fn: Callable, prediction: str, steps: int):
-  """(drift_fn(x, s), t_grid [steps + 1], prior_logp_fn, data-side scale) of a process."""
-  if isinstance(process, edm_lib.EDM) or isinstance(process, Schedule):
-    if isinstance(process, edm_lib.EDM):
-      den, s_min, s_max = denoise_fn, process.sigma_min, process.sigma_max
-    else:
-      den = sigma_lib.vp_denoiser(denoise_fn, process, prediction, "interp")
-      sig = sigma_lib.vp_sigmas(process)
-      if sig.size < 2:
-        raise ValueError("the ODE likelihood of a DDPM model needs a schedule with T >= 2")
-      s_min, s_max = float(sig[0]), float(sig[-1])
-
-    def drift(x, u):
-      sigma = jnp.full((x.shape[0],), jnp.exp(u), jnp.float32)
-      return x - den(x, sigma).astype(jnp.float32)
-    grid = np.linspace(math.log(s_min), math.log(s_max), steps + 1)
-    prior = functools.partial(likelihood.gaussian_logp, scale=s_max)
-    return drift, grid, prior, 1.0
-  if isinstance(process, flow_lib.Flow):
-    def drift(x, t):
-      return denoise_fn(x, jnp.full((x.shape[0],), t, jnp.float32)).astype(jnp.float32)
-    grid = np.linspace(FLOW_T_EPS, 1.0, steps + 1)
-    return drift, grid, likelihood.gaussian_logp, 1.0 - FLOW_T_EPS
-  raise ValueError(f"ode_logp: process {type(process).__name__} is not a ddx process; "
-                   "pass a Schedule (ddpm), ddx.edm.EDM or ddx.flow.Flow")
-
-
 def ode_logp(process, denoise_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
-             x: jnp.ndarray, rng: Optional[jax.Array], *, prediction: str = "eps",
+             x: jnp.ndarray, rng: Optional[jax.Array], *,
+             prediction: Optional[str] = None,
              trace: str = "hutchinson", probe: str = "rademacher", num_probes: int = 1,
              solver: str = "rk4", steps: int = 32, rtol: float = 1e-5,
              atol: float = 1e-5, trace_chunk: Optional[int] = None,
@@ -98,15 +67,17 @@ def ode_logp(process, denoise_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarr
   """log-density of data x under a process's probability-flow ODE (module docstring).
 
   Args:
-    process: a `Schedule` (ddpm; concrete, not a jit argument), `ddx.edm.EDM`
-      or `ddx.flow.Flow` (what `Model.process` returns).
+    process: what `Model.process` returns (`ddx.processes.Process`), or a bare
+      `Schedule` (ddpm; concrete, not a jit argument), `ddx.edm.EDM` or
+      `ddx.flow.Flow`. Its `ode` says the drift, range, prior and scale.
     denoise_fn: the process-native denoiser, as `ddx.model.process_denoiser`
       makes it: ddpm: (x_t [B, ...], i [B] float32 fractional index) -> the
       network output in `prediction`; edm: (x, σ [B]) -> D(x; σ);
       flow: (x, t [B]) -> velocity v(x, t).
     x: [B, ...] float32 data in [-1, 1] (dequantised, `likelihood.dequantize`).
     rng: PRNG key for the Hutchinson probes (None with trace="exact").
-    prediction: ddpm only: eps | x0 | v.
+    prediction: ddpm only: eps | x0 | v; None keeps the process's own (a bare
+      Schedule: eps).
     trace, probe, num_probes, solver, rtol, atol, trace_chunk, max_steps: as
       `ddx.likelihood.ode_log_likelihood` (solver "adaptive" needs diffrax).
     steps: fixed-step solvers: N steps, uniform in log σ (ddpm, edm) or in t
@@ -118,7 +89,8 @@ def ode_logp(process, denoise_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarr
   """
   if isinstance(steps, bool) or int(steps) != steps or steps < 1:
     raise ValueError(f"steps={steps!r} must be a positive integer")
-  drift, grid, prior, scale = _ode_setup(process, denoise_fn, prediction, int(steps))
+  drift, grid, prior, scale = processes.as_process(process, prediction).ode(
+      denoise_fn, int(steps))
   x = jnp.asarray(x, jnp.float32)
   logp, nfe = likelihood.ode_log_likelihood(
       drift, scale * x, jnp.asarray(grid, jnp.float32), prior, rng, trace=trace,
@@ -171,8 +143,7 @@ def _ode_bpd_jit(model, images, rng, labels, *, trace, probe, num_probes, solver
   dq_rng, probe_rng = jax.random.split(rng)
   x = model_lib.shard_batch(likelihood.dequantize(images, dq_rng))
   fn = model_lib.process_denoiser(model, model_lib.denoiser(model, labels))
-  logp, nfe = ode_logp(model.process, fn, x, probe_rng,
-                       prediction=model.config.diffusion.prediction, trace=trace,
+  logp, nfe = ode_logp(model.process, fn, x, probe_rng, trace=trace,
                        probe=probe, num_probes=num_probes, solver=solver, steps=steps,
                        rtol=rtol, atol=atol, trace_chunk=trace_chunk)
   bpd = likelihood.bits_per_dim(logp, math.prod(images.shape[1:]))
@@ -219,8 +190,8 @@ def ode_bpd(model, images_u8, rng: jax.Array, *, labels=None,
 def _vlb_bpd_jit(model, images, rng, labels, *, num_terms, variance, clip_x0):
   x0 = model_lib.shard_batch(images.astype(jnp.float32) / 127.5 - 1.0)
   fn = model_lib.denoiser(model, labels)
-  out = likelihood.ddpm_vlb_terms(fn, model.process, x0, rng,
-                                  prediction=model.config.diffusion.prediction,
+  out = likelihood.ddpm_vlb_terms(fn, model.schedule, x0, rng,
+                                  prediction=model.process.prediction,
                                   variance=variance, num_terms=num_terms, clip_x0=clip_x0)
   return out["bpd"]
 
@@ -249,7 +220,7 @@ def vlb_bpd(model, images_u8, rng: jax.Array, *, labels=None,
   Raises:
     ValueError: the model's process is not ddpm.
   """
-  if not isinstance(model.process, Schedule):
+  if "vlb" not in model.process.spec.bpd_estimators:
     raise ValueError(f"vlb_bpd: the variational bound is DDPM's, but this model's "
                      f"diffusion.process is {model.config.diffusion.process}; use ode_bpd")
   images = _check_images(model, images_u8)

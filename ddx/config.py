@@ -3,50 +3,41 @@
 Every check raises `ConfigError` with one line that names the field, what is
 wrong and how to fix it; `ddx.main` prints that line and exits with code 2.
 
-This module imports ml_collections and the standard library only, so a config
-file loads without JAX or Flax (as big_vision's do). The valid names below are
-the config's contract; tests/test_config.py checks that each equals the
+This module imports ml_collections, the standard library and the JAX-free
+halves of the processes (`ddx.processes`, their `<name>_config.py`) only, so
+a config file loads and validates without JAX or Flax (as big_vision's do).
+The valid names below are the config's contract: the process ones come from
+the processes' Specs; tests/test_config.py checks that every list equals the
 registry of the module that implements it.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
+import warnings
 
 import ml_collections
 
-PREDICTIONS = ("eps", "x0", "v")           # diffusion.prediction (ddx.diffusion)
-SCHEDULES = ("linear", "cosine")           # diffusion.schedule (ddx.schedules)
+from ddx import processes
+from ddx.processes import ddpm_config, flow_config
+
+PREDICTIONS = ddpm_config.PREDICTIONS      # diffusion.prediction of ddpm
+SCHEDULES = ddpm_config.SCHEDULES          # diffusion.schedule (ddx.schedules)
 NORMS = ("group", "batch")                 # model.norm (ddx.models.layers)
 DTYPES = ("float32", "bfloat16")           # model.dtype: the network's compute dtype
-PROCESSES = ("ddpm", "edm", "flow")       # diffusion.process
+PROCESSES = processes.names()              # diffusion.process (the built-in ones)
 # sampling/eval.sampler by process (ddx.sampling.SAMPLERS_BY_PROCESS)
-SAMPLERS_BY_PROCESS = {
-    "ddpm": ("ddpm", "ddim", "dpm_solver_pp", "euler", "heun", "stochastic"),
-    "edm": ("euler", "heun", "stochastic", "dpm_solver_pp"),
-    "flow": ("euler", "heun"),
-}
-SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")   # the discrete DDPM samplers (ddx.sampling)
-FLOW_PREDICTIONS = ("v", "x0")             # diffusion.prediction for process = flow
+SAMPLERS_BY_PROCESS = {n: processes.spec(n).samplers for n in PROCESSES}
+SAMPLERS = ddpm_config.DISCRETE_SAMPLERS   # the discrete DDPM samplers (ddx.sampling)
+FLOW_PREDICTIONS = flow_config.PREDICTIONS  # diffusion.prediction for process = flow
 MODELS = ("unet", "dit")                   # model.name (ddx.models.NAMES)
 ATTENTIONS = ("xla", "auto", "cudnn", "tpu_flash")   # model.attention (ddx.models.attention)
 REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
 TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models.layers)
-# model.time_embedding = "auto", by process: the embedding of the network's time
-# input (ddpm: the index i in [0, T); edm: c_noise = ln(σ)/4; flow: 1000·t).
-AUTO_TIME_EMBEDDING = {"ddpm": "positional", "edm": "positional", "flow": "positional"}
-# model.time_scale = "auto", by (process, embedding): the factor on the time input.
-# 1 is the sinusoidal table as DDPM, EDM and SD3 feed it. fourier on edm: EDM2's
-# 2π·N(0, 1) frequencies on ln(σ)/4. How fast each moves with ln σ (EDM's ln(σ)/4
-# needs x600 to match DDPM's index): tests/test_time_embedding.py; sample quality
-# of the alternatives: benchmarks/noise_conditioning.py.
-AUTO_TIME_SCALE = {("ddpm", "positional"): 1.0, ("edm", "positional"): 1.0,
-                   ("flow", "positional"): 1.0, ("edm", "fourier"): 1.0}
-SIGMA_INDICES = ("nearest", "interp")      # sampling.sigma_index: a DDPM model on a σ grid
-SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")   # ddx.sampling.SPACINGS
-DDPM_VARIANCES = ("posterior", "beta")     # sampling.ddpm_variance
+SIGMA_INDICES = ddpm_config.SIGMA_INDICES  # sampling.sigma_index: a DDPM model on a σ grid
+SPACINGS = ddpm_config.SPACINGS            # ddx.sampling.SPACINGS
+DDPM_VARIANCES = ddpm_config.DDPM_VARIANCES  # sampling.ddpm_variance
 METRICS = ("digits", "fid", "kid", "is", "bpd")   # eval.metrics (ddx.evaluation)
 INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
 BPD_ESTIMATORS = ("ode", "vlb", "both")    # eval.bpd_estimator (ddx.bpd)
@@ -101,8 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
                              # GPU) | tpu_flash (Pallas TPU kernel); the same function
   # How the process's time input enters the network (U-Net and DiT): positional (the
   # sinusoidal table) | fourier (fixed random 2π·N(0, 1) frequencies) | auto (the
-  # process's: AUTO_TIME_EMBEDDING); time_scale multiplies the time input first:
-  # a number > 0 | auto (AUTO_TIME_SCALE). Training saves the resolved values.
+  # process's: its Spec.time_embedding); time_scale multiplies the time input first:
+  # a number > 0 | auto (Spec.time_scales). Training saves the resolved values.
   m.time_embedding = "auto"
   m.time_scale = ml_collections.FieldReference("auto", field_type=object)
 
@@ -127,27 +118,20 @@ def base_config() -> ml_collections.ConfigDict:
   n.dtype = "float32"        # stored moments: float32 | float16 (half the disk)
 
   c.diffusion = f = ml_collections.ConfigDict()
-  f.process = "ddpm"         # ddpm (discrete VP) | edm (Karras et al.) | flow (rectified flow)
-  f.schedule = "linear"      # ddpm: linear | cosine
-  f.num_timesteps = 1000
-  f.beta_start = 1e-4        # linear schedule only
-  f.beta_end = 0.02
-  f.prediction = "eps"       # what the network predicts: ddpm eps | x0 | v; flow v | x0
-  # edm (defaults: EDM's)
-  # σ_d, the data's standard deviation: a number, or auto (measured from the training
-  # data when training starts, saved in config.json: ddx.data.value_std)
-  f.sigma_data = ml_collections.FieldReference(0.5, field_type=object)
-  f.sigma_min = 0.002
-  f.sigma_max = 80.0
-  f.rho = 7.0
-  f.p_mean = -1.2            # training ln(sigma) ~ N(p_mean, p_std^2)
-  f.p_std = 1.2
-  # flow
-  f.t_sampling = "logit_normal"   # logit_normal (SD3) | uniform
-  f.logit_mean = 0.0
-  f.logit_std = 1.0
-  f.shift = 1.0              # SD3's resolution time shift (1 = none), training and sampling
-  f.t_min = 0.05             # x0 prediction: the velocity loss clips t below at t_min
+  f.process = "ddpm"         # ddpm (discrete VP) | edm (Karras et al.) | flow (rectified
+                             # flow); any process registered in ddx.processes
+  f.prediction = "auto"      # what the network predicts: ddpm eps | x0 | v; flow v | x0;
+                             # auto = the process's default (ddpm eps, flow v; edm: unused)
+  # Each process's own keys, with their defaults and meaning in
+  # ddx/processes/<process>_config.py: ddpm: schedule (linear | cosine),
+  # num_timesteps, beta_start, beta_end; edm: sigma_data, sigma_min, sigma_max,
+  # rho, p_mean, p_std (EDM's); flow: t_sampling (logit_normal | uniform),
+  # logit_mean, logit_std, shift, t_min. Every process's keys are range-checked.
+  for key, field in processes.fields().items():
+    f[key] = field.default
+  # σ_d may be "auto" (measured from the training data when training starts and
+  # saved in config.json: ddx.data.value_std), so the key takes a number or a string.
+  f.sigma_data = ml_collections.FieldReference(f.sigma_data, field_type=object)
 
   c.training = t = ml_collections.ConfigDict()
   t.batch_size = 128         # global, over all devices and processes
@@ -185,8 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.0
 
   c.sampling = s = ml_collections.ConfigDict()
-  s.sampler = "ddim"         # ddpm: ddpm | ddim | dpm_solver_pp | euler | heun | stochastic;
-                             # edm: euler | heun | stochastic | dpm_solver_pp; flow: euler | heun
+  s.sampler = "auto"         # ddpm: ddpm | ddim | dpm_solver_pp | euler | heun | stochastic;
+                             # edm: euler | heun | stochastic | dpm_solver_pp; flow: euler |
+                             # heun; auto = the process's default (ddim, heun, euler)
   s.steps = 100
   s.eta = 0.0
   s.num_samples = 64
@@ -207,8 +192,9 @@ def base_config() -> ml_collections.ConfigDict:
                              # Inception weights; bpd scores held-out data, no sampling)
   e.num_samples = 512        # samples per evaluation (FID-50k: 50_000)
   e.batch_size = 500         # samples per sampler call (global) = images per chunk file
-  e.sampler = "ddim"         # eval samples: sampler, steps, eta, spacing; every other
-  e.steps = 50               # option comes from the sampling group (ddx.options)
+  e.sampler = "auto"         # eval samples: sampler (auto as sampling.sampler), steps, eta,
+  e.steps = 50               # spacing; every other option comes from the sampling group
+                             # (ddx.options)
   e.eta = 0.0
   e.spacing = "auto"         # as sampling.spacing
   e.seed = 0                 # chunk c uses fold_in(key(seed), c): the same noise every eval
@@ -242,6 +228,10 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
 
+class ConfigWarning(UserWarning):
+  """A config value that has no effect (warnings.warn, one line)."""
+
+
 def _require(cond: bool, msg: str):
   if not cond:
     raise ConfigError(msg)
@@ -250,11 +240,17 @@ def _require(cond: bool, msg: str):
 def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> None:
   """Checks every field ddx reads; raises ConfigError on the first problem.
 
+  First replaces "auto" by the process's defaults, in place
+  (`ddx.processes.resolve_defaults`), so the config a run saves holds what
+  ran. A diffusion.* key the chosen process does not read but that differs
+  from its default gets a one-line `ConfigWarning`.
+
   Args:
     config: the full run config (see configs/default.py).
     num_data_shards: how many ways the global batch is split (devices on the
       "data" mesh axis); the batch size must divide by it.
   """
+  processes.resolve_defaults(config)
   d, m = config.data, config.model
   _require(isinstance(d.name, str) and d.name,
            "data.name is empty; use digits, folder, cifar10 or a tfds dataset name")
@@ -407,47 +403,40 @@ def _check_dit(config) -> None:
 
 
 def _check_process(config) -> None:
+  """diffusion.*: the process is registered; every process's own keys are in
+  range whichever process runs (its Spec.check); the prediction is one of the
+  chosen process's; keys it does not read but that were changed are warned of."""
   f = config.diffusion
-  process = f.get("process", "ddpm")
-  _require(process in PROCESSES,
-           f"diffusion.process={process!r} is unknown; use one of {PROCESSES}")
-  sigma_data = f.get("sigma_data", 0.5)
-  _require(sigma_data == "auto" or (_is_number(sigma_data) and sigma_data > 0),
-           f"diffusion.sigma_data={sigma_data!r} must be a number > 0 (the data's standard "
-           "deviation) or auto (measured from the training data)")
-  if process == "edm":
-    from ddx import edm   # imports JAX: only validating an EDM run needs it
+  name = f.get("process", "ddpm")
+  _require(name in processes.names(),
+           f"diffusion.process={name!r} is unknown; use one of {processes.names()}")
+  for spec in processes.REGISTRY.values():
     try:
-      # "auto" becomes a number when training starts; check the other fields now.
-      edm.EDM(**{k: 0.5 if k == "sigma_data" and sigma_data == "auto" else f[k]
-                 for k in ("sigma_data", "sigma_min", "sigma_max", "rho",
-                           "p_mean", "p_std")}).check()
+      spec.check(f)
     except ValueError as e:
-      raise ConfigError(str(e)) from None
-    return
-  if process == "flow":
-    from ddx import flow
-    try:
-      flow.Flow(**{k: f[k] for k in ("t_sampling", "logit_mean", "logit_std", "shift",
-                                      "t_min", "prediction")}).check()
-    except ValueError as e:
-      raise ConfigError(f"{e} (process=flow)") from None
-    return
-  _require(f.schedule in SCHEDULES,
-           f"diffusion.schedule={f.schedule!r} is unknown; use one of {SCHEDULES}")
-  _require(isinstance(f.num_timesteps, int) and f.num_timesteps >= 1,
-           f"diffusion.num_timesteps={f.num_timesteps!r} must be a positive integer")
-  if f.schedule == "linear":
-    _require(0 < f.beta_start <= f.beta_end < 1,
-             f"diffusion.beta_start={f.beta_start}, beta_end={f.beta_end}: need "
-             "0 < beta_start <= beta_end < 1")
-  _require(f.prediction in PREDICTIONS,
-           f"diffusion.prediction={f.prediction!r} is unknown; use one of {PREDICTIONS}")
+      where = "" if spec.name == name else (f" (a key of diffusion.process={spec.name}, "
+                                            "range-checked whichever process runs)")
+      raise ConfigError(f"{e}{where}") from None
+  spec = processes.spec(name)
+  prediction = f.get("prediction", processes.AUTO)
+  if spec.predictions:
+    _require(prediction in spec.predictions,
+             f"diffusion.prediction={prediction!r} is not a {name} prediction; use one "
+             f"of {spec.predictions}, or auto ({spec.default_prediction})")
+  elif prediction != processes.AUTO:
+    _warn(f"diffusion.prediction={prediction!r} has no effect: diffusion.process={name} "
+          "does not read it (set it to auto)")
+  own = {x.key for x in spec.fields}
+  for other in processes.REGISTRY.values():
+    for x in other.fields:
+      if x.key not in own and f.get(x.key, x.default) != x.default:
+        _warn(f"diffusion.{x.key}={f[x.key]!r} has no effect: only diffusion.process="
+              f"{other.name} reads it, and this run's is {name} (its default: {x.default!r})")
+        own.add(x.key)   # one warning per key
 
 
-def _is_number(v) -> bool:
-  return (isinstance(v, (int, float)) and not isinstance(v, bool)
-          and math.isfinite(v))
+def _warn(msg: str) -> None:
+  warnings.warn(msg, ConfigWarning, stacklevel=4)
 
 
 def _check_time_embedding(config) -> None:
@@ -456,12 +445,13 @@ def _check_time_embedding(config) -> None:
   kind, scale = m.get("time_embedding", "auto"), m.get("time_scale", "auto")
   _require(kind == "auto" or kind in TIME_EMBEDDINGS,
            f"model.time_embedding={kind!r} is unknown; use auto or one of {TIME_EMBEDDINGS}")
-  _require(scale == "auto" or (_is_number(scale) and scale > 0),
+  _require(scale == "auto" or (processes.base.is_finite(scale) and scale > 0),
            f"model.time_scale={scale!r} must be a number > 0 (it multiplies the network's "
            "time input) or auto")
   process = config.diffusion.get("process", "ddpm")
-  kind = AUTO_TIME_EMBEDDING[process] if kind == "auto" else kind
-  _require(scale != "auto" or (process, kind) in AUTO_TIME_SCALE,
+  spec = processes.spec(process)
+  kind = spec.time_embedding if kind == "auto" else kind
+  _require(scale != "auto" or kind in spec.time_scales,
            f"model.time_embedding={kind} has no automatic scale for diffusion.process="
            f"{process}; set --config.model.time_scale=S (the time input is multiplied by S)")
 
@@ -477,12 +467,13 @@ def time_embedding(config) -> tuple[str, float]:
   m = config.model
   process = config.diffusion.get("process", "ddpm")
   kind, scale = m.get("time_embedding", "auto"), m.get("time_scale", "auto")
-  kind = AUTO_TIME_EMBEDDING[process] if kind == "auto" else kind
+  spec = processes.spec(process)
+  kind = spec.time_embedding if kind == "auto" else kind
   if scale == "auto":
-    if (process, kind) not in AUTO_TIME_SCALE:
+    if kind not in spec.time_scales:
       raise ConfigError(f"model.time_embedding={kind} has no automatic scale for "
                         f"diffusion.process={process}; set --config.model.time_scale=S")
-    scale = AUTO_TIME_SCALE[(process, kind)]
+    scale = spec.time_scales[kind]
   return kind, float(scale)
 
 
@@ -601,10 +592,11 @@ def _check_bpd(config: ml_collections.ConfigDict) -> None:
   """The eval.bpd_* keys (checked whether or not eval.metrics has bpd)."""
   e = config.eval
   process = config.diffusion.get("process", "ddpm")
+  estimators = processes.spec(process).bpd_estimators
   for key, valid in (("bpd_estimator", BPD_ESTIMATORS), ("bpd_trace", BPD_TRACES),
                      ("bpd_probe", BPD_PROBES), ("bpd_solver", BPD_SOLVERS)):
     _require(e[key] in valid, f"eval.{key}={e[key]!r} is unknown; use one of {valid}")
-  _require(e.bpd_estimator == "ode" or process == "ddpm",
+  _require(e.bpd_estimator in estimators,
            f"eval.bpd_estimator={e.bpd_estimator} needs DDPM's variational bound, but "
            f"diffusion.process={process}; use --config.eval.bpd_estimator=ode")
   for key in ("bpd_probes", "bpd_steps"):
@@ -626,14 +618,15 @@ def _check_bpd(config: ml_collections.ConfigDict) -> None:
 
 def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
   """The sampler, steps and eta of a group that samples (sampling, eval)."""
-  g, num_timesteps = config[group], config.diffusion.num_timesteps
-  process = config.diffusion.get("process", "ddpm")
-  valid = SAMPLERS_BY_PROCESS[process]
-  _require(g.sampler in valid,
+  g, f = config[group], config.diffusion
+  spec = processes.spec(f.get("process", "ddpm"))
+  process, valid = spec.name, spec.samplers
+  sampler = spec.default_sampler if g.sampler == processes.AUTO else g.sampler
+  _require(sampler in valid,
            f"{group}.sampler={g.sampler!r} is not a sampler of diffusion.process="
-           f"{process}; use one of {valid}")
-  discrete = process == "ddpm" and g.sampler in SAMPLERS
-  top = num_timesteps if discrete else 100_000
+           f"{process}; use one of {valid}, or auto ({spec.default_sampler})")
+  discrete = sampler in spec.spaced_samplers
+  top = spec.max_steps(f, sampler)
   _require(isinstance(g.steps, int) and 1 <= g.steps <= top,
            f"{group}.steps={g.steps!r} must be an integer in [1, "
            f"{'T=' if discrete else ''}{top}]")
@@ -642,8 +635,8 @@ def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
   _require(spacing == "auto" or spacing in SPACINGS,
            f"{group}.spacing={spacing!r} is unknown; use auto or one of {SPACINGS}")
   _require(spacing == "auto" or discrete,
-           f"{group}.spacing={spacing} applies to the discrete samplers {SAMPLERS} only; "
-           f"{g.sampler} on diffusion.process={process} uses its own grid: set it to auto")
+           f"{group}.spacing={spacing} applies to the samplers {spec.spaced_samplers} of "
+           f"diffusion.process={process} only; {sampler} uses its own grid: set it to auto")
 
 
 def _check_guidance(config: ml_collections.ConfigDict, group: str) -> None:
@@ -754,14 +747,17 @@ _BEFORE_KEY = {"model": {"time_embedding": "positional", "time_scale": 1.0}}
 
 def with_defaults(d: dict) -> ml_collections.ConfigDict:
   """A saved config dict (config.json, a checkpoint's config) with today's
-  defaults filled in for keys that the ddx which wrote it did not have (and,
-  for the keys of `_BEFORE_KEY`, what that ddx did)."""
+  defaults filled in for keys that the ddx which wrote it did not have (for
+  the keys of `_BEFORE_KEY`, what that ddx did; "auto" ones resolved for its
+  process)."""
   def merge(base, new):
     out = dict(base)
     for k, v in new.items():
       out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
-  return from_dict(merge(to_dict(base_config()), merge(_BEFORE_KEY, d)))
+  config = from_dict(merge(to_dict(base_config()), merge(_BEFORE_KEY, d)))
+  processes.resolve_defaults(config)
+  return config
 
 
 def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:

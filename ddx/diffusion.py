@@ -16,20 +16,20 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from ddx.processes.ddpm_config import PREDICTIONS
 from ddx.schedules import Schedule
 
-PREDICTIONS = ("eps", "x0", "v")
 
-
-def _bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-  """Reshapes a per-example [B] (or scalar) array to broadcast against x [B, ...]."""
+def bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+  """Reshapes a per-example [B] (or scalar) array to broadcast against x [B, ...]
+  (in x's dtype); every process's math uses it."""
   a = jnp.asarray(a, dtype=x.dtype)
   return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def extract(arr: jnp.ndarray, t: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
   """Gathers arr[t] ([B]) and reshapes it to broadcast against x ([B, ...])."""
-  return _bcast(arr[t], x)
+  return bcast(arr[t], x)
 
 
 def q_sample(sched: Schedule, x0: jnp.ndarray, t: jnp.ndarray,
@@ -79,7 +79,7 @@ def to_x0_eps(model_out: jnp.ndarray, x_t: jnp.ndarray, alpha_bar: jnp.ndarray,
   Returns:
     (x0_hat, eps_hat), each shaped like x_t.
   """
-  a = _bcast(alpha_bar, x_t)
+  a = bcast(alpha_bar, x_t)
   sa, s1a = jnp.sqrt(a), jnp.sqrt(1.0 - a)
   if prediction == "eps":
     eps = model_out
@@ -95,7 +95,7 @@ def to_x0_eps(model_out: jnp.ndarray, x_t: jnp.ndarray, alpha_bar: jnp.ndarray,
 
 def eps_from_x0(x_t, x0, alpha_bar):
   """ε = (x_t - √ᾱ x_0) / √(1-ᾱ)."""
-  a = _bcast(alpha_bar, x_t)
+  a = bcast(alpha_bar, x_t)
   return (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
 
 
@@ -107,7 +107,7 @@ def target(x0: jnp.ndarray, noise: jnp.ndarray, alpha_bar: jnp.ndarray,
   if prediction == "x0":
     return x0
   if prediction == "v":
-    a = _bcast(alpha_bar, x0)
+    a = bcast(alpha_bar, x0)
     return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
   raise ValueError(f"prediction={prediction!r} is unknown; use one of {PREDICTIONS}")
 

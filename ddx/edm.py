@@ -17,8 +17,7 @@ Everything here is pure; the process itself is `EDM`, a static pytree.
 """
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -27,10 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import diffusion
+from ddx.diffusion import bcast
+from ddx.processes import edm_config
 
 # Quartiles of the standard normal: ln σ ~ N(P_mean, P_std²) falls in each
 # quarter of its law with probability 1/4 (the loss-by-quartile diagnostic).
 _NORMAL_QUARTILES = (-0.6744897501960817, 0.0, 0.6744897501960817)
+_DEFAULTS = edm_config.SPEC.defaults()   # the config's defaults are the class's
 
 
 def _static(default):
@@ -44,12 +46,12 @@ class EDM:
   All fields are static Python floats, so an `EDM` is a pytree with no
   leaves: it passes through `jax.jit` as part of the program's signature.
   """
-  sigma_data: float = _static(0.5)    # σ_d, the data's standard deviation
-  sigma_min: float = _static(0.002)   # smallest σ of the sampling grid
-  sigma_max: float = _static(80.0)    # largest σ (the start of sampling)
-  rho: float = _static(7.0)           # ρ of the Karras grid (Eq. 5)
-  p_mean: float = _static(-1.2)       # training: ln σ ~ N(p_mean, p_std²)
-  p_std: float = _static(1.2)
+  sigma_data: float = _static(_DEFAULTS["sigma_data"])  # σ_d, the data's standard deviation
+  sigma_min: float = _static(_DEFAULTS["sigma_min"])  # smallest σ of the sampling grid
+  sigma_max: float = _static(_DEFAULTS["sigma_max"])  # largest σ (the start of sampling)
+  rho: float = _static(_DEFAULTS["rho"])  # ρ of the Karras grid (Eq. 5)
+  p_mean: float = _static(_DEFAULTS["p_mean"])  # training: ln σ ~ N(p_mean, p_std²)
+  p_std: float = _static(_DEFAULTS["p_std"])
 
   def check(self) -> "EDM":
     """Raises ValueError (one line naming the config key) for a bad value.
@@ -57,29 +59,8 @@ class EDM:
     Returns:
       self, so that `EDM(...).check()` can be chained.
     """
-    for name in ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise ValueError(f"diffusion.{name}={v!r} must be a finite number")
-    if self.sigma_data <= 0:
-      raise ValueError(f"diffusion.sigma_data={self.sigma_data} must be > 0 "
-                       "(the data's standard deviation, 0.5 for images in [-1, 1])")
-    if self.sigma_min <= 0:
-      raise ValueError(f"diffusion.sigma_min={self.sigma_min} must be > 0 (EDM: 0.002)")
-    if self.sigma_min >= self.sigma_max:
-      raise ValueError(f"diffusion.sigma_min={self.sigma_min} must be below "
-                       f"diffusion.sigma_max={self.sigma_max} (EDM: 0.002 and 80)")
-    if self.rho <= 0:
-      raise ValueError(f"diffusion.rho={self.rho} must be > 0 (EDM: 7)")
-    if self.p_std <= 0:
-      raise ValueError(f"diffusion.p_std={self.p_std} must be > 0 (EDM: 1.2)")
+    edm_config.SPEC.check(dataclasses.asdict(self))
     return self
-
-
-def _bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-  """Reshapes a per-example [B] array to broadcast against x [B, ...]."""
-  a = jnp.asarray(a, x.dtype)
-  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def precondition(p: EDM, sigma: jnp.ndarray):
@@ -164,8 +145,8 @@ def denoise(p: EDM, net_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
   x = jnp.asarray(x, jnp.float32)
   sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
   c_skip, c_out, c_in, c_noise = precondition(p, sigma)
-  out = net_fn(_bcast(c_in, x) * x, c_noise).astype(jnp.float32)
-  return _bcast(c_skip, x) * x + _bcast(c_out, x) * out
+  out = net_fn(bcast(c_in, x) * x, c_noise).astype(jnp.float32)
+  return bcast(c_skip, x) * x + bcast(c_out, x) * out
 
 
 def edm_loss(apply_fn: Callable[..., Any], params: Any, p: EDM, x0: jnp.ndarray,
@@ -198,11 +179,11 @@ def edm_loss(apply_fn: Callable[..., Any], params: Any, p: EDM, x0: jnp.ndarray,
   sigma = sample_sigma(p, s_rng, b)
   noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
   c_skip, c_out, c_in, c_noise = precondition(p, sigma)
-  x = x0 + _bcast(sigma, x0) * noise
-  out = apply_fn(params, _bcast(c_in, x0) * x, c_noise)
+  x = x0 + bcast(sigma, x0) * noise
+  out = apply_fn(params, bcast(c_in, x0) * x, c_noise)
   out, aux = out if has_aux else (out, None)
   out = out.astype(jnp.float32)   # the loss is float32 whatever the compute dtype
-  tgt = (x0 - _bcast(c_skip, x0) * x) / _bcast(c_out, x0)
+  tgt = (x0 - bcast(c_skip, x0) * x) / bcast(c_out, x0)
   per_ex = jnp.mean(jnp.square(out - tgt), axis=tuple(range(1, x0.ndim)))
   loss = jnp.mean(per_ex)
   bounds = jnp.asarray([p.p_mean + p.p_std * z for z in _NORMAL_QUARTILES], jnp.float32)

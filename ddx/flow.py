@@ -20,8 +20,7 @@ and v̂ = (x_t − x̂_0)/t; JiT, Li & He 2025).
 """
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -30,12 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import diffusion
+from ddx.diffusion import bcast
+from ddx.processes import flow_config
+from ddx.processes.flow_config import PREDICTIONS, T_SAMPLINGS
 
-T_SAMPLINGS = ("logit_normal", "uniform")
-PREDICTIONS = ("v", "x0")
 # The smallest t that `velocity` divides by: no sampler evaluates t = 0, so
 # this only keeps a stray t = 0 finite.
 _T_FLOOR = 1e-6
+_DEFAULTS = flow_config.SPEC.defaults()   # the config's defaults are the class's
 
 
 def _static(default):
@@ -45,14 +46,14 @@ def _static(default):
 @flax.struct.dataclass
 class Flow:
   """Flow-matching hyper-parameters; all static, so a pytree with no leaves."""
-  t_sampling: str = _static("logit_normal")   # logit_normal | uniform
-  logit_mean: float = _static(0.0)            # SD3: m = 0, s = 1
-  logit_std: float = _static(1.0)
-  shift: float = _static(1.0)                 # SD3 Eq. 23; 1 = no shift
-  prediction: str = _static("v")              # v | x0
+  t_sampling: str = _static(_DEFAULTS["t_sampling"])  # logit_normal | uniform
+  logit_mean: float = _static(_DEFAULTS["logit_mean"])  # SD3: m = 0, s = 1
+  logit_std: float = _static(_DEFAULTS["logit_std"])
+  shift: float = _static(_DEFAULTS["shift"])  # SD3 Eq. 23; 1 = no shift
+  prediction: str = _static(flow_config.SPEC.default_prediction)  # v | x0
   # For prediction x0, the loss divides by max(t, t_min) (JiT's t_eps 0.05):
   # the v-loss ‖x̂_0 − x_0‖²/t² would weigh small t without bound.
-  t_min: float = _static(0.05)
+  t_min: float = _static(_DEFAULTS["t_min"])
 
   def check(self) -> "Flow":
     """Raises ValueError (one line naming the config key) for a bad value.
@@ -60,30 +61,9 @@ class Flow:
     Returns:
       self, so that `Flow(...).check()` can be chained.
     """
-    if self.t_sampling not in T_SAMPLINGS:
-      raise ValueError(f"diffusion.t_sampling={self.t_sampling!r} is unknown; "
-                       f"use one of {T_SAMPLINGS}")
-    if self.prediction not in PREDICTIONS:
-      raise ValueError(f"diffusion.prediction={self.prediction!r} is not a flow "
-                       f"prediction; use one of {PREDICTIONS}")
-    for name in ("logit_mean", "logit_std", "shift", "t_min"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise ValueError(f"diffusion.{name}={v!r} must be a finite number")
-    if self.logit_std <= 0:
-      raise ValueError(f"diffusion.logit_std={self.logit_std} must be > 0 (SD3: 1.0)")
-    if self.shift <= 0:
-      raise ValueError(f"diffusion.shift={self.shift} must be > 0 "
-                       "(1 = no shift; SD3 uses 3 at 1024²)")
-    if not 0 < self.t_min < 1:
-      raise ValueError(f"diffusion.t_min={self.t_min} must lie in (0, 1) (JiT: 0.05)")
+    flow_config.SPEC.check(dataclasses.asdict(self))
+    flow_config.check_prediction(self.prediction)
     return self
-
-
-def _bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-  """Reshapes a per-example [B] array to broadcast against x [B, ...]."""
-  a = jnp.asarray(a, x.dtype)
-  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def interpolate(x0: jnp.ndarray, noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
@@ -94,7 +74,7 @@ def interpolate(x0: jnp.ndarray, noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndar
   Returns:
     x_t [B, ...].
   """
-  t = _bcast(t, x0)
+  t = bcast(t, x0)
   return (1.0 - t) * x0 + t * noise
 
 
@@ -146,12 +126,12 @@ def velocity(p: Flow, net_out: jnp.ndarray, x_t: jnp.ndarray,
   net_out = net_out.astype(jnp.float32)
   if p.prediction == "v":
     return net_out
-  return (x_t - net_out) / _bcast(jnp.maximum(t, _T_FLOOR), x_t)
+  return (x_t - net_out) / bcast(jnp.maximum(t, _T_FLOOR), x_t)
 
 
 def x0_from_velocity(x_t: jnp.ndarray, v: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
   """x̂_0 = x_t − t·v̂ (the point the straight line through x_t reaches at t = 0)."""
-  return x_t - _bcast(t, x_t) * v
+  return x_t - bcast(t, x_t) * v
 
 
 def flow_loss(apply_fn: Callable[..., Any], params: Any, p: Flow, x0: jnp.ndarray,
@@ -191,7 +171,7 @@ def flow_loss(apply_fn: Callable[..., Any], params: Any, p: Flow, x0: jnp.ndarra
   if p.prediction == "v":
     err = out - velocity_target(x0, noise)
   else:
-    err = (x0 - out) / _bcast(jnp.maximum(t, p.t_min), x0)
+    err = (x0 - out) / bcast(jnp.maximum(t, p.t_min), x0)
   per_ex = jnp.mean(jnp.square(err), axis=tuple(range(1, x0.ndim)))
   loss = jnp.mean(per_ex)
   q = jnp.clip(jnp.floor(t * 4).astype(jnp.int32), 0, 3)

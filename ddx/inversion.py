@@ -109,7 +109,7 @@ def _invert_jit(model, images, labels, guidance_scale, *, steps, guided):
   images = model_lib.shard_batch(images)   # data-parallel, as sample_fn
   # Uniform spacing: pass spacing="uniform" to sample_fn to sample back.
   return invert(fn, model.schedule, images, steps=steps,
-                prediction=model.config.diffusion.prediction, spacing="uniform")
+                prediction=model.schedule.prediction, spacing="uniform")
 
 
 def invert_fn(model: Model, images: jnp.ndarray, steps: Optional[int] = None, *,

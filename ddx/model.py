@@ -17,28 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import config as config_lib
-from ddx import edm
-from ddx import flow
 from ddx import models
 from ddx import options as options_lib
 from ddx import parallel
+from ddx import processes
 from ddx import sampling
-from ddx import schedules
 from ddx.schedules import Schedule
 
 
-def process_from_config(diffusion_config):
-  """The process a run trains and samples: a `Schedule` (ddpm), `EDM` or `Flow`."""
-  f = diffusion_config
-  name = f.get("process", "ddpm")
-  if name == "edm":
-    return edm.EDM(sigma_data=f.sigma_data, sigma_min=f.sigma_min, sigma_max=f.sigma_max,
-                   rho=f.rho, p_mean=f.p_mean, p_std=f.p_std)
-  if name == "flow":
-    return flow.Flow(t_sampling=f.t_sampling, logit_mean=f.logit_mean,
-                     logit_std=f.logit_std, shift=f.shift, prediction=f.prediction,
-                     t_min=f.t_min)
-  return schedules.from_config(f)
+def process_from_config(diffusion_config) -> processes.Process:
+  """The process a run trains and samples (`ddx.processes`, by diffusion.process):
+  a DDPMProcess (a `Schedule`), EDMProcess (an `EDM`) or FlowProcess (a `Flow`)."""
+  return processes.from_config(diffusion_config)
 
 
 def mean_output(config, out: jnp.ndarray) -> jnp.ndarray:
@@ -112,7 +102,9 @@ class Model:
 
   @property
   def process(self):
-    """The run's process: a `Schedule` (ddpm), `ddx.edm.EDM` or `ddx.flow.Flow`."""
+    """The run's process (`ddx.processes.Process`): for ddpm a `Schedule`, for
+    edm a `ddx.edm.EDM`, for flow a `ddx.flow.Flow`, each with the protocol's
+    methods (loss, denoiser, sample, ode)."""
     # Concrete even inside a jit trace: a function of the static config, and
     # samplers may need its values (log-SNR spacing).
     with jax.ensure_compile_time_eval():
@@ -122,7 +114,7 @@ class Model:
   def schedule(self) -> Schedule:
     """The DDPM schedule of a ddpm-process model."""
     process = self.process
-    if not isinstance(process, Schedule):
+    if getattr(process, "alphas_cumprod", None) is None:   # no DDPM arrays
       raise ValueError(f"model.schedule: this model's diffusion.process is "
                        f"{self.config.diffusion.process}, which has no DDPM schedule; "
                        "use model.process")
@@ -169,15 +161,10 @@ def denoiser(model: Model, labels=None, guidance_scale=1.0,
 
 def process_denoiser(model: Model, fn):
   """The raw (guided) network `fn(x, time)` as what `ddx.sample` takes for the
-  model's process: ddpm: unchanged (the output in diffusion.prediction); edm:
-  D(x; σ) with EDM's preconditioning; flow: the velocity at t (the network
-  sees time 1000·t)."""
-  process = model.process
-  if isinstance(process, edm.EDM):
-    return lambda x, sigma: edm.denoise(process, fn, x, sigma)
-  if isinstance(process, flow.Flow):
-    return lambda x, t: flow.velocity(process, fn(x, flow.time_input(t)), x, t)
-  return fn
+  model's process (`process.denoiser`): ddpm: unchanged (the output in
+  diffusion.prediction); edm: D(x; σ) with EDM's preconditioning; flow: the
+  velocity at t (the network sees time 1000·t)."""
+  return model.process.denoiser(fn)
 
 
 def shard_batch(x):
@@ -211,13 +198,11 @@ def sample_jit(model, rng, labels, x_T, options: options_lib.SampleOptions, *,
   if sampler == "stochastic":
     extra = dict(churn=f32(o.churn), s_tmin=f32(o.s_tmin), s_tmax=f32(o.s_tmax),
                  s_noise=f32(o.s_noise))
-  if isinstance(model.process, Schedule) and sampler not in sampling.SAMPLERS:
-    extra["sigma_index"] = o.sigma_index
   res = sampling.sample(fn, model.process, rng, shape,
                         sampler=sampler, steps=steps, eta=eta, x_T=shard_batch(x_T),
-                        clip_x0=clip_x0, prediction=model.config.diffusion.prediction,
-                        ddpm_variance=ddpm_variance, spacing=spacing,
-                        return_trajectory=return_trajectory, **extra)
+                        clip_x0=clip_x0, ddpm_variance=ddpm_variance, spacing=spacing,
+                        return_trajectory=return_trajectory, sigma_index=o.sigma_index,
+                        **extra)
   x, traj = res if return_trajectory else (res, None)
   if model.is_latent and decode and model.autoencoder is not None:
     x = decode_latents(model.autoencoder, x)

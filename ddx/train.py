@@ -28,15 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
 from ddx import data as data_lib
-from ddx import diffusion
-from ddx import edm
-from ddx import flow
 from ddx import eval_run
 from ddx import evaluation
 from ddx import latents
 from ddx import logging as log_lib
 from ddx import parallel
 from ddx import posthoc_ema
+from ddx import processes
 from ddx import model as model_lib
 
 
@@ -119,18 +117,12 @@ def create_state(config, tx: optax.GradientTransformation, rng: jax.Array) -> Tr
 
 
 def process_loss(apply_fn, params, process, x0, rng, config):
-  """The training loss of the run's process, with the network's auxiliary output.
-
-  ddpm: DDPM's simple loss in diffusion.prediction (`ddx.diffusion`); edm:
-  EDM's preconditioned, λ-weighted loss (`ddx.edm`); flow: the flow-matching
-  velocity loss (`ddx.flow`). `apply_fn(params, x, time) -> (out, aux)`.
+  """The training loss of the run's process (`process.loss`, `ddx.processes`),
+  with the network's auxiliary output. `apply_fn(params, x, time) -> (out, aux)`.
+  A bare Schedule trains in config.diffusion.prediction.
   """
-  if isinstance(process, edm.EDM):
-    return edm.edm_loss(apply_fn, params, process, x0, rng, has_aux=True)
-  if isinstance(process, flow.Flow):
-    return flow.flow_loss(apply_fn, params, process, x0, rng, has_aux=True)
-  return diffusion.diffusion_loss(apply_fn, params, process, x0, rng,
-                                  prediction=config.diffusion.prediction, has_aux=True)
+  process = processes.as_process(process, config.diffusion.get("prediction"))
+  return process.loss(apply_fn, params, x0, rng, has_aux=True)
 
 
 def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
@@ -143,7 +135,8 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
     batch: {"image": [B, H, W, C] float32 in [-1, 1], "label": [B] int32}.
     base_rng: the run's base key; this step's key is fold_in(base_rng, step).
     net, sched, tx, config: static (bound with functools.partial before jit);
-      sched is the process (a Schedule, `ddx.edm.EDM` or `ddx.flow.Flow`).
+      sched is the process (`ddx.processes.Process`, or a bare Schedule, EDM
+      or Flow).
   Returns:
     (new state, metrics): loss, grad_norm (before clipping), param_norm,
     update_norm, lr, ema_decay, mse_by_quartile [4], finite (bool). A

@@ -6,14 +6,19 @@ import pytest
 
 from ddx import config as config_lib
 
-from testutils import ROOT
+from testutils import ROOT, load_config
 
 
-def test_configs_load_with_ml_collections_alone():
-  """As big_vision's: a config file pulls in neither JAX nor Flax."""
-  code = ("import sys; from ddx import config as c\n"
-          "for n in ('default', 'digits', 'digits_cond', 'cifar10', 'article', 'test', 'digits_dit'):\n"
-          "  cfg = c.from_file(f'configs/{n}.py'); cfg.data.path = cfg.data.path or 'x'; c.validate(cfg)\n"
+def test_configs_load_and_validate_with_ml_collections_alone():
+  """As big_vision's: every config file loads and validates (under every
+  process) without pulling in JAX or Flax."""
+  code = ("import glob, sys, warnings; from ddx import config as c\n"
+          "warnings.simplefilter('ignore', c.ConfigWarning)\n"
+          "paths = sorted(glob.glob('configs/*.py')); assert len(paths) >= 11, paths\n"
+          "for p in paths:\n"
+          "  cfg = c.from_file(p); cfg.data.path = cfg.data.path or 'x'; c.validate(cfg)\n"
+          "for n in c.PROCESSES:\n"
+          "  cfg = c.base_config(); cfg.diffusion.process = n; c.validate(cfg)\n"
           "bad = [m for m in ('jax', 'flax', 'optax', 'orbax', 'PIL') if m in sys.modules]\n"
           "assert not bad, bad\n")
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -22,18 +27,110 @@ def test_configs_load_with_ml_collections_alone():
 
 
 def test_name_lists_match_the_implementations():
-  from ddx import diffusion, evaluation, sampling, schedules
+  """Every name list config.py holds equals the one of the module that implements
+  it (the process ones are the processes' Specs, which the JAX modules import)."""
+  from ddx import bpd, diffusion, evaluation, flow, likelihood, models, processes
+  from ddx import sampling, schedules
   from ddx.models import attention, layers
+  from ddx.sampling import discrete, sigma
   assert config_lib.PREDICTIONS == diffusion.PREDICTIONS
+  assert config_lib.FLOW_PREDICTIONS == flow.PREDICTIONS
   assert config_lib.ATTENTIONS == attention.ATTENTIONS
   assert config_lib.REMATS == layers.REMATS
+  assert config_lib.TIME_EMBEDDINGS == layers.TIME_EMBEDDINGS
   assert config_lib.SCHEDULES == schedules.names()
   assert config_lib.NORMS == layers.NORMS
-  assert config_lib.SAMPLERS == tuple(sampling.SAMPLERS)
+  assert config_lib.MODELS == models.NAMES
+  assert config_lib.SAMPLERS == tuple(sampling.SAMPLERS) == tuple(discrete.SAMPLERS)
   assert config_lib.SPACINGS == sampling.SPACINGS
   assert config_lib.DDPM_VARIANCES == sampling.DDPM_VARIANCES
+  assert config_lib.SIGMA_INDICES == sigma.SIGMA_INDICES
+  assert config_lib.PROCESSES == processes.names()
+  assert config_lib.SAMPLERS_BY_PROCESS == sampling.SAMPLERS_BY_PROCESS == {
+      "ddpm": tuple(discrete.SAMPLERS) + ("euler", "heun", "stochastic"),
+      "edm": sigma.SAMPLERS, "flow": sampling.flow.SAMPLERS}
   assert config_lib.METRICS == evaluation.METRICS
   assert config_lib.INCEPTION_METRICS == evaluation.INCEPTION_METRICS
+  assert config_lib.BPD_ESTIMATORS == bpd.ESTIMATORS
+  assert config_lib.BPD_TRACES == likelihood.TRACES
+  assert config_lib.BPD_PROBES == likelihood.PROBES
+  assert config_lib.BPD_SOLVERS == likelihood.SOLVERS
+  assert set(processes.spec("ddpm").bpd_estimators) == set(bpd.ESTIMATORS)
+  # model.dtype: the networks take any name jnp.dtype knows; these are the two
+  # compute dtypes ddx supports.
+  import jax.numpy as jnp
+  assert [jnp.dtype(d) for d in config_lib.DTYPES] == [jnp.float32, jnp.bfloat16]
+
+
+def test_auto_becomes_the_process_default_and_explicit_values_stay():
+  """diffusion.prediction / sampling.sampler / eval.sampler "auto" resolve to the
+  chosen process's defaults in validate (what config.json then holds)."""
+  want = {"ddpm": ("eps", "ddim"), "edm": ("auto", "heun"), "flow": ("v", "euler")}
+  for process, (prediction, sampler) in want.items():
+    c = config_lib.base_config()
+    c.diffusion.process = process
+    config_lib.validate(c)
+    assert (c.diffusion.prediction, c.sampling.sampler, c.eval.sampler) == (
+        prediction, sampler, sampler), process
+  c = config_lib.base_config()
+  c.diffusion.process, c.diffusion.prediction, c.sampling.sampler = "flow", "x0", "heun"
+  config_lib.validate(c)
+  assert (c.diffusion.prediction, c.sampling.sampler) == ("x0", "heun")
+  # A saved config.json of an older ddx (explicit values) loads as it was; one
+  # missing the keys gets its process's defaults.
+  old = config_lib.with_defaults({"diffusion": {"process": "ddpm", "prediction": "v"},
+                                  "sampling": {"sampler": "ddpm"}})
+  assert (old.diffusion.prediction, old.sampling.sampler) == ("v", "ddpm")
+  bare = config_lib.with_defaults({"diffusion": {"process": "flow"}})
+  assert (bare.diffusion.prediction, bare.sampling.sampler) == ("v", "euler")
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("sigma_data", -1.0, r"diffusion.sigma_data=-1.0 must be > 0 .*diffusion.process=edm"),
+    ("sigma_min", 100.0, r"diffusion.sigma_min=100.0 must be below diffusion.sigma_max"),
+    ("shift", 0.0, r"diffusion.shift=0.0 must be > 0 .*diffusion.process=flow"),
+    ("t_min", 1.5, r"diffusion.t_min=1.5 must lie in \(0, 1\)"),
+])
+def test_out_of_range_key_of_another_process_is_an_error(key, value, match):
+  """An EDM / flow key out of range is refused under the default DDPM process."""
+  c = config_lib.base_config()
+  c.diffusion[key] = value
+  with pytest.raises(config_lib.ConfigError, match=match) as e:
+    config_lib.validate(c)
+  assert "\n" not in str(e.value)
+
+
+def test_changed_key_the_process_does_not_read_warns_once():
+  c = config_lib.base_config()
+  c.diffusion.sigma_data = 1.0       # an EDM key, in range, under ddpm
+  with pytest.warns(config_lib.ConfigWarning,
+                    match=r"^diffusion.sigma_data=1.0 has no effect: only "
+                    r"diffusion.process=edm reads it, and this run's is ddpm") as rec:
+    config_lib.validate(c)
+  assert len(rec) == 1 and "\n" not in str(rec[0].message)
+  c = config_lib.base_config()
+  c.diffusion.process, c.diffusion.prediction = "edm", "eps"   # EDM has no prediction
+  with pytest.warns(config_lib.ConfigWarning, match="diffusion.prediction='eps' has no "
+                    "effect: diffusion.process=edm does not read it"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("process", ["ddpm", "edm", "flow"])
+def test_unchanged_keys_give_no_warning(process):
+  import warnings
+  c = config_lib.base_config()
+  c.diffusion.process = process
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    config_lib.validate(c)
+
+
+def test_a_process_switch_brings_its_defaults():
+  """Issue: --config.diffusion.process=flow stopped at prediction='eps'."""
+  c = load_config("default")
+  c.diffusion.process = "flow"
+  config_lib.validate(c)
+  assert c.diffusion.prediction == "v" and c.sampling.sampler == "euler"
 
 
 def test_from_file_errors_are_one_line(tmp_path):

@@ -211,4 +211,8 @@ def test_fourier_without_an_automatic_scale_asks_for_one():
 
 def test_config_names_are_the_networks():
   assert config_lib.TIME_EMBEDDINGS == layers.TIME_EMBEDDINGS
-  assert set(config_lib.AUTO_TIME_EMBEDDING) == set(config_lib.PROCESSES)
+  from ddx import processes
+  for name in processes.names():   # every process's "auto" is an embedding the networks have
+    spec = processes.spec(name)
+    assert spec.time_embedding in layers.TIME_EMBEDDINGS
+    assert set(spec.time_scales) <= set(layers.TIME_EMBEDDINGS)

@@ -209,6 +209,8 @@ def write_workdir(workdir: str, config, params: Any,
   from ddx import checkpoint as ckpt_lib
   from ddx import config as config_lib
   from ddx import train
+  from ddx import processes
+  processes.resolve_defaults(config)   # config.json holds what runs, as training's
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   tmp = root / "config.json.tmp"    # as training writes it

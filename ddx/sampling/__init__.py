@@ -9,9 +9,10 @@
   steps.py      the steps they share: Euler/Heun, DPM-Solver++(2M)
 
 `sample(denoise_fn, process, rng, shape, sampler=..., steps=...)` runs any of
-them, dispatching on the process (a `Schedule`, `ddx.edm.EDM` or
-`ddx.flow.Flow`); it is pure and composes under the caller's `jax.jit`. The
-face that wraps a trained network (guidance, jit, sharding) is `ddx.model`.
+them: it checks the sampler against the process's `Spec` and hands over to the
+process (`ddx.processes`), which picks its grid and sampler module. It is pure
+and composes under the caller's `jax.jit`. The face that wraps a trained
+network (guidance, jit, sharding) is `ddx.model`.
 """
 from __future__ import annotations
 
@@ -21,40 +22,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx import edm as edm_lib
-from ddx import flow as flow_lib
+from ddx import processes
 from ddx.sampling import discrete
 from ddx.sampling import flow
 from ddx.sampling import sigma
 from ddx.sampling.discrete import (DDPM_VARIANCES, SAMPLERS, SPACINGS, DenoiseFn,
                                    Step, initial_noise, timesteps)
-from ddx.schedules import Schedule
 
-# The samplers each process offers (config.sampling.sampler mirrors this).
-# A DDPM model runs the σ-grid samplers through the VP mapping (sigma.vp_*).
-SAMPLERS_BY_PROCESS = {
-    "ddpm": tuple(discrete.SAMPLERS) + ("euler", "heun", "stochastic"),
-    "edm": sigma.SAMPLERS,
-    "flow": flow.SAMPLERS,
-}
-# What `sample` runs when sampler is None.
-DEFAULT_SAMPLER = {"ddpm": "ddim", "edm": "heun", "flow": "euler"}
+# The samplers each built-in process offers, and what `sample` runs when
+# sampler is None or "auto" (from the processes' Specs). A DDPM model runs
+# the σ-grid samplers through the VP mapping (sigma.vp_*).
+SAMPLERS_BY_PROCESS = {n: processes.spec(n).samplers for n in processes.names()}
+DEFAULT_SAMPLER = {n: processes.spec(n).default_sampler for n in processes.names()}
 
-__all__ = ["sample", "process_name", "timesteps", "initial_noise", "SAMPLERS",
+__all__ = ["sample", "timesteps", "initial_noise", "SAMPLERS",
            "SAMPLERS_BY_PROCESS", "DEFAULT_SAMPLER", "SPACINGS", "DDPM_VARIANCES",
            "DenoiseFn", "Step", "discrete", "sigma", "flow"]
-
-
-def process_name(process) -> str:
-  """"ddpm" for a `Schedule`, "edm" for an `EDM`, "flow" for a `Flow`."""
-  if isinstance(process, Schedule):
-    return "ddpm"
-  if isinstance(process, edm_lib.EDM):
-    return "edm"
-  if isinstance(process, flow_lib.Flow):
-    return "flow"
-  raise ValueError(f"process of type {type(process).__name__} is unknown; pass a "
-                   "ddx Schedule, ddx.edm.EDM or ddx.flow.Flow")
 
 
 def _nonzero(v) -> bool:
@@ -68,7 +51,7 @@ def _nonzero(v) -> bool:
 def sample(denoise_fn, process, rng: jax.Array, shape,
            sampler: Optional[str] = None, steps: int = 50, eta: float = 0.0,
            x_T: Optional[jnp.ndarray] = None, clip_x0: bool = False,
-           prediction: str = "eps", ddpm_variance: str = "posterior",
+           prediction: Optional[str] = None, ddpm_variance: str = "posterior",
            spacing: Optional[str] = None, return_trajectory: bool = False, *,
            churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
            sigma_index: str = "nearest"):
@@ -77,7 +60,7 @@ def sample(denoise_fn, process, rng: jax.Array, shape,
   Pure and jit-composable: call it inside your own `jax.jit`, with weights
   flowing in as arguments of that jit (through the closure in `denoise_fn`).
 
-  What denoise_fn is, by process:
+  What denoise_fn is, by process (what `process.denoiser(network)` makes):
     Schedule (DDPM): `denoise_fn(x_t, i) -> [B, ...]` the network output in
       the `prediction` parameterisation, i int32 [B] in [0, T) (float32
       fractional indices for sigma_index="interp").
@@ -97,20 +80,22 @@ def sample(denoise_fn, process, rng: jax.Array, shape,
 
   Args:
     denoise_fn: see above.
-    process: a `Schedule`, `ddx.edm.EDM` or `ddx.flow.Flow` (checked here).
+    process: a `ddx.processes.Process` (what `ddx.Model.process` is), or a
+      bare `Schedule`, `ddx.edm.EDM` or `ddx.flow.Flow`.
     rng: PRNG key for the starting noise (`initial_noise(rng, shape)`, scaled
       by σ_0 on a σ grid) and the per-step noise.
     shape: shape of the sample batch, e.g. (B, H, W, C).
-    sampler: one of SAMPLERS_BY_PROCESS[process]; None = DEFAULT_SAMPLER
-      (ddim, heun, euler).
+    sampler: one of the process's samplers (SAMPLERS_BY_PROCESS); None or
+      "auto" = its default (DEFAULT_SAMPLER: ddim, heun, euler).
     steps: number of sampler steps N (static); 1 <= N <= T for the discrete
       samplers.
     eta: DDIM η (ddim only).
     x_T: optional unit starting noise [shape]; drawn from rng when None.
     clip_x0: clip x̂_0 to [-1, 1] at every step: the DDPM x̂_0, EDM's D, and
       for flow the implied x̂_0 = x_t − t·v̂ (the velocity is recomputed).
-    prediction: eps | x0 | v, what a DDPM denoise_fn returns (ignored by
-      EDM and flow, whose denoise_fn already returns D or v̂).
+    prediction: eps | x0 | v, what a DDPM denoise_fn returns; None keeps the
+      process's own (a bare Schedule: eps). Ignored by EDM and flow, whose
+      denoise_fn already returns D or v̂.
     ddpm_variance: for "ddpm": "posterior" (σ² = β̃, default) or "beta" (σ² = β).
     spacing: one of SPACINGS, for the discrete DDPM samplers only; None
       picks the sampler's default.
@@ -123,38 +108,22 @@ def sample(denoise_fn, process, rng: jax.Array, shape,
   Returns:
     x_0 [shape] float32 (not clipped unless clip_x0), or (x_0, trajectory).
   """
-  name = process_name(process)
-  valid = SAMPLERS_BY_PROCESS[name]
-  sampler = DEFAULT_SAMPLER[name] if sampler is None else sampler
+  proc = processes.as_process(process, prediction)
+  name, valid = proc.spec.name, proc.spec.samplers
+  sampler = proc.spec.default_sampler if sampler in (None, processes.AUTO) else sampler
   if sampler not in valid:
     raise ValueError(f"sampler={sampler!r} does not exist for the {name} process; "
                      f"use one of {valid}")
   if sampler != "stochastic" and _nonzero(churn):
     raise ValueError(f"churn={churn} applies to sampler='stochastic' only; "
                      f"set churn=0 for sampler={sampler!r}")
-  if name == "ddpm" and sampler in discrete.SAMPLERS:
-    return discrete.sample(denoise_fn, process, rng, shape, sampler=sampler,
-                           steps=steps, eta=eta, x_T=x_T, clip_x0=clip_x0,
-                           prediction=prediction, ddpm_variance=ddpm_variance,
-                           spacing=spacing, return_trajectory=return_trajectory)
-  if spacing is not None:
-    raise ValueError(f"spacing={spacing!r} applies to the discrete DDPM samplers "
-                     f"{tuple(discrete.SAMPLERS)} only; {sampler!r} on the {name} "
-                     "process walks its own grid: leave spacing unset")
-  if name == "flow":
-    process.check()
-    return flow.sample(denoise_fn, flow_lib.time_grid(steps, process.shift), rng,
-                       shape, sampler, x_T=x_T, clip_x0=clip_x0,
-                       return_trajectory=return_trajectory)
-  if name == "edm":
-    process.check()
-    grid = edm_lib.karras_sigmas(process.sigma_min, process.sigma_max, process.rho,
-                                 steps)
-    fn, round_sigma = denoise_fn, None
-  else:
-    grid = sigma.vp_grid(process, steps, sigma_index)
-    fn = sigma.vp_denoiser(denoise_fn, process, prediction, sigma_index)
-    round_sigma = sigma.vp_round_sigma(process, sigma_index)
-  return sigma.sample(fn, grid, rng, shape, sampler, churn=churn, s_tmin=s_tmin,
-                      s_tmax=s_tmax, s_noise=s_noise, round_sigma=round_sigma, x_T=x_T,
-                      clip_x0=clip_x0, return_trajectory=return_trajectory)
+  spaced = proc.spec.spaced_samplers
+  if spacing is not None and sampler not in spaced:
+    raise ValueError(f"spacing={spacing!r} applies to the samplers {spaced} of the {name} "
+                     f"process only; {sampler!r} on the {name} process walks its own "
+                     "grid: leave spacing unset")
+  return proc.sample(denoise_fn, rng, shape, sampler, steps, x_T=x_T, clip_x0=clip_x0,
+                     return_trajectory=return_trajectory, eta=eta,
+                     ddpm_variance=ddpm_variance, spacing=spacing, churn=churn,
+                     s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                     sigma_index=sigma_index)

@@ -1,0 +1,170 @@
+"""Diffusion processes behind one interface, picked by name (config.diffusion.process).
+
+A process is two modules and one line in `REGISTRY` below:
+
+  <name>_config.py   a `Spec` (ddx.processes.base), plain Python: the
+                     diffusion.* keys it owns with their defaults and range
+                     checks, its predictions and samplers and their defaults.
+                     `ddx.config` validates through it, so checking a config
+                     never imports JAX.
+  <name>.py          the JAX half, a class implementing `Process` (below),
+                     named by Spec.implementation.
+
+Nothing outside these modules branches on the process: the trainer calls
+`process.loss`, `ddx.model` wraps the network with `process.denoiser`,
+`ddx.sample` runs `process.sample`, `ddx.bpd` integrates `process.ode`.
+A process registered at run time (`register`, or a test's
+`monkeypatch.setitem(REGISTRY, ...)`) goes through the same paths.
+
+"auto" values: diffusion.prediction, sampling.sampler and eval.sampler
+default to "auto", which `resolve_defaults` turns into the process's
+`default_prediction` / `default_sampler` before a run's config is saved, so
+config.json holds what ran. sampling.spacing / eval.spacing "auto" stays:
+it means the chosen sampler's own default grid (`ddx.sampling`).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional, Protocol
+
+from ddx.processes import ddpm_config, edm_config, flow_config
+from ddx.processes.base import AUTO, Field, Spec
+
+# diffusion.process -> its Spec. A new process: one entry here.
+REGISTRY: dict[str, Spec] = {
+    "ddpm": ddpm_config.SPEC,
+    "edm": edm_config.SPEC,
+    "flow": flow_config.SPEC,
+}
+
+__all__ = ["AUTO", "Field", "Spec", "Process", "REGISTRY", "register", "names", "spec",
+           "implementation", "from_config", "as_process", "fields", "resolve_defaults"]
+
+
+class Process(Protocol):
+  """The JAX half of a process: one object holding its (static) settings.
+
+  `ddx.Model.process` and `ddx.processes.from_config` return one. Times:
+  each process has its own (DDPM: int32 index i in [0, T); EDM: σ; flow:
+  t in [0, 1]); `denoise_fn(x, time)` below is the process-native denoiser
+  that `sample` and `ode` take, what `denoiser(net_fn)` makes of a network.
+  """
+  spec: Spec   # class attribute: the process's config half
+
+  @classmethod
+  def from_config(cls, f) -> "Process":
+    """The process for config.diffusion `f` (diffusion.prediction resolved)."""
+
+  @classmethod
+  def coerce(cls, obj, prediction: Optional[str]) -> Optional["Process"]:
+    """obj as this process (e.g. a bare ddx.edm.EDM), or None if it is not one."""
+
+  def check(self) -> "Process":
+    """Raises ValueError (one line naming the diffusion.* key) for a bad value."""
+
+  def loss(self, apply_fn: Callable, params: Any, x0, rng, has_aux: bool = False):
+    """The training loss. apply_fn(params, x_in [B, ...], time [B]) -> out (and
+    aux when has_aux). Returns (loss scalar float32, metrics dict with "loss",
+    "mse_by_quartile" [4] and "aux" when has_aux)."""
+
+  def denoiser(self, net_fn: Callable) -> Callable:
+    """The raw network net_fn(x, network time [B]) as the process-native
+    denoise_fn(x, time [B]): the time the network sees, the preconditioning."""
+
+  def grid(self, sampler: str, steps: int, spacing: Optional[str] = None,
+           sigma_index: str = "nearest"):
+    """The host-side (NumPy) times `sampler` visits in `steps` steps."""
+
+  def sample(self, denoise_fn: Callable, rng, shape, sampler: str, steps: int, *,
+             x_T=None, clip_x0: bool = False, return_trajectory: bool = False,
+             **options):
+    """Runs `sampler` (checked by ddx.sample) as one lax.scan; options are
+    eta, ddpm_variance, spacing, churn, s_tmin, s_tmax, s_noise, sigma_index;
+    a process reads the ones its samplers take."""
+
+  def ode(self, denoise_fn: Callable, steps: int):
+    """The likelihood ODE: (drift(x, s), grid [steps + 1] NumPy, prior_logp(x),
+    scale), integrated from grid[0] (data side, at scale·x) to grid[-1]."""
+
+  # Optional, where a mapping exists: to_sigma(denoise_fn, steps, sigma_index)
+  # -> (σ grid [steps + 1], D(x; σ)), the process in EDM's σ form x = y + σn
+  # (DDPM: the VP mapping; EDM: itself), which the σ-grid samplers and the
+  # σ-form ODE (`ddx.processes.edm.sigma_ode`) run on.
+
+
+def register(spec: Spec) -> None:
+  """Adds (or replaces) a process for diffusion.process = spec.name."""
+  REGISTRY[spec.name] = spec
+
+
+def names() -> tuple[str, ...]:
+  """The registered diffusion.process values."""
+  return tuple(REGISTRY)
+
+
+def spec(name: str) -> Spec:
+  """The Spec of diffusion.process = name; ValueError (one line) if unknown."""
+  if name not in REGISTRY:
+    raise ValueError(f"diffusion.process={name!r} is unknown; use one of {names()}")
+  return REGISTRY[name]
+
+
+def implementation(name: str):
+  """The JAX class of diffusion.process = name (imports it: needs JAX)."""
+  impl = spec(name).implementation
+  if isinstance(impl, str):
+    module, cls = impl.split(":")
+    impl = getattr(importlib.import_module(module), cls)
+  return impl
+
+
+def from_config(f) -> Process:
+  """The process that config.diffusion `f` names, e.g. `Model.process`."""
+  return implementation(f.get("process", "ddpm")).from_config(f)
+
+
+def as_process(obj, prediction: Optional[str] = None) -> Process:
+  """A `Process` for what `ddx.sample` and `ddx.bpd.ode_logp` are given.
+
+  Args:
+    obj: a Process, or a bare `ddx.schedules.Schedule` (ddpm), `ddx.edm.EDM`
+      or `ddx.flow.Flow`.
+    prediction: ddpm: what the denoiser returns (eps | x0 | v); None or
+      "auto" keeps the process's own (a bare Schedule: eps).
+  """
+  for name in REGISTRY:
+    p = implementation(name).coerce(obj, None if prediction == AUTO else prediction)
+    if p is not None:
+      return p
+  raise ValueError(f"process of type {type(obj).__name__} is not a ddx process; pass "
+                   "a Schedule (ddpm), ddx.edm.EDM, ddx.flow.Flow or a Process of "
+                   f"one of {names()}")
+
+
+def fields() -> dict[str, Field]:
+  """Every registered process's diffusion.* keys (a key two processes share
+  must have one default)."""
+  out: dict[str, Field] = {}
+  for s in REGISTRY.values():
+    for x in s.fields:
+      if x.key in out and out[x.key].default != x.default:
+        raise ValueError(f"diffusion.{x.key} is a key of two processes with different "
+                         f"defaults ({out[x.key].default!r}, {x.default!r})")
+      out.setdefault(x.key, x)
+  return out
+
+
+def resolve_defaults(config) -> None:
+  """Replaces "auto" by the process's default, in place: diffusion.prediction
+  (left "auto" for a process that does not use it), sampling.sampler and
+  eval.sampler. An unknown process is left for validation to report."""
+  f = config.diffusion
+  s = REGISTRY.get(f.get("process", "ddpm"))
+  if s is None:
+    return
+  if f.get("prediction", AUTO) == AUTO and s.default_prediction is not None:
+    f.prediction = s.default_prediction
+  for group in ("sampling", "eval"):
+    g = config.get(group)
+    if g is not None and g.get("sampler", AUTO) == AUTO:
+      g.sampler = s.default_sampler

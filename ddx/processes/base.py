@@ -1,0 +1,95 @@
+"""What config validation needs to know of a process, in plain Python (no JAX).
+
+Each process is a pair of modules: `<name>_config.py` (a `Spec`: its diffusion.*
+keys with defaults, their range checks, its predictions and samplers and
+their defaults) and `<name>.py` (the JAX implementation the Spec names).
+`ddx.config` validates a run through the Specs alone, so loading and
+checking a config never imports JAX.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Mapping
+
+AUTO = "auto"   # diffusion.prediction / sampling.sampler / eval.sampler: the process's default
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One diffusion.* key a process owns, its default and what it means."""
+  key: str
+  default: Any
+  doc: str
+
+
+class Spec:
+  """The JAX-free half of a process; subclass it once per process.
+
+  Attributes:
+    name: the diffusion.process value that selects it.
+    fields: the diffusion.* keys it owns (diffusion.process and
+      diffusion.prediction are shared by all processes).
+    predictions: valid diffusion.prediction values; () = the key is unused.
+    default_prediction: what diffusion.prediction="auto" becomes (None when
+      the process does not use the key).
+    samplers: valid sampling.sampler / eval.sampler values.
+    default_sampler: what sampler "auto" (or None in `ddx.sample`) becomes.
+    spaced_samplers: the samplers that take sampling.spacing (the others
+      walk the process's own grid, and spacing must be "auto").
+    bpd_estimators: valid eval.bpd_estimator values for this process.
+    time_embedding, time_scales: what model.time_embedding / time_scale
+      "auto" become for this process.
+    implementation: "module:Class" of the JAX process (the `Process`
+      protocol in `ddx.processes`), or the class itself.
+  """
+  name: str = ""
+  fields: tuple[Field, ...] = ()
+  predictions: tuple[str, ...] = ()
+  default_prediction: str | None = None
+  samplers: tuple[str, ...] = ()
+  default_sampler: str = ""
+  spaced_samplers: tuple[str, ...] = ()
+  bpd_estimators: tuple[str, ...] = ("ode",)
+  implementation: Any = ""
+  # model.time_embedding / model.time_scale "auto": the embedding of the network's
+  # time input, and the factor on that input per embedding (an embedding missing
+  # here has no automatic scale). How fast each moves with the noise level:
+  # tests/test_time_embedding.py; their sample quality: benchmarks/noise_conditioning.py.
+  time_embedding: str = "positional"
+  time_scales: Mapping[str, float] = {"positional": 1.0}
+
+  def check(self, f: Mapping[str, Any]) -> None:
+    """Range-checks this process's own keys in `f` (config.diffusion or a dict).
+
+    Raises:
+      ValueError: one line naming the key, the value and the valid range.
+    """
+
+  def max_steps(self, f: Mapping[str, Any], sampler: str) -> int:
+    """The most sampler steps `sampler` can take on this process."""
+    del f, sampler
+    return 100_000
+
+  def defaults(self) -> dict[str, Any]:
+    return {x.key: x.default for x in self.fields}
+
+
+def is_finite(v: Any) -> bool:
+  """Whether v is a finite real number (not a bool)."""
+  return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+
+
+def finite(f: Mapping[str, Any], *keys: str) -> None:
+  """Raises ValueError unless every diffusion.<key> is a finite real number."""
+  for k in keys:
+    v = f[k]
+    if not is_finite(v):
+      raise ValueError(f"diffusion.{k}={v!r} must be a finite number")
+
+
+def one_of(f: Mapping[str, Any], key: str, valid: tuple[str, ...]) -> None:
+  """Raises ValueError unless diffusion.<key> is one of `valid`."""
+  if f[key] not in valid:
+    raise ValueError(f"diffusion.{key}={f[key]!r} is unknown; use one of {valid}")
