@@ -86,7 +86,7 @@ def test_auto_becomes_the_process_default_and_explicit_values_stay():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("sigma_data", -1.0, r"diffusion.sigma_data=-1.0 must be > 0 .*diffusion.process=edm"),
+    ("sigma_data", -1.0, r"diffusion.sigma_data=-1.0 must be a number > 0 .*diffusion.process=edm"),
     ("sigma_min", 100.0, r"diffusion.sigma_min=100.0 must be below diffusion.sigma_max"),
     ("shift", 0.0, r"diffusion.shift=0.0 must be > 0 .*diffusion.process=flow"),
     ("t_min", 1.5, r"diffusion.t_min=1.5 must lie in \(0, 1\)"),
