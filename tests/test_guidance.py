@@ -242,3 +242,17 @@ def test_a_missing_or_empty_guide_workdir_is_a_one_line_error(tmp_path):
       eval_run.Evaluator(c, str(tmp_path))
   c.sampling.guide_workdir = ""
   assert eval_run.load_guide(model, c) is None
+
+
+def test_the_guide_is_a_jit_argument_not_a_constant():
+  """Both models' weights are inputs of the compiled sampler (lowered only)."""
+  c = load_config()
+  c.model.ch_mult, c.model.attn_resolutions = (1,), ()
+  model, guide = random_model(c), random_model(c, seed=1)
+  options = ddx.options.resolve(model.config, num_samples=2, steps=2, sampler="ddim",
+                                guidance_scale=2.0)
+  text = model_lib.sample_jit.lower(model, jax.random.key(0), None, None, options,
+                                    guided=True, guide=guide).as_text()
+  main = next(l for l in text.splitlines() if "func.func public @main" in l)
+  assert main.count("%arg") >= 2 * len(jax.tree.leaves(model.variables))
+  assert "tensor<3x3x8x8xf32> = stablehlo.constant" not in text
