@@ -142,7 +142,7 @@ def _ode_bpd_jit(model, images, rng, labels, *, trace, probe, num_probes, solver
                  rtol, atol, trace_chunk):
   dq_rng, probe_rng = jax.random.split(rng)
   x = model_lib.shard_batch(likelihood.dequantize(images, dq_rng))
-  fn = model_lib.process_denoiser(model, model_lib.denoiser(model, labels))
+  fn = model_lib.denoiser(model, labels)   # the process's own denoiser
   logp, nfe = ode_logp(model.process, fn, x, probe_rng, trace=trace,
                        probe=probe, num_probes=num_probes, solver=solver, steps=steps,
                        rtol=rtol, atol=atol, trace_chunk=trace_chunk)

@@ -176,7 +176,11 @@ def base_config() -> ml_collections.ConfigDict:
   s.eta = 0.0
   s.num_samples = 64
   s.clip_x0 = True
-  s.guidance_scale = 1.0     # CFG weight w: out = u + w(c - u); 1 = plain conditional
+  s.guidance_scale = 1.0     # CFG weight w: out = u + w(c - u); 1 = plain conditional;
+                             # with guide_workdir the autoguidance weight (docs/samplers.md)
+  s.guidance_interval = ()   # () = guide at every step; (lo, hi) = guide only where the
+                             # noise level σ is in (lo, hi], e.g. "(0.28, 2.9)"
+  s.guide_workdir = ""       # autoguidance: a run whose newest checkpoint guides ("" = CFG)
   s.ddpm_variance = "posterior"  # posterior (beta tilde) | beta
   s.spacing = "auto"         # uniform | trailing | quadratic | logsnr; auto = the
                              # sampler's default (README: Samplers)
@@ -524,6 +528,10 @@ def _check_training(config, num_data_shards: int) -> None:
   _require(s.ddpm_variance in DDPM_VARIANCES,
            f"sampling.ddpm_variance={s.ddpm_variance!r} must be one of {DDPM_VARIANCES}")
   _check_guidance(config, "sampling")
+  check_guidance_interval(s.guidance_interval, "sampling.guidance_interval")
+  _require(isinstance(s.guide_workdir, str),
+           f"sampling.guide_workdir={s.guide_workdir!r} must be a workdir path (a string; "
+           "\"\" = no guide model)")
   _require(s.churn >= 0, f"sampling.churn={s.churn} must be >= 0 (0 = deterministic)")
   _require(s.churn == 0 or s.sampler == "stochastic",
            f"sampling.churn={s.churn} applies to the stochastic sampler only; set "
@@ -640,12 +648,31 @@ def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
 
 
 def _check_guidance(config: ml_collections.ConfigDict, group: str) -> None:
-  """Guidance (w != 1) needs a trained null label: training.label_dropout > 0."""
+  """Classifier-free guidance (w != 1, no guide_workdir) needs a trained null
+  label: training.label_dropout > 0."""
   w = config[group].guidance_scale
-  _require(w == 1.0 or config.model.num_classes == 0 or config.training.label_dropout > 0,
+  _require(w == 1.0 or config.model.num_classes == 0 or config.training.label_dropout > 0
+           or bool(config[group].get("guide_workdir", "")),
            f"{group}.guidance_scale={w} needs the unconditional model, but "
            "training.label_dropout=0 never trains the null label; set "
            f"--config.{group}.guidance_scale=1 or train with label_dropout > 0")
+
+
+def check_guidance_interval(interval, name: str = "sampling.guidance_interval") -> None:
+  """Raises ConfigError unless `interval` is () (guide at every step) or (lo, hi)
+  of two numbers with 0 <= lo < hi (hi may be inf from Python; traced values
+  inside jit are not checked)."""
+  fix = ("use () to guide at every step, or (lo, hi) with 0 <= lo < hi, e.g. "
+         "\"(0.28, 2.9)\" (a large hi such as 1e9 for no upper end)")
+  _require(isinstance(interval, (tuple, list)) and len(interval) in (0, 2)
+           and not any(isinstance(v, (str, bool)) for v in interval),
+           f"{name}={interval!r} must be () or two numbers (lo, hi); {fix}")
+  try:
+    ends = [float(v) for v in interval]
+  except Exception:   # traced (inside jit): checked where it was made
+    return
+  _require(not ends or 0.0 <= ends[0] < ends[1],
+           f"{name}={tuple(interval)!r} needs 0 <= lo < hi; {fix}")
 
 
 def check_eval_inputs(config: ml_collections.ConfigDict) -> None:

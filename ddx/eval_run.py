@@ -201,16 +201,51 @@ def model_fingerprint(model: model_lib.Model) -> str:
   return ",".join(f"{v:.9e}" for v in np.asarray(_weights_digest(model.variables)))
 
 
-def _settings(options: options_lib.SampleOptions, e, model: model_lib.Model) -> str:
+def _settings(options: options_lib.SampleOptions, e, model: model_lib.Model,
+              guide: Optional[model_lib.Model] = None, guide_workdir: str = "") -> str:
   """Everything besides the chunk index that decides a chunk's images: every
-  sampling option, eval.seed and eval.batch_size (of `e`, the eval group).
+  sampling option, eval.seed and eval.batch_size (of `e`, the eval group),
+  and the autoguidance guide (its workdir and weights) if there is one.
 
   Includes a fingerprint of the weights, so chunks left by an earlier run in
-  the same workdir at the same step are not reused after a retrain.
+  the same workdir at the same step are not reused after a retrain (nor
+  after the guide's run wrote a newer checkpoint).
   """
+  guided = None if guide is None else {"workdir": guide_workdir,
+                                       "weights": model_fingerprint(guide)}
   return json.dumps({"options": json.loads(options.to_json()), "seed": e.seed,
-                     "chunk": e.batch_size, "weights": model_fingerprint(model)},
-                    sort_keys=True)
+                     "chunk": e.batch_size, "weights": model_fingerprint(model),
+                     "guide": guided}, sort_keys=True)
+
+
+def guide_workdir(model: model_lib.Model, config=None) -> str:
+  """sampling.guide_workdir of `config` (the command line's), else of the
+  model's saved config; "" = no guide."""
+  return str((config if config is not None else model.config).sampling.get(
+      "guide_workdir", ""))
+
+
+def load_guide(model: model_lib.Model, config=None) -> Optional[model_lib.Model]:
+  """The autoguidance guide: the newest readable checkpoint of guide_workdir
+  (`guide_workdir`), checked against `model`; None when it is "".
+
+  Raises:
+    ConfigError: guide_workdir has no readable checkpoint, or its model
+      cannot guide this one (`ddx.model.check_guide`); one line each.
+  """
+  from ddx import checkpoint as ckpt_lib
+  path = guide_workdir(model, config)
+  if not path:
+    return None
+  try:
+    _, guide = _newest_model(path)
+  except ckpt_lib.CheckpointError as e:
+    raise config_lib.ConfigError(f"sampling.guide_workdir={path}: {e}") from None
+  try:
+    model_lib.check_guide(model, guide)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"sampling.guide_workdir={path}: {e}") from None
+  return guide
 
 
 def _chunk_file(out_dir: str, prefix: str, chunk: int) -> str:
@@ -315,8 +350,9 @@ def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
   Args:
     model: the EMA model (`ddx.load` or built from a TrainState).
     config: the run (or command-line) config: eval.{num_samples, batch_size,
-      seed}, and the options of `eval_options` (every one of them is in a
-      chunk's key, so a changed option never reuses a chunk).
+      seed}, the options of `eval_options` and sampling.guide_workdir (an
+      autoguidance guide, `load_guide`); every one of them is in a chunk's
+      key, so a changed option or guide never reuses a chunk.
     out_dir: if given, each chunk is written as samples_XXXXX.npz (uint8
       "images" [n, H, W, C]) and chunks already there are reused.
     progress: print a line per chunk.
@@ -325,11 +361,13 @@ def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
   """
   e = config.eval
   options = eval_options(model, config)
+  guide = load_guide(model, config)
   base = jax.random.key(e.seed)
   shape = tuple(model.image_shape)
 
   def compute(c, count):
-    x = model_lib.sample_fn(model, jax.random.fold_in(base, c), options=options)
+    x = model_lib.sample_fn(model, jax.random.fold_in(base, c), options=options,
+                            guide_model=guide)
     return {"images": _to_host(x)[:count]}
 
   def valid(arrays, count):
@@ -337,7 +375,9 @@ def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
     return images.dtype == np.uint8 and images.shape == (count,) + shape
 
   parts = resumable_chunks(int(e.num_samples), int(e.batch_size), compute, keys=("images",),
-                           settings=_settings(options, e, model), out_dir=out_dir,
+                           settings=_settings(options, e, model, guide,
+                                              guide_workdir(model, config)),
+                           out_dir=out_dir,
                            valid=valid, progress=progress)
   return np.concatenate([p["images"] for p in parts])
 
@@ -530,6 +570,13 @@ class Evaluator:
     self.metrics = tuple(config.eval.metrics)
     self._digits = self._ref = self._bpd_data = None
     self._extractor = extractor
+    path = guide_workdir(None, config)
+    if path:   # fail now, not at the first evaluation (loaded there: the newest)
+      from ddx import checkpoint as ckpt_lib
+      if not ckpt_lib.has_checkpoints(path):
+        raise config_lib.ConfigError(
+            f"sampling.guide_workdir={path} has no checkpoints/; point it at a trained "
+            "run, or set it to \"\" for no guide")
     if extractor is None:
       config_lib.check_eval_inputs(config)
       if set(self.metrics) & set(evaluation.INCEPTION_METRICS):

@@ -117,13 +117,15 @@ def _sample(config, workdir):
   import numpy as np
   from etils import epath
   import ddx
+  from ddx import eval_run
   from ddx import evaluation
   from ddx import options as options_lib
   model = ddx.load(workdir)
   # Every sampling option from the command line config over the run's saved one.
   options = options_lib.resolve(model.config, config)
+  guide = eval_run.load_guide(model, config)   # sampling.guide_workdir: autoguidance
   seed = config.training.seed + 1
-  images = ddx.sample_fn(model, jax.random.key(seed), options=options)
+  images = ddx.sample_fn(model, jax.random.key(seed), options=options, guide_model=guide)
   u8 = ddx.to_uint8(images)
   if jax.process_index() != 0:   # every process sampled its share; one writes
     return
@@ -131,7 +133,8 @@ def _sample(config, workdir):
   out.mkdir(parents=True, exist_ok=True)
   npz = _new_file(out, f"sample_{options.sampler}_{options.steps}", ".npz")
   buf = io.BytesIO()
-  np.savez_compressed(buf, images=u8, sampling=options.to_json(), seed=seed)
+  np.savez_compressed(buf, images=u8, sampling=options.to_json(), seed=seed,
+                      guide_workdir=eval_run.guide_workdir(model, config))
   npz.write_bytes(buf.getvalue())
   png = npz.with_suffix(".png")
   evaluation.save_grid(u8, png)

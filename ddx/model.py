@@ -137,25 +137,78 @@ class Model:
     return self.network().apply(self.variables, x, t, labels)
 
 
-def denoiser(model: Model, labels=None, guidance_scale=1.0,
-             guided: bool = False) -> sampling.DenoiseFn:
-  """The model as `denoise_fn(x, t)`, with classifier-free guidance if `guided`.
+def _native(model: Model, labels) -> sampling.DenoiseFn:
+  """The model's network with `labels` fixed, behind its process's wrapper
+  (`process_denoiser`): what `ddx.sample` takes, no guidance."""
+  net = lambda x, t: mean_output(model.config, model.apply(x, t, labels))
+  return process_denoiser(model, net)
 
-  With guidance the conditional and unconditional outputs come from one
-  network call on a doubled batch: out = u + w·(c - u). Every prediction
-  conversion is affine in the output for fixed x_t, so guiding the raw output
-  is the same as guiding ε.
+
+def denoiser(model: Model, labels=None, guidance_scale=1.0, guided: bool = False, *,
+             interval=(), guide: Optional[Model] = None) -> sampling.DenoiseFn:
+  """The model as what `ddx.sample` takes for its process, guided if `guided`.
+
+  Guidance mixes at the process's own level, after its wrapper (ddpm: the
+  raw output in diffusion.prediction; edm: D(x; σ); flow: the velocity):
+  every conversion between them is affine in the network output for a fixed
+  x_t, so mixing there is mixing the raw outputs, and there the time is the
+  process's own, which `interval` needs.
+    classifier-free (guide None): out = u + w·(c - u), c conditioned on
+      `labels`, u on the null label, from ONE network call on the doubled
+      batch (x twice, time twice, labels then null labels).
+    autoguidance (guide given; Karras et al. 2024): out = g + w·(c - g),
+      c the model and g the guide, both on `labels` (None for unconditional
+      models). CFG and autoguidance do not combine in one call.
+  With interval = (lo, hi), an example whose noise level σ =
+  model.process.noise_level(t) is outside (lo, hi] gets the plain model output c (exactly,
+  not u + 1·(c - u)); when no example of the batch is inside, a lax.cond
+  skips the second evaluation (the null half, or the guide).
+
+  Args:
+    model: the model (its process decides the wrapper).
+    labels: int32 [B] class labels, or None (unconditional / null label).
+    guidance_scale: w, a float or float32 scalar (traced under jit).
+    guided: whether to mix at all (False: the plain conditional model).
+    interval: () = at every step; (lo, hi) float scalars (traced or not).
+    guide: the guide model (autoguidance), checked by `check_guide`.
+  Returns:
+    denoise_fn(x [B, H, W, C], t [B]) -> [B, H, W, C] (float32 when guided).
   """
-  net = lambda x, t, y: mean_output(model.config, model.apply(x, t, y))
-  if labels is None or not guided:
-    return lambda x, t: net(x, t, labels)
-  null = jnp.full_like(labels, model.config.model.num_classes)
+  plain = _native(model, labels)
+  if not guided:
+    return plain
+  w = guidance_scale
+  if guide is not None:
+    weak = _native(guide, labels)
+    pair = lambda x, t: (plain(x, t), weak(x, t))
+  else:
+    if labels is None:
+      raise ValueError("classifier-free guidance needs labels (a class-conditional "
+                       "model); pass labels=, or guide_model= for autoguidance")
+    null = jnp.full_like(labels, model.config.model.num_classes)
+    both = _native(model, jnp.concatenate([labels, null]))
+
+    def pair(x, t):
+      c, u = jnp.split(both(jnp.concatenate([x, x]), jnp.concatenate([t, t])), 2)
+      return c, u
+
+  def mixed(x, t):
+    c, u = pair(x, t)
+    return (u + w * (c - u)).astype(jnp.float32)
+  if not interval:
+    return mixed
+  lo, hi = interval
 
   def f(x, t):
-    out = net(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-              jnp.concatenate([labels, null]))
-    c, u = jnp.split(out, 2)
-    return u + guidance_scale * (c - u)
+    sigma = model.process.noise_level(t)
+    inside = (sigma > lo) & (sigma <= hi)
+
+    def some_inside(x, t):
+      c, u = pair(x, t)
+      mask = inside.reshape(inside.shape + (1,) * (x.ndim - inside.ndim))
+      return jnp.where(mask, u + w * (c - u), c).astype(jnp.float32)
+    return jax.lax.cond(jnp.any(inside), some_inside,
+                        lambda x, t: plain(x, t).astype(jnp.float32), x, t)
   return f
 
 
@@ -179,15 +232,17 @@ def shard_batch(x):
 
 @functools.partial(jax.jit, static_argnames=("guided", "return_trajectory", "decode"))
 def sample_jit(model, rng, labels, x_T, options: options_lib.SampleOptions, *,
-               guided, return_trajectory=False, decode=True):
+               guided, return_trajectory=False, decode=True, guide=None):
   """`sample_fn`'s compiled program; `options` already resolved (see sample_fn).
 
   `options` is a pytree: its float knobs are traced arguments, its other
-  fields static (one program per value).
+  fields static (one program per value). `guide` (autoguidance) is a model
+  pytree like `model`: its weights are arguments too.
   """
   o = options
   f32 = lambda v: jnp.asarray(v, jnp.float32)
-  fn = process_denoiser(model, denoiser(model, labels, f32(o.guidance_scale), guided))
+  fn = denoiser(model, labels, f32(o.guidance_scale), guided,
+                interval=tuple(f32(v) for v in o.guidance_interval), guide=guide)
   shape = (o.num_samples,) + model.image_shape
   if x_T is None:
     x_T = sampling.initial_noise(rng, shape)
@@ -282,10 +337,38 @@ def check_guidance(model: Model, guidance_scale) -> None:
         "never trained); use guidance_scale=1, or train with label_dropout > 0")
 
 
+def check_guide(model: Model, guide) -> None:
+  """Raises a one-line ValueError unless `guide` can guide `model` (autoguidance):
+  the same process with the same settings, image shape, num_classes,
+  prediction and learn_sigma."""
+  if not isinstance(guide, Model):
+    raise ValueError(f"guide_model must be a ddx.Model (ddx.load(workdir)), got "
+                     f"{type(guide).__name__}")
+  a, b = model.config, guide.config
+  fix = "guide with a model trained with the same settings (a smaller or earlier one)"
+  lp, tp = jax.tree.flatten(model.process)
+  lq, tq = jax.tree.flatten(guide.process)
+  if tp != tq or not all(np.array_equal(np.asarray(x), np.asarray(y))
+                         for x, y in zip(lp, lq)):
+    da, db = config_lib.to_dict(a.diffusion), config_lib.to_dict(b.diffusion)
+    key = next((k for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)), "process")
+    raise ValueError(f"guide_model's diffusion.{key}={db.get(key)!r} differs from the "
+                     f"model's {da.get(key)!r} (another process); {fix}")
+  for name, x, y in (
+      ("image shape", tuple(model.image_shape), tuple(guide.image_shape)),
+      ("model.num_classes", a.model.num_classes, b.model.num_classes),
+      ("diffusion.prediction", a.diffusion.prediction, b.diffusion.prediction),
+      ("model.learn_sigma", a.model.get("learn_sigma", False),
+       b.model.get("learn_sigma", False))):
+    if x != y:
+      raise ValueError(f"guide_model's {name} {y!r} differs from the model's {x!r}; {fix}")
+
+
 def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
               num_samples: Optional[int] = None, sampler: Optional[str] = None,
               eta: Optional[float] = None, labels=None,
-              guidance_scale: Optional[float] = None,
+              guidance_scale: Optional[float] = None, guidance_interval=None,
+              guide_model: Optional[Model] = None,
               clip_x0: Optional[bool] = None, x_T=None,
               ddpm_variance: Optional[str] = None, spacing: Optional[str] = None,
               churn: Optional[float] = None, s_tmin: Optional[float] = None,
@@ -314,8 +397,18 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
     eta: DDIM η.
     labels: int [N] class labels in [0, num_classes) for a class-conditional
       model; None draws classes 0, 1, ..., num_classes-1, 0, 1, ...
-    guidance_scale: classifier-free guidance w in out = u + w·(c - u);
-      w = 1 is plain conditional sampling, w = 0 unconditional.
+    guidance_scale: the guidance weight w. Classifier-free guidance: out =
+      u + w·(c - u), w = 1 plain conditional sampling, w = 0 unconditional.
+      With guide_model: the autoguidance weight, out = g + w·(c - g).
+    guidance_interval: () = guide at every step; (lo, hi) = guide only
+      where the process's noise level σ (`model.process.noise_level`: EDM's σ, DDPM's
+      √((1 − ᾱ_i)/ᾱ_i), flow's t/(1 − t)) is in (lo, hi], elsewhere the
+      plain conditional model.
+    guide_model: a second `ddx.Model` of the same process, image shape and
+      classes (e.g. a smaller or less trained one): autoguidance (Karras et
+      al. 2024) instead of classifier-free guidance; both models see the same
+      labels, so unconditional models can be guided. A jit argument like
+      `model`. Its autoencoder is not used.
     clip_x0: clip x̂_0 to [-1, 1] at each step.
     x_T: optional starting noise [N, H, W, C].
     ddpm_variance: posterior | beta, for the ddpm sampler.
@@ -343,19 +436,27 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
     elif x_T is not None:
       num_samples = x_T.shape[0]
   given = dict(steps=steps, num_samples=num_samples, sampler=sampler, eta=eta,
-               guidance_scale=guidance_scale, clip_x0=clip_x0,
+               guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+               clip_x0=clip_x0,
                ddpm_variance=ddpm_variance, spacing=spacing, churn=churn, s_tmin=s_tmin,
                s_tmax=s_tmax, s_noise=s_noise, sigma_index=sigma_index)
   o = (options_lib.resolve(model.config) if options is None else options).override(**given)
   labels = resolve_labels(model, labels, o.num_samples)
   w = o.guidance_scale
-  guided = labels is not None and float(w) != 1.0
-  if guided:
-    check_guidance(model, w)
+  if guide_model is not None:
+    check_guide(model, guide_model)
+    guided = float(w) != 1.0
+  else:
+    guided = labels is not None and float(w) != 1.0
+    if guided:
+      check_guidance(model, w)
+  guide = guide_model.replace(autoencoder=None) if guided and guide_model is not None else None
   # Float knobs as float32 arrays: one program whatever their Python type.
-  traced = o.replace(**{k: jnp.float32(getattr(o, k)) for k in options_lib.FLOAT_FIELDS})
+  traced = o.replace(**{k: jnp.float32(getattr(o, k)) for k in options_lib.FLOAT_FIELDS},
+                     guidance_interval=tuple(jnp.float32(v) for v in o.guidance_interval))
   return sample_jit(model, rng, labels, x_T, traced, guided=guided,
-                    return_trajectory=bool(return_trajectory), decode=bool(decode))
+                    return_trajectory=bool(return_trajectory), decode=bool(decode),
+                    guide=guide)
 
 
 def load_autoencoder(config):

@@ -13,8 +13,14 @@ option never reuses a chunk.
 Groups: grids and `--mode sample` read `sampling.*`. Evaluation reads the
 `eval.*` group for the keys it has (EVAL_KEYS: sampler, steps, eta, spacing,
 and eval.batch_size as the samples per call) and `sampling.*` for the rest
-(clip_x0, guidance_scale, ddpm_variance, churn, s_tmin, s_tmax, s_noise,
-sigma_index), so evaluation can use a faster sampler than the grids.
+(clip_x0, guidance_scale, guidance_interval, ddpm_variance, churn, s_tmin,
+s_tmax, s_noise, sigma_index), so evaluation can use a faster sampler than the
+grids.
+
+The autoguidance guide (`sampling.guide_workdir`) is not an option here: it is
+a second model, given to `sample_fn` as `guide_model=` and loaded by the
+command line (`ddx.eval_run.load_guide`); an evaluation's chunk key holds its
+workdir and weights' fingerprint besides these options.
 """
 from __future__ import annotations
 
@@ -41,9 +47,12 @@ class SampleOptions:
   labels and x_T), as one frozen, hashable value.
 
   A pytree: the float knobs (eta, guidance_scale, churn, s_tmin, s_tmax,
-  s_noise) are its leaves, so a jitted sampler takes them as traced arguments
-  and changing them does not recompile; every other field is static (part of
-  the tree structure, so a new value compiles a new program). Build one with
+  s_noise, and the two ends of guidance_interval) are its leaves, so a jitted
+  sampler takes them as traced arguments and changing them does not
+  recompile; every other field is static (part of the tree structure, so a
+  new value compiles a new program). guidance_interval is a tuple node: off
+  (()) and on ((lo, hi)) are two programs, and moving the ends is not a
+  recompile (the interval is swept when tuning it). Build one with
   `resolve`; change one with `.replace(field=value)`.
 
   Fields (config.sampling has the same keys):
@@ -51,7 +60,13 @@ class SampleOptions:
     steps: sampler steps N.
     eta: DDIM η.
     clip_x0: clip x̂_0 to [-1, 1] at every step.
-    guidance_scale: classifier-free guidance w (1 = plain conditional).
+    guidance_scale: the guidance weight w: classifier-free guidance
+      u + w·(c - u) (1 = plain conditional), or with a guide model
+      (autoguidance) D_guide + w·(D - D_guide).
+    guidance_interval: () = guide at every step, or (lo, hi): guide only
+      where the process's noise level σ is in (lo, hi], elsewhere the plain
+      conditional model (Kynkäänniemi et al. 2024); σ as
+      `process.noise_level(t)`, `ddx.processes.Process`.
     ddpm_variance: posterior | beta, for the ddpm sampler.
     spacing: auto | uniform | trailing | quadratic | logsnr (discrete samplers).
     churn, s_tmin, s_tmax, s_noise: EDM Alg. 2's S_churn, S_tmin, S_tmax,
@@ -68,6 +83,7 @@ class SampleOptions:
   num_samples: int = flax.struct.field(pytree_node=False)
   eta: Any = 0.0
   guidance_scale: Any = 1.0
+  guidance_interval: Any = ()
   churn: Any = 0.0
   s_tmin: Any = 0.0
   s_tmax: Any = float("inf")
@@ -96,20 +112,30 @@ _INT_FIELDS = ("steps", "num_samples")
 
 
 def _plain(v):
-  """A Python scalar of a config value or a concrete array."""
+  """A Python scalar (a list for guidance_interval) of a config value or a concrete array."""
+  if isinstance(v, (tuple, list)):
+    return [_plain(x) for x in v]
   if hasattr(v, "__array__"):   # NumPy or (concrete) JAX scalars
     v = np.asarray(v).item()
   return v
 
 
 def coerce(name: str, v):
-  """Python int/bool/float for config values; arrays (even traced) pass as they are."""
+  """Python int/bool/float for config values; arrays (even traced) pass as they are.
+
+  Raises:
+    ValueError (ConfigError): a guidance_interval that is not () or (lo, hi)
+      with 0 <= lo < hi (one line).
+  """
   if name in _INT_FIELDS:
     return int(v)
   if name == "clip_x0":
     return bool(v)
   if name in FLOAT_FIELDS and isinstance(v, (int, float, np.number)):
     return float(v)
+  if name == "guidance_interval":
+    config_lib.check_guidance_interval(v, "guidance_interval")
+    return tuple(float(x) if isinstance(x, (int, float, np.number)) else x for x in v)
   return v
 
 

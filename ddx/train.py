@@ -450,8 +450,9 @@ class _Preemption:
 
 def save_samples(model: model_lib.Model, rng: jax.Array, path: str,
                  writer: log_lib.MetricWriter | None = None, step: int = 0):
-  """Samples a grid with the model's sampling config and writes it as PNG."""
-  images = model_lib.sample_fn(model, rng)
+  """Samples a grid with the model's sampling config (and its sampling.guide_workdir,
+  autoguidance) and writes it as PNG."""
+  images = model_lib.sample_fn(model, rng, guide_model=eval_run.load_guide(model))
   u8 = model_lib.to_uint8(images)
   grid = evaluation.save_grid(u8, path)
   if writer is not None:

@@ -107,7 +107,8 @@ def test_a_changed_option_never_reuses_an_eval_chunk(tmp_path, capsys):
   for f in dataclasses.fields(options):
     v = getattr(options, f.name)
     other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: 2.0 if v == 1.0 else 1.0,
-             str: lambda v: v + "x"}[type(v)](v)
+             str: lambda v: v + "x", tuple: lambda v: (1.0, 2.0) if v != (1.0, 2.0) else ()
+             }[type(v)](v)
     assert eval_run._settings(options.replace(**{f.name: other}), c.eval, model) != key
 
 

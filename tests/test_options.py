@@ -24,6 +24,7 @@ LAYERS = {
     "num_samples": (5, 6, 7),
     "eta": (0.1, 0.2, 0.3),
     "guidance_scale": (1.5, 2.0, 2.5),
+    "guidance_interval": ((0.5, 20.0), (), (0.1, 5.0)),
     "churn": (1.0, 2.0, 3.0),
     "s_tmin": (0.01, 0.02, 0.03),
     "s_tmax": (10.0, 20.0, 30.0),
@@ -85,7 +86,10 @@ def test_sample_fn_keyword_over_options_over_the_saved_config(monkeypatch):
   for o, layer in zip(seen, range(3)):
     plain = {k: float(v) if k in options_lib.FLOAT_FIELDS else v
              for k, v in dataclasses.asdict(o).items()}
-    assert plain == pytest.approx({k: v[layer] for k, v in LAYERS.items()}), layer
+    want = {k: v[layer] for k, v in LAYERS.items()}
+    interval = plain.pop("guidance_interval")   # a tuple of float32 scalars
+    assert tuple(map(float, interval)) == pytest.approx(want.pop("guidance_interval"))
+    assert plain == pytest.approx(want), layer
   # The batch follows x_T (a keyword too) unless num_samples is given.
   model_lib.sample_fn(model, rng, x_T=np.zeros((3, 8, 8, 1), np.float32))
   assert seen[-1].num_samples == 3
@@ -124,7 +128,8 @@ def test_every_command_line_option_changes_mode_sample_images(tmp_path, monkeypa
            (ddim, "sampler", "ddpm"), (ddpm, "ddpm_variance", "beta"),
            (stochastic, "churn", 0.0), (stochastic, "s_tmin", 10.0),   # above every σ
            (stochastic, "s_tmax", 0.01), (stochastic, "s_noise", 0.5),
-           (stochastic, "sigma_index", "interp")]
+           (stochastic, "sigma_index", "interp"),
+           (ddim, "guidance_interval", (5.0, 1e9))]   # unguided below σ = 5
   assert {name for _, name, _ in cases} == set(options_lib.FIELDS)
   before = {}
   for base, name, value in cases:

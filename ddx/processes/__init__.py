@@ -71,6 +71,10 @@ class Process(Protocol):
     """The raw network net_fn(x, network time [B]) as the process-native
     denoise_fn(x, time [B]): the time the network sees, the preconditioning."""
 
+  def noise_level(self, time):
+    """The noise level σ (noise-to-signal ratio) at the process's own time
+    [B] -> float32 [B] (the guidance interval reads it)."""
+
   def grid(self, sampler: str, steps: int, spacing: Optional[str] = None,
            sigma_index: str = "nearest"):
     """The host-side (NumPy) times `sampler` visits in `steps` steps."""

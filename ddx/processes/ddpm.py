@@ -11,6 +11,7 @@ import dataclasses
 from typing import ClassVar
 
 import flax.struct
+import jax.numpy as jnp
 
 from ddx import diffusion
 from ddx import schedules
@@ -60,6 +61,18 @@ class DDPMProcess(Schedule):
     """The network itself: it takes the index i and its output stays in
     self.prediction (the samplers convert it)."""
     return net_fn
+
+  def noise_level(self, time):
+    """σ_i = √((1 − ᾱ_i)/ᾱ_i) at index i; a float32 (fractional,
+    sigma_index=interp) index interpolates log σ linearly in i, the inverse
+    of `ddx.sampling.sigma.vp_denoiser`'s map."""
+    a = jnp.asarray(self.alphas_cumprod, jnp.float32)
+    sigmas = jnp.sqrt((1.0 - a) / a)
+    time = jnp.asarray(time)
+    if jnp.issubdtype(time.dtype, jnp.integer):
+      return sigmas[time]
+    return jnp.exp(jnp.interp(time, jnp.arange(a.shape[0], dtype=jnp.float32),
+                              jnp.log(sigmas)))
 
   def grid(self, sampler: str, steps: int, spacing=None, sigma_index: str = "nearest"):
     """The discrete samplers' indices (`ddx.sampling.timesteps`; spacing None =

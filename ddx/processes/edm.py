@@ -45,6 +45,10 @@ class EDMProcess(edm.EDM):
     """D(x; σ) = c_skip·x + c_out·F(c_in·x, c_noise) (`ddx.edm.denoise`)."""
     return lambda x, sigma: edm.denoise(self, net_fn, x, sigma)
 
+  def noise_level(self, time):
+    """EDM's time is σ itself."""
+    return jnp.asarray(time, jnp.float32)
+
   def grid(self, sampler: str, steps: int, spacing=None, sigma_index: str = "nearest"):
     """The Karras grid (EDM Eq. 5) for every sampler."""
     del sampler, spacing, sigma_index

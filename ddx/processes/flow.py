@@ -53,6 +53,12 @@ class FlowProcess(flow.Flow):
     converted (`ddx.flow.velocity`)."""
     return lambda x, t: flow.velocity(self, net_fn(x, flow.time_input(t)), x, t)
 
+  def noise_level(self, time):
+    """σ = t/(1 − t): x_t = (1 − t)·x_0 + t·ε has that noise-to-signal ratio
+    (inf at t = 1)."""
+    t = jnp.asarray(time, jnp.float32)
+    return t / (1.0 - t)
+
   def grid(self, sampler: str, steps: int, spacing=None, sigma_index: str = "nearest"):
     """N + 1 times from 1 to 0, shifted (`ddx.flow.time_grid`), every sampler."""
     del sampler, spacing, sigma_index
