@@ -31,15 +31,13 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from ddx.diffusion import bcast
+
 # F_fn(x_scaled [B, ...], t [B]) -> [B, ...]: the network with TrigFlow time t
 # (any map of t to the network's own time input happens inside, so the jvp
 # differentiates through it).
 FFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 T_MAX = math.pi / 2
-
-
-def _bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def sample_t(rng: jax.Array, n: int, sigma_data: float, p_mean: float = -1.0,
@@ -52,19 +50,19 @@ def sample_t(rng: jax.Array, n: int, sigma_data: float, p_mean: float = -1.0,
 
 def interpolate(x0: jnp.ndarray, z: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
   """x_t = cos(t)·x_0 + sin(t)·z (z already of scale σ_d)."""
-  return _bcast(jnp.cos(t), x0) * x0 + _bcast(jnp.sin(t), x0) * z
+  return bcast(jnp.cos(t), x0) * x0 + bcast(jnp.sin(t), x0) * z
 
 
 def velocity(x0: jnp.ndarray, z: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
   """The conditional dx_t/dt = cos(t)·z − sin(t)·x_0 (consistency training)."""
-  return _bcast(jnp.cos(t), x0) * z - _bcast(jnp.sin(t), x0) * x0
+  return bcast(jnp.cos(t), x0) * z - bcast(jnp.sin(t), x0) * x0
 
 
 def consistency_fn(F_fn: FFn, x_t: jnp.ndarray, t: jnp.ndarray,
                    sigma_data: float) -> jnp.ndarray:
   """f(x_t, t) = cos(t)·x_t − sin(t)·σ_d·F(x_t/σ_d, t); f(x, 0) = x exactly."""
   out = F_fn(x_t / sigma_data, t).astype(x_t.dtype)
-  return _bcast(jnp.cos(t), x_t) * x_t - _bcast(jnp.sin(t), x_t) * sigma_data * out
+  return bcast(jnp.cos(t), x_t) * x_t - bcast(jnp.sin(t), x_t) * sigma_data * out
 
 
 def tangent(F_fn: FFn, x_t: jnp.ndarray, t: jnp.ndarray, dxdt: jnp.ndarray,
@@ -85,10 +83,10 @@ def tangent(F_fn: FFn, x_t: jnp.ndarray, t: jnp.ndarray, dxdt: jnp.ndarray,
   """
   cs = jnp.cos(t) * jnp.sin(t)
   F, cs_dF = jax.jvp(F_fn, (x_t / sigma_data, t),
-                     (_bcast(cs, x_t) * dxdt / sigma_data, cs))
-  cos = _bcast(jnp.cos(t), x_t)
+                     (bcast(cs, x_t) * dxdt / sigma_data, cs))
+  cos = bcast(jnp.cos(t), x_t)
   g = (-cos * cos * (sigma_data * F - dxdt)
-       - warmup * (_bcast(cs, x_t) * x_t + sigma_data * cs_dF))
+       - warmup * (bcast(cs, x_t) * x_t + sigma_data * cs_dF))
   if norm_c > 0:
     axes = tuple(range(1, g.ndim))
     g = g / (jnp.sqrt(jnp.sum(jnp.square(g), axis=axes, keepdims=True)) + norm_c)

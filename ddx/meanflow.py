@@ -28,17 +28,14 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from ddx.diffusion import bcast
+
 UFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
-def _bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-  """a [B] as [B, 1, ..., 1], broadcastable against x [B, ...]."""
-  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def interpolate(x: jnp.ndarray, eps: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
   """z_t = (1 − t)·x + t·ε. x, eps: [B, ...]; t: [B]."""
-  tb = _bcast(t, x)
+  tb = bcast(t, x)
   return (1.0 - tb) * x + tb * eps
 
 
@@ -73,7 +70,7 @@ def target(u_fn: UFn, z: jnp.ndarray, r: jnp.ndarray, t: jnp.ndarray,
     total derivative from one jvp with tangent (v, 0, 1), under stop_gradient.
   """
   u, du_dt = jax.jvp(u_fn, (z, r, t), (v, jnp.zeros_like(r), jnp.ones_like(t)))
-  return u, jax.lax.stop_gradient(v - _bcast(t - r, v) * du_dt)
+  return u, jax.lax.stop_gradient(v - bcast(t - r, v) * du_dt)
 
 
 def guided_velocity(v: jnp.ndarray, u_cond: jnp.ndarray, u_uncond: jnp.ndarray,
@@ -143,7 +140,7 @@ def gaussian_average_velocity(mean: jnp.ndarray, std: jnp.ndarray,
   u = (z_t − z_r)/(t − r) = −mean + (s_t − s_r)/(t − r)·(z − m_t)/s_t, and at
   r = t the velocity v = −mean + (t − (1 − t)·std²)/s_t²·(z − m_t).
   """
-  tb, rb = _bcast(t, z), _bcast(r, z)
+  tb, rb = bcast(t, z), bcast(r, z)
   m_t = (1.0 - tb) * mean
   s = lambda a: jnp.sqrt(jnp.square((1.0 - a) * std) + jnp.square(a))
   s_t, s_r = s(tb), s(rb)

@@ -22,11 +22,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ddx.diffusion import bcast
+
 SFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
-def _bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def check_max_steps(max_steps: int, name: str = "max_steps") -> int:
@@ -72,7 +70,7 @@ def consistency_target(s_fn: SFn, x_t: jnp.ndarray, t: jnp.ndarray,
     x_t − 2d·target equals two d-steps from x_t.
   """
   s1 = s_fn(x_t, t, d)
-  x_mid = x_t - _bcast(d, x_t) * s1
+  x_mid = x_t - bcast(d, x_t) * s1
   s2 = s_fn(x_mid, t - d, d)
   return jax.lax.stop_gradient(0.5 * (s1 + s2))
 
