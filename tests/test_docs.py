@@ -26,6 +26,8 @@ from testutils import ROOT, load_config
 
 # (page, text of the block's first line) -> the reason its skip marker gives.
 SKIPPED = {
+    ("docs/posthoc-ema.md", "python -m ddx.main --config configs/digits.py --workdir runs/digits_ph \\"):
+        "tests/test_posthoc_ema.py trains with snapshots through the same trainer and checks them against the paper's recursion",
     ("docs/posthoc-ema.md", "python -m ddx.posthoc_ema --workdir runs/digits_ph --sigma_rel 0.08 --out runs/digits_ph_008"):
         "tests/test_posthoc_ema.py runs this command on a tiny run and loads, samples and scores its output",
     ("docs/speed.md", "python -m ddx.main --config configs/cifar10.py --workdir runs/c10 \\"):
