@@ -189,14 +189,11 @@ def denoiser(model: Model, labels=None, guidance_scale=1.0, guided: bool = False
     both = _native(model, jnp.concatenate([labels, null]))
 
     def pair(x, t):
-      c, u = jnp.split(both(jnp.concatenate([x, x]), jnp.concatenate([t, t])), 2)
-      return c, u
+      return tuple(jnp.split(both(jnp.concatenate([x, x]), jnp.concatenate([t, t])), 2))
 
-  def mixed(x, t):
-    c, u = pair(x, t)
-    return (u + w * (c - u)).astype(jnp.float32)
+  mix = lambda c, u: (u + w * (c - u)).astype(jnp.float32)
   if not interval:
-    return mixed
+    return lambda x, t: mix(*pair(x, t))
   lo, hi = interval
 
   def f(x, t):
@@ -204,9 +201,9 @@ def denoiser(model: Model, labels=None, guidance_scale=1.0, guided: bool = False
     inside = (sigma > lo) & (sigma <= hi)
 
     def some_inside(x, t):
-      c, u = pair(x, t)
+      c, u = pair(x, t)   # outside examples take c from the same call
       mask = inside.reshape(inside.shape + (1,) * (x.ndim - inside.ndim))
-      return jnp.where(mask, u + w * (c - u), c).astype(jnp.float32)
+      return jnp.where(mask, mix(c, u), c.astype(jnp.float32))
     return jax.lax.cond(jnp.any(inside), some_inside,
                         lambda x, t: plain(x, t).astype(jnp.float32), x, t)
   return f
