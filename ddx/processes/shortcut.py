@@ -167,6 +167,11 @@ class ShortcutProcess:
     """Flow's σ = t/(1 − t) of column 0 (t) of time [B, 2] -> float32 [B]."""
     return FlowProcess().noise_level(jnp.asarray(time, jnp.float32)[:, 0])
 
+  def sigma_denoiser(self, denoise_fn):
+    """D(y; σ) of the d = 0 flow (flow's mapping, `FlowProcess.sigma_denoiser`)."""
+    return FlowProcess().sigma_denoiser(
+        lambda x, t: denoise_fn(x, _pair(t, jnp.zeros_like(t))))
+
   def grid(self, sampler: str, steps: int, spacing=None, sigma_index: str = "nearest"):
     """The times visited: "shortcut" N + 1 evenly from 1 to 0 (steps of
     size 1/N); "euler" flow's grid (`ddx.flow.time_grid`)."""
