@@ -24,7 +24,6 @@ from typing import ClassVar
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddx import diffusion, flow, shortcut
 from ddx.processes import shortcut_config
