@@ -616,6 +616,12 @@ def _check_bpd(config: ml_collections.ConfigDict) -> None:
   for key, valid in (("bpd_estimator", BPD_ESTIMATORS), ("bpd_trace", BPD_TRACES),
                      ("bpd_probe", BPD_PROBES), ("bpd_solver", BPD_SOLVERS)):
     _require(e[key] in valid, f"eval.{key}={e[key]!r} is unknown; use one of {valid}")
+  metrics = tuple(e.metrics) if isinstance(e.metrics, (tuple, list)) else (e.metrics,)
+  if not estimators:   # a few-step process: no likelihood at all
+    _require("bpd" not in metrics,
+             f"eval.metrics has bpd, but diffusion.process={process} has no likelihood "
+             "(bits/dim); drop bpd from eval.metrics")
+    return
   _require(e.bpd_estimator in estimators,
            f"eval.bpd_estimator={e.bpd_estimator} needs DDPM's variational bound, but "
            f"diffusion.process={process}; use --config.eval.bpd_estimator=ode")
@@ -650,6 +656,10 @@ def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
   _require(isinstance(g.steps, int) and 1 <= g.steps <= top,
            f"{group}.steps={g.steps!r} must be an integer in [1, "
            f"{'T=' if discrete else ''}{top}]")
+  try:
+    spec.check_steps(f, sampler, g.steps, f"{group}.steps")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _require(g.eta >= 0, f"{group}.eta={g.eta} must be >= 0")
   spacing = g.get("spacing", "auto")
   _require(spacing == "auto" or spacing in SPACINGS,

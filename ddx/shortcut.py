@@ -16,23 +16,15 @@ way, so its t + d is t − d here.)
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from ddx.diffusion import bcast
+from ddx.processes.shortcut_config import check_max_steps
 
 SFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
-def check_max_steps(max_steps: int, name: str = "max_steps") -> int:
-  """log2(max_steps), or ValueError unless max_steps is a power of two ≥ 1."""
-  if not (isinstance(max_steps, int) and max_steps >= 1 and
-          max_steps & (max_steps - 1) == 0):
-    raise ValueError(f"{name}={max_steps!r} must be a power of two (1, 2, 4, ..., 128)")
-  return int(math.log2(max_steps))
 
 
 def sample_consistency_times(rng: jax.Array, n: int, max_steps: int = 128

@@ -17,6 +17,7 @@ from scipy import special, stats
 from ddx import config as config_lib
 from ddx import model as model_lib
 from ddx import models
+from ddx import processes
 from ddx.models import dit as dit_lib
 from ddx.models import layers
 from testutils import load_config
@@ -148,6 +149,8 @@ def test_auto_is_todays_network_bit_for_bit_for_every_process(backbone):
                                                  jnp.float32), shapes)
   nets = {}
   for process in config_lib.PROCESSES:
+    if processes.spec(process).second_time:   # another network: (t, d) in, tests/test_two_times.py
+      continue
     c.diffusion.process = process
     c.diffusion.prediction = "v" if process == "flow" else "eps"
     nets[process] = model_lib.network(c)

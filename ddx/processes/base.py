@@ -88,6 +88,13 @@ class Spec:
     del f, sampler
     return 100_000
 
+  def check_steps(self, f: Mapping[str, Any], sampler: str, steps: Any,
+                  name: str = "steps") -> None:
+    """Raises ValueError (one line naming `name`) if `sampler` cannot take
+    `steps` steps on this process beyond 1 ≤ steps ≤ max_steps (which
+    `ddx.config` checks itself); by default every such count works."""
+    del f, sampler, steps, name
+
   def defaults(self) -> dict[str, Any]:
     return {x.key: x.default for x in self.fields}
 
