@@ -108,7 +108,7 @@ def aggregate(rows: list) -> list:
   """Per (process, sampler, nfe): the seeds' FDs, their mean and sample std.
 
   Args:
-    rows: cell rows with keys process, sampler, nfe, seed, fd.
+    rows: cell rows with keys process, sampler, nfe (the NFE budget), seed, fd.
   Returns:
     one dict per key, in first-seen order: process, sampler, nfe, seeds,
     fds, mean, std (ddof 1; nan for one seed).
@@ -243,12 +243,16 @@ def score(args, runs: list) -> None:
   for k in dict.fromkeys((a["process"], a["sampler"]) for a in agg):
     by = {a["nfe"]: a for a in agg if (a["process"], a["sampler"]) == k}
     used = {r["nfe"]: r["nfe_used"] for r in rows if (r["process"], r["sampler"]) == k}
-    print(f"| {k[0]} | {k[1]} | " + " | ".join(
+    grid = " (σ grid)" if k[0] == "ddpm" and k[1] in ("euler", "heun") else ""
+    print(f"| {k[0]} | {k[1]}{grid} | " + " | ".join(
         f"{_fmt(by[n]['mean'], by[n]['std'])} ({used[n]})" if n in by else "–"
         for n in nfes) + " |")
   fl = np.array(list(floors.values()))
-  print(f"| real: 500 held-out digits (subset seed 0; seeds 0-2: {_fmt(fl.mean(), fl.std(ddof=1))}) "
-        f"| | {floors[0]:.2f} | | | |")
+  print(f"| real digits (floor) | {FLOOR_SAMPLES} held-out | "
+        + " | ".join(f"{floors[0]:.2f}" for _ in nfes) + " |")
+  print(f"\nFloor: {FLOOR_SAMPLES} real held-out digits drawn by default_rng(seed); subset "
+        f"seeds 0, 1, 2: {', '.join(f'{v:.2f}' for v in floors.values())} "
+        f"({_fmt(fl.mean(), fl.std(ddof=1))})")
   print("\nper seed:\n")
   print("| process | sampler | NFE | " + " | ".join(f"seed {s}" for s in seeds_done) + " |")
   print("|---|---|---|" + "---|" * len(seeds_done))
@@ -256,9 +260,14 @@ def score(args, runs: list) -> None:
     fd = dict(zip(a["seeds"], a["fds"]))
     print(f"| {a['process']} | {a['sampler']} | {a['nfe']} | " + " | ".join(
         f"{fd[s]:.2f}" if s in fd else "–" for s in seeds_done) + " |")
-  print("\nruns:\n")
+  print("\n| run | training wall time (min) | images/s (median of the log) | in-loop FD |")
+  print("|---|---|---|---|")
   for name, sm in summaries.items():
-    print(f"  {name}: {sm}")
+    w, ev = sm["wall"], sm.get("inloop_fd")
+    print(f"| {name} | " + (f"{w['seconds'] / 60:.1f}" + (" (resumed)" if w["resumed"] else "")
+                            if w else "–")
+          + f" | {sm.get('images_per_sec', '–')} | "
+          + (f"{ev['fd']:.2f} (step {ev['step']})" if ev else "–") + " |")
   procs = {a["process"] for a in agg}
   if {"edm", "ddpm"} <= procs and any(a["process"] == "edm" and a["sampler"] == "heun"
                                       for a in agg):
