@@ -22,6 +22,7 @@ EDM's best Heun cell at <= 35 NFE against DDPM's best cell at <= 50 NFE
 --out writes all of it as JSON.
   --train_only   train (or finish training) the runs and stop
   --score_only   score the runs that are trained, train nothing
+  --samplers     score only these samplers (e.g. heun first when time is short)
 """
 import argparse
 import json
@@ -209,6 +210,8 @@ def score(args, runs: list) -> None:
           done[(r["sampler"], r["nfe"], r["num_samples"])] = r
     model = None
     for sampler, nfe in cells(p):
+      if args.samplers and sampler not in args.samplers.split(","):
+        continue
       r = done.get((sampler, nfe, args.num_samples))
       if r is None:
         if model is None:
@@ -297,6 +300,8 @@ def main():
   ap.add_argument("--runs", default="/work/runs/table")
   ap.add_argument("--num_samples", type=int, default=500)
   ap.add_argument("--out", default="")
+  ap.add_argument("--samplers", default="",
+                  help="score only these samplers (comma list; default: all of SAMPLERS)")
   ap.add_argument("--train_only", action="store_true")
   ap.add_argument("--score_only", action="store_true")
   args = ap.parse_args()
