@@ -14,7 +14,8 @@ each run's final EMA model: every sampler of its process (SAMPLERS below) at
 nearest N below: benchmarks/fd_nfe.py), and the DDPM run's samplers also at 50
 NFE, the baseline the issue names. Each cell is the digits Fréchet distance
 (ddx.evaluation.DigitsMetric, lower is better) of --num_samples samples from
-the same key for every run. Prints per-seed rows, a Markdown table of mean ±
+the same key for every run (default 500: FD is biased upwards at small N, and
+the floor and benchmarks/fd_nfe.py's tables are at 500). Prints per-seed rows, a Markdown table of mean ±
 std (ddof 1) over seeds beside the floor (the FD of 500 real held-out digits,
 BENCHMARKS.md "Evaluation"), each run's wall time, and the paired comparison
 EDM's best Heun cell at <= 35 NFE against DDPM's best cell at <= 50 NFE
@@ -290,7 +291,16 @@ def score(args, runs: list) -> None:
           f"NFE, paired: {_fmt(pr['mean'], pr['std'])} = {pr['sds']:.2f} std")
   if args.out:
     with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
+      json.dump(_nan_to_none(report), f, indent=1)
+
+
+def _nan_to_none(x):
+  """x with every float NaN (the std of one seed) as None: strict JSON has no NaN."""
+  if isinstance(x, dict):
+    return {k: _nan_to_none(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_nan_to_none(v) for v in x]
+  return None if isinstance(x, float) and np.isnan(x) else x
 
 
 def main():
