@@ -604,6 +604,12 @@ def _check_bpd(config: ml_collections.ConfigDict) -> None:
   for key, valid in (("bpd_estimator", BPD_ESTIMATORS), ("bpd_trace", BPD_TRACES),
                      ("bpd_probe", BPD_PROBES), ("bpd_solver", BPD_SOLVERS)):
     _require(e[key] in valid, f"eval.{key}={e[key]!r} is unknown; use one of {valid}")
+  if not estimators:   # a process without a likelihood (the few-step ones)
+    metrics = tuple(e.metrics) if isinstance(e.metrics, (tuple, list)) else (e.metrics,)
+    _require("bpd" not in metrics,
+             f"eval.metrics has bpd, but diffusion.process={process} has no likelihood "
+             "(bits/dim); drop bpd from eval.metrics, or score a diffusion model")
+    return
   _require(e.bpd_estimator in estimators,
            f"eval.bpd_estimator={e.bpd_estimator} needs DDPM's variational bound, but "
            f"diffusion.process={process}; use --config.eval.bpd_estimator=ode")
