@@ -117,3 +117,33 @@ def test_trains_resumes_bitwise_loads_and_samples(tmp_path):
   np.testing.assert_allclose(one, np.clip(want, -1, 1), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="sampler='euler' does not exist for the consistency"):
     ddx.sample_fn(model, jax.random.key(0), steps=2, sampler="euler")
+
+
+@pytest.mark.slow
+def test_distils_a_flow_teacher_and_refuses_one_of_other_classes(tmp_path):
+  """training.teacher: a 2-step flow run distils through the trainer (its EMA
+  weights an argument of the jitted step, its D(y; σ) from flow's
+  sigma_denoiser); a teacher with other classes is one line, before compiling."""
+  from ddx import parallel
+  teacher_dir = str(tmp_path / "flow")
+  t = _tiny(**{"diffusion.process": "flow", "training.num_steps": 2,
+               "training.checkpoint_every": 2, "training.sample_every": 0})
+  train.train_and_evaluate(t, teacher_dir)
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  c = _tiny(**{"training.teacher": teacher_dir})
+  config_lib.validate(c)
+  setup = train.make_setup(c, mesh)
+  assert setup.teacher is not None
+  state = setup.init(jax.random.key(0))
+  images = np.asarray(jax.random.uniform(jax.random.key(1), (16, 8, 8, 1), minval=-1))
+  batch = {"image": images, "label": np.zeros((16,), np.int32)}
+  for _ in range(2):
+    state, metrics = setup.step(state, batch, jax.random.key(2))
+  assert int(state.step) == 2 and bool(metrics["finite"])
+
+  bad = _tiny(**{"training.teacher": teacher_dir, "model.num_classes": 10,
+                 "training.label_dropout": 0.1})
+  config_lib.validate(bad)
+  with pytest.raises(config_lib.ConfigError, match="has model.num_classes 0, this run 10") as e:
+    train.make_setup(bad, mesh)
+  assert "\n" not in str(e.value)
