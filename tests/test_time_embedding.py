@@ -147,7 +147,7 @@ def test_auto_is_todays_network_bit_for_bit_for_every_process(backbone):
   variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1,
                                                  jnp.float32), shapes)
   nets = {}
-  for process in config_lib.PROCESSES:
+  for process in ("ddpm", "edm", "flow"):   # the few-step ones add heads or a second time
     c.diffusion.process = process
     c.diffusion.prediction = "v" if process == "flow" else "eps"
     nets[process] = model_lib.network(c)
@@ -167,7 +167,7 @@ def test_auto_is_todays_network_bit_for_bit_for_every_process(backbone):
 
 def test_resolution_by_process_and_old_configs():
   c = load_config()
-  for process in config_lib.PROCESSES:
+  for process in ("ddpm", "edm", "flow"):   # the few-step ones add heads or a second time
     c.diffusion.process = process
     assert config_lib.time_embedding(c) == ("positional", 1.0)
   c.diffusion.process = "edm"
