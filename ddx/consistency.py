@@ -57,8 +57,12 @@ def time_input(t: jnp.ndarray) -> jnp.ndarray:
 
 def noise_level(t, sigma_data: float):
   """σ = σ_d·tan(t): x_t/cos(t) = x_0 + σ·n with n ~ N(0, I), EDM's σ of
-  TrigFlow time t (the noise-to-signal ratio in the data's units; inf at π/2)."""
-  return sigma_data * jnp.tan(jnp.asarray(t, jnp.float32))
+  TrigFlow time t (the noise-to-signal ratio in the data's units). inf at
+  t = π/2, also where float32's π/2 (a little above π/2) makes cos(t) < 0."""
+  t = jnp.asarray(t, jnp.float32)
+  cos = jnp.cos(t)
+  return jnp.where(cos > 0, sigma_data * jnp.sin(t) / jnp.where(cos > 0, cos, 1.0),
+                   jnp.inf)
 
 
 def teacher_velocity(denoise_fn: Callable, x_t: jnp.ndarray, t: jnp.ndarray,

@@ -209,6 +209,9 @@ def test_noise_level_and_mid_times():
   t = np.array([0.0, 0.3, 1.2])
   np.testing.assert_allclose(np.asarray(consistency.noise_level(t, SD)),
                              SD * np.tan(t), rtol=1e-6)
+  # The sampler's first time, float32(π/2), is the top noise level (the
+  # guidance interval compares with it), not tan's large negative value there.
+  assert float(consistency.noise_level(jnp.float32(consistency.T_MAX), SD)) == np.inf
   np.testing.assert_allclose(np.asarray(consistency.time_input(jnp.asarray([0.0, math.pi / 2]))),
                              [0.0, 1000.0], rtol=1e-6)
   assert consistency.mid_times(1, 1.1) == ()
