@@ -31,9 +31,13 @@ class ConsistencySpec(base.Spec):
   default_sampler = "consistency"
   bpd_estimators = ()       # no likelihood ODE: the model is a one-step map
   implementation = "ddx.processes.consistency:ConsistencyProcess"
-  # The network sees 1000·t/(π/2) (`ddx.consistency.time_input`), flow's range.
+  # The network sees 1000·t/(π/2) (`ddx.consistency.time_input`), flow's range,
+  # times 0.02 before the positional embedding: its fastest frequency then turns
+  # 13 rad over t in [0, π/2], not 637. sCM: a fast-moving time embedding makes
+  # dF/dt, and so the tangent, blow up; on the digits scale 1 gave FD 221 at step
+  # 400 and 0.02 FD 24 (docs/consistency.md).
   time_embedding = "positional"
-  time_scales = {"positional": 1.0}
+  time_scales = {"positional": 0.02}
   # The trainer's extras (ddx.processes.Process.loss): the step for the warm-up,
   # the teacher's D(y; σ) for distillation; the network's log-variance head.
   loss_inputs = ("step", "teacher")
