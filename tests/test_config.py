@@ -51,7 +51,8 @@ def test_name_lists_match_the_implementations():
   assert config_lib.SAMPLERS_BY_PROCESS == sampling.SAMPLERS_BY_PROCESS == {
       "ddpm": tuple(discrete.SAMPLERS) + ("euler", "heun", "stochastic"),
       "edm": sigma.SAMPLERS, "flow": sampling.flow.SAMPLERS,
-      "shortcut": shortcut_config.SAMPLERS}
+      "shortcut": shortcut_config.SAMPLERS,
+      "consistency": ("consistency",)}
   assert config_lib.METRICS == evaluation.METRICS
   assert config_lib.INCEPTION_METRICS == evaluation.INCEPTION_METRICS
   assert config_lib.BPD_ESTIMATORS == bpd.ESTIMATORS

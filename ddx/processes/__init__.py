@@ -27,7 +27,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional, Protocol
 
-from ddx.processes import ddpm_config, edm_config, flow_config, shortcut_config
+from ddx.processes import (consistency_config, ddpm_config, edm_config, flow_config,
+                           shortcut_config)
 from ddx.processes.base import AUTO, Field, Spec
 
 # diffusion.process -> its Spec. A new process: one entry here.
@@ -36,6 +37,7 @@ REGISTRY: dict[str, Spec] = {
     "edm": edm_config.SPEC,
     "flow": flow_config.SPEC,
     "shortcut": shortcut_config.SPEC,
+    "consistency": consistency_config.SPEC,
 }
 
 __all__ = ["AUTO", "Field", "Spec", "Process", "REGISTRY", "register", "names", "spec",
