@@ -394,7 +394,8 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
       config.sampling.num_samples).
     sampler: one of the process's samplers (ddx.sampling.SAMPLERS_BY_PROCESS):
       ddpm: ddpm | ddim | dpm_solver_pp | euler | heun | stochastic;
-      edm: euler | heun | stochastic | dpm_solver_pp; flow: euler | heun.
+      edm: euler | heun | stochastic | dpm_solver_pp; flow: euler | heun;
+      consistency: consistency; meanflow: meanflow; shortcut: shortcut | euler.
     eta: DDIM η.
     labels: int [N] class labels in [0, num_classes) for a class-conditional
       model; None draws classes 0, 1, ..., num_classes-1, 0, 1, ...

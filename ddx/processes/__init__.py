@@ -49,7 +49,8 @@ class Process(Protocol):
 
   `ddx.Model.process` and `ddx.processes.from_config` return one. Times:
   each process has its own (DDPM: int32 index i in [0, T); EDM: σ; flow:
-  t in [0, 1]); `denoise_fn(x, time)` below is the process-native denoiser
+  t in [0, 1]; consistency: TrigFlow t in [0, π/2]; meanflow and shortcut:
+  [B, 2], (t, r) and (t, d)); `denoise_fn(x, time)` below is the process-native denoiser
   that `sample` and `ode` take, what `denoiser(net_fn)` makes of a network.
   """
   spec: Spec   # class attribute: the process's config half
