@@ -422,6 +422,10 @@ def _check_process(config) -> None:
                                             "range-checked whichever process runs)")
       raise ConfigError(f"{e}{where}") from None
   spec = processes.spec(name)
+  try:
+    spec.check_run(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   prediction = f.get("prediction", processes.AUTO)
   if spec.predictions:
     _require(prediction in spec.predictions,
@@ -604,7 +608,11 @@ def _check_bpd(config: ml_collections.ConfigDict) -> None:
   for key, valid in (("bpd_estimator", BPD_ESTIMATORS), ("bpd_trace", BPD_TRACES),
                      ("bpd_probe", BPD_PROBES), ("bpd_solver", BPD_SOLVERS)):
     _require(e[key] in valid, f"eval.{key}={e[key]!r} is unknown; use one of {valid}")
-  _require(e.bpd_estimator in estimators,
+  metrics = tuple(e.metrics) if isinstance(e.metrics, (tuple, list)) else (e.metrics,)
+  _require(estimators or "bpd" not in metrics,
+           f"eval.metrics has bpd, but diffusion.process={process} has no likelihood "
+           "estimator; drop bpd from eval.metrics")
+  _require(not estimators or e.bpd_estimator in estimators,
            f"eval.bpd_estimator={e.bpd_estimator} needs DDPM's variational bound, but "
            f"diffusion.process={process}; use --config.eval.bpd_estimator=ode")
   for key in ("bpd_probes", "bpd_steps"):

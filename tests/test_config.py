@@ -48,7 +48,7 @@ def test_name_lists_match_the_implementations():
   assert config_lib.PROCESSES == processes.names()
   assert config_lib.SAMPLERS_BY_PROCESS == sampling.SAMPLERS_BY_PROCESS == {
       "ddpm": tuple(discrete.SAMPLERS) + ("euler", "heun", "stochastic"),
-      "edm": sigma.SAMPLERS, "flow": sampling.flow.SAMPLERS}
+      "edm": sigma.SAMPLERS, "flow": sampling.flow.SAMPLERS, "meanflow": ("meanflow",)}
   assert config_lib.METRICS == evaluation.METRICS
   assert config_lib.INCEPTION_METRICS == evaluation.INCEPTION_METRICS
   assert config_lib.BPD_ESTIMATORS == bpd.ESTIMATORS

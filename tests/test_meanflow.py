@@ -150,3 +150,124 @@ def test_time_sampling():
   assert np.median(np.log(t / (1 - t))) > -0.4
   with pytest.raises(ValueError, match="steps=0"):
     meanflow.sample(lambda z, r, t: z, jnp.zeros(SHAPE), steps=0)
+
+
+# --------------------------------------------------------------------------
+# The process (ddx.processes.meanflow): its loss path, guidance, sampler, config.
+
+def _process(**kw):
+  from ddx.processes.meanflow import MeanFlowProcess
+  return MeanFlowProcess(**kw)
+
+
+def _exact_network(mean, std):
+  """The exact u of N(mean, std²) data as a network: it reads (t, r) back from
+  the network's time inputs (1000·t, 1000·(t − r))."""
+  def apply_fn(params, z, time, labels=None):
+    del params, labels
+    t = time[:, 0] / 1000.0
+    return meanflow.gaussian_average_velocity(mean, std, z, t - time[:, 1] / 1000.0, t)
+  return apply_fn
+
+
+def test_process_target_on_gaussian_data_is_the_exact_u():
+  """Through the process's own loss path with the exact u as the network: the
+  target is u + (s_r/s_t)·(v_c − v_m) (v_c = ε − x the conditional velocity,
+  v_m its marginal; s_τ the data's std at τ), so u itself where v_c = v_m; on
+  point-mass data (std 0: v_c = v_m) the loss is 0."""
+  rng, mean, std = _gaussian(6)
+  x0 = (mean + std * rng.normal(size=(64,) + SHAPE[1:])).astype(np.float32)
+  p = _process(ratio=0.5)
+  reg = p.regression(_exact_network(mean, std), None, jnp.asarray(x0), jax.random.key(0))
+  r, t = (np.asarray(reg[k], np.float64)[:, None, None, None] for k in ("r", "t"))
+  assert np.mean(r < t) > 0.2
+  z, eps = np.asarray(reg["z"], np.float64), np.asarray(reg["eps"], np.float64)
+  np.testing.assert_allclose(z, (1 - t) * x0 + t * eps, rtol=1e-5, atol=1e-6)
+  s = lambda a: np.sqrt((1 - a) ** 2 * std ** 2 + a ** 2)
+  v_m = _np_velocity(mean, std, z, t)
+  u = np.asarray(meanflow.gaussian_average_velocity(mean, std, reg["z"], reg["r"],
+                                                    reg["t"]))
+  np.testing.assert_allclose(np.asarray(reg["u"]), u, rtol=1e-6, atol=1e-6)
+  want = u + s(r) / s(t) * ((eps - x0) - v_m)
+  np.testing.assert_allclose(np.asarray(reg["target"]), want, rtol=1e-3, atol=1e-3)
+
+  point = np.zeros_like(std)
+  x0 = np.broadcast_to(mean, x0.shape)
+  value, metrics = p.loss(_exact_network(mean, point), None, jnp.asarray(x0),
+                          jax.random.key(1))
+  assert float(value) < 1e-6 and float(np.max(metrics["mse_by_quartile"])) < 1e-8
+
+
+def test_process_guided_velocity_where_it_applies():
+  """ṽ = ω·v + κ·u(c) + (1 − ω − κ)·u(∅) for labelled examples with t in
+  [tmin, tmax]; v for null-labelled ones and outside the range."""
+  null = 3
+
+  def apply_fn(params, z, time, labels=None):   # u(z, t, t | c) = c + 1, any z
+    del params
+    if labels is None:
+      labels = jnp.zeros((z.shape[0],), jnp.int32)
+    return jnp.zeros_like(z) + (labels.astype(jnp.float32) + 1.0)[:, None, None, None]
+
+  x0 = jnp.asarray(np.random.default_rng(7).normal(size=(256,) + SHAPE[1:]), jnp.float32)
+  labels = jnp.asarray(np.arange(256) % 4, jnp.int32)   # every 4th is null
+  for kappa in (0.0, 0.5):
+    p = _process(omega=2.0, kappa=kappa, guidance_tmin=0.3, guidance_tmax=0.8)
+    reg = p.regression(apply_fn, None, x0, jax.random.key(8), labels=labels,
+                       null_label=null)
+    t, lab = np.asarray(reg["t"]), np.asarray(labels)
+    v = np.asarray(reg["eps"]) - np.asarray(x0)
+    guided = 2.0 * v + kappa * (lab + 1.0)[:, None, None, None] + (1 - 2.0 - kappa) * (null + 1.0)
+    on = ((lab != null) & (t >= 0.3) & (t <= 0.8))[:, None, None, None]
+    assert 0 < on.mean() < 0.75
+    np.testing.assert_allclose(np.asarray(reg["v"]), np.where(on, guided, v), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_process_samples_gaussian_data_exactly():
+  """process.denoiser(exact-u network) through ddx.sample: 1 and 2 steps give
+  mean + std·ε; clip_x0 clips the one-step sample; σ = t/(1 − t)."""
+  rng, mean, std = _gaussian(9)
+  p = _process()
+  net = _exact_network(mean, std)
+  denoise = p.denoiser(lambda x, time: net(None, x, time))
+  eps = rng.normal(size=SHAPE).astype(np.float32)
+  from ddx import sampling
+  for steps in (1, 2):
+    x = sampling.sample(denoise, p, jax.random.key(0), SHAPE, steps=steps, x_T=eps)
+    np.testing.assert_allclose(np.asarray(x), mean + std * eps, rtol=1e-5, atol=1e-5)
+  x = sampling.sample(denoise, p, jax.random.key(0), SHAPE, steps=1, x_T=3 * eps,
+                      clip_x0=True)
+  np.testing.assert_allclose(np.asarray(x), np.clip(mean + 3 * std * eps, -1, 1),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="sampler='euler' does not exist for the meanflow"):
+    sampling.sample(denoise, p, jax.random.key(0), SHAPE, sampler="euler", steps=1)
+  time = np.array([[0.5, 0.2], [0.75, 0.0]], np.float32)
+  np.testing.assert_allclose(np.asarray(p.noise_level(time)), [1.0, 3.0], rtol=1e-6)
+
+
+def test_meanflow_config_checks():
+  from ddx import config as config_lib
+  from testutils import load_config
+  c = load_config()
+  c.diffusion.process = "meanflow"
+  config_lib.validate(c)
+  assert c.sampling.sampler == "meanflow"
+  for key, value, match in (
+      ("diffusion.mf_ratio", 1.5, r"diffusion.mf_ratio=1.5 must lie in \[0, 1\]"),
+      ("diffusion.mf_omega", 2.0, "mf_omega=2.0, mf_kappa=0.0 guide with class labels, "
+       "but model.num_classes=0"),
+      ("model.num_classes", 10, "training.label_dropout=0 never trains the null label"),
+      ("eval.metrics", ("digits", "bpd"), "diffusion.process=meanflow has no likelihood"),
+      ("sampling.sampler", "heun", "sampling.sampler='heun' is not a sampler of "
+       "diffusion.process=meanflow")):
+    c2 = load_config()
+    c2.diffusion.process = "meanflow"
+    if key == "model.num_classes":
+      c2.diffusion.mf_omega = 2.0
+    group, name = key.split(".")
+    c2[group][name] = value
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.validate(c2)
+  c.diffusion.mf_omega, c.model.num_classes, c.training.label_dropout = 2.0, 10, 0.1
+  config_lib.validate(c)

@@ -277,7 +277,7 @@ def test_samplers_by_process_and_errors():
   assert SAMPLERS_BY_PROCESS == {
       "ddpm": ("ddpm", "ddim", "dpm_solver_pp", "euler", "heun", "stochastic"),
       "edm": ("euler", "heun", "stochastic", "dpm_solver_pp"),
-      "flow": ("euler", "heun")}
+      "flow": ("euler", "heun"), "meanflow": ("meanflow",)}
   d = lambda x, s: x
   key = jax.random.key(0)
   for process, bad in [(edm.EDM(), "ddim"), (edm.EDM(), "ddpm"),

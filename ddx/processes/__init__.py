@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional, Protocol
 
-from ddx.processes import ddpm_config, edm_config, flow_config
+from ddx.processes import ddpm_config, edm_config, flow_config, meanflow_config
 from ddx.processes.base import AUTO, Field, Spec
 
 # diffusion.process -> its Spec. A new process: one entry here.
@@ -35,6 +35,7 @@ REGISTRY: dict[str, Spec] = {
     "ddpm": ddpm_config.SPEC,
     "edm": edm_config.SPEC,
     "flow": flow_config.SPEC,
+    "meanflow": meanflow_config.SPEC,
 }
 
 __all__ = ["AUTO", "Field", "Spec", "Process", "REGISTRY", "register", "names", "spec",
