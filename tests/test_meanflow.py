@@ -1,10 +1,13 @@
-"""ddx.meanflow against closed forms: Gaussian data, whose average velocity is
-known exactly, and finite differences for the JVP tangent."""
+"""ddx.meanflow and the meanflow process against closed forms: Gaussian data,
+whose average velocity is known exactly, and finite differences for the JVP
+tangent; the process through its loss path, ddx.model's guidance, the config
+checks and the real trainer."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ddx
 from ddx import meanflow
 
 from testutils import gaussian_data
@@ -271,3 +274,56 @@ def test_meanflow_config_checks():
       config_lib.validate(c2)
   c.diffusion.mf_omega, c.model.num_classes, c.training.label_dropout = 2.0, 10, 0.1
   config_lib.validate(c)
+
+
+_EMB = np.array([0.3, -0.7, 1.1, 0.05], np.float32)   # label 3 = the null label
+
+
+def _toy_apply(self, x, time, labels=None):
+  """A linear stand-in network of two times: 0.5·x + 1e-4·τ_0 − 3e-4·τ_1 + EMB[y]."""
+  y = jnp.full((x.shape[0],), 3, jnp.int32) if labels is None else labels
+  tau = jnp.asarray(time, jnp.float32)
+  assert tau.shape == (x.shape[0], 2)
+  return (0.5 * x + (1e-4 * tau[:, 0] - 3e-4 * tau[:, 1])[:, None, None, None]
+          + jnp.asarray(_EMB)[y][:, None, None, None])
+
+
+def test_cfg_at_sampling_mixes_u_inside_the_interval(monkeypatch):
+  """ddx.model.denoiser on a conditional MeanFlow model: u_∅ + w·(u_c − u_∅) where
+  σ = t/(1 − t) of the current time is in (lo, hi], else u_c (NumPy reference);
+  the network sees (1000·t, 1000·(t − r))."""
+  from ddx import config as config_lib
+  from ddx import model as model_lib
+  from testutils import load_config
+  monkeypatch.setattr(model_lib.Model, "apply", _toy_apply)
+  c = load_config()
+  c.diffusion.process, c.model.num_classes, c.training.label_dropout = "meanflow", 3, 0.1
+  model = model_lib.Model({}, config_lib.freeze(c))
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
+  labels = np.array([0, 2, 1, 2])
+  t = np.array([0.2, 0.5, 0.75, 0.95], np.float32)   # σ = 0.25, 1, 3, 19
+  r = np.array([0.0, 0.25, 0.5, 0.0], np.float32)
+  lo, hi, w = 0.5, 5.0, 2.5
+
+  def u_np(y):
+    return (0.5 * x + (0.1 * t - 0.3 * (t - r))[:, None, None, None]
+            + _EMB[y][:, None, None, None])
+  sigma = t / (1 - t)
+  inside = ((sigma > lo) & (sigma <= hi))[:, None, None, None]
+  assert 0 < inside.sum() < 4
+  uc, uu = u_np(labels), u_np(np.full(4, 3))
+  fn = model_lib.denoiser(model, jnp.asarray(labels), jnp.float32(w), True,
+                          interval=(jnp.float32(lo), jnp.float32(hi)))
+  time = jnp.asarray(np.stack([t, r], -1))
+  np.testing.assert_allclose(fn(jnp.asarray(x), time), np.where(inside, uu + w * (uc - uu), uc),
+                             rtol=1e-5, atol=1e-5)
+  fn = model_lib.denoiser(model, jnp.asarray(labels), jnp.float32(w), True)
+  np.testing.assert_allclose(fn(jnp.asarray(x), time), uu + w * (uc - uu), rtol=1e-5, atol=1e-5)
+  # sample_fn: one step is x = ε − u(ε, 0, 1), guided.
+  eps = rng.normal(size=(4, 8, 8, 1)).astype(np.float32) * 0.3
+  one = ddx.sample_fn(model, jax.random.key(0), steps=1, labels=labels, x_T=eps,
+                      guidance_scale=w, clip_x0=False)
+  t, r, x = np.ones(4, np.float32), np.zeros(4, np.float32), eps
+  want = eps - (u_np(np.full(4, 3)) + w * (u_np(labels) - u_np(np.full(4, 3))))
+  np.testing.assert_allclose(one, np.clip(want, -1, 1), rtol=1e-5, atol=1e-5)
