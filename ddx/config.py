@@ -156,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
   p.sigma_rels = (0.05, 0.10)  # the tracked profiles' relative widths sigma_rel (EDM2's)
   t.remat = "none"           # recompute in the backward pass, per U-Net/DiT block: none |
                              # dots (keep matmul/conv outputs) | full (keep block inputs)
+  t.init_from = ""           # a finished run whose EMA weights a NEW run starts from
+                             # (fine-tuning; ignored on resume); docs/checkpoints.md
+  t.teacher = ""             # a finished run to distil from (a process that takes one)
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 2e-4
@@ -520,6 +523,15 @@ def _check_training(config, num_data_shards: int) -> None:
   _require(t.nan_policy in ("stop", "skip"),
            f"training.nan_policy={t.nan_policy!r} must be stop or skip")
   _check_posthoc_ema(config)
+  for key in ("init_from", "teacher"):
+    v = t.get(key, "")
+    _require(isinstance(v, str),
+             f"training.{key}={v!r} must be a workdir path (a string; \"\" = none)")
+  spec = processes.REGISTRY.get(config.diffusion.get("process", "ddpm"))
+  _require(not t.get("teacher", "") or spec is None or "teacher" in spec.loss_inputs,
+           f"training.teacher is set but diffusion.process="
+           f"{config.diffusion.get('process', 'ddpm')!r} does not distil; drop "
+           "training.teacher, or use a process that takes one (consistency)")
 
   _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
   _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")

@@ -44,7 +44,8 @@ def mean_output(config, out: jnp.ndarray) -> jnp.ndarray:
 
 def network(config):
   """The Flax network a run config names (config.model.name: unet | dit), with its
-  time embedding resolved for the run's process (config.time_embedding).
+  time embedding resolved for the run's process (config.time_embedding) and
+  the process's second time input and log-variance head (its Spec).
 
   Raises ConfigError, before anything is traced, when model.attention needs
   a backend this process does not have (cudnn without a GPU, ...).
@@ -56,7 +57,9 @@ def network(config):
         f"model.attention={attention!r}: {why}; use --config.model.attention=xla "
         "(or auto)")
   kind, scale = config_lib.time_embedding(config)
-  return models.build(config.model, time_embedding=kind, time_scale=scale)
+  spec = processes.spec(config.diffusion.get("process", "ddpm"))
+  return models.build(config.model, time_embedding=kind, time_scale=scale,
+                      second_time=spec.second_time, logvar=spec.logvar)
 
 
 def init_variables(config, rng: jax.Array) -> dict:
@@ -68,7 +71,8 @@ def init_variables(config, rng: jax.Array) -> dict:
     for a BatchNorm network.
   """
   x = jnp.zeros((1,) + config_lib.image_shape(config), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
+  two = processes.spec(config.diffusion.get("process", "ddpm")).second_time
+  t = jnp.zeros((1, 2), jnp.float32) if two else jnp.zeros((1,), jnp.int32)
   labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
   return dict(network(config).init(rng, x, t, labels))
 

@@ -13,9 +13,10 @@ import functools
 import json
 import signal
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -116,16 +117,32 @@ def create_state(config, tx: optax.GradientTransformation, rng: jax.Array) -> Tr
                                       for _ in posthoc_ema.gammas_of(config)))
 
 
-def process_loss(apply_fn, params, process, x0, rng, config):
+def process_loss(apply_fn, params, process, x0, rng, config, **inputs):
   """The training loss of the run's process (`process.loss`, `ddx.processes`),
   with the network's auxiliary output. `apply_fn(params, x, time) -> (out, aux)`.
-  A bare Schedule trains in config.diffusion.prediction.
+  A bare Schedule trains in config.diffusion.prediction. `inputs` holds every
+  entry of `ddx.processes.base.LOSS_INPUTS`; the process gets those its
+  Spec.loss_inputs names.
   """
   process = processes.as_process(process, config.diffusion.get("prediction"))
-  return process.loss(apply_fn, params, x0, rng, has_aux=True)
+  extras = {k: inputs[k] for k in process.spec.loss_inputs}
+  return process.loss(apply_fn, params, x0, rng, has_aux=True, **extras)
 
 
-def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
+def teacher_denoiser(teacher: Optional[model_lib.Model], labels):
+  """training.teacher's EMA network as EDM's denoiser D(y [B, ...], σ [B]) of
+  y = x_0 + σ·n, whatever the teacher's process (`sigma_denoiser`), on the
+  student's labels; None without a teacher."""
+  if teacher is None:
+    return None
+  if teacher.config.model.num_classes <= 0:
+    labels = None
+  net = model_lib.denoiser(teacher, labels)
+  return teacher.process.sigma_denoiser(net)
+
+
+def train_step(state: TrainState, batch: dict, base_rng: jax.Array,
+               teacher: Optional[model_lib.Model] = None, *, net,
                sched, tx: optax.GradientTransformation,
                config) -> tuple[TrainState, dict]:
   """One optimizer update on a global batch; pure.
@@ -134,6 +151,7 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
     state: the current TrainState.
     batch: {"image": [B, H, W, C] float32 in [-1, 1], "label": [B] int32}.
     base_rng: the run's base key; this step's key is fold_in(base_rng, step).
+    teacher: training.teacher's model (EMA weights as jit arguments), or None.
     net, sched, tx, config: static (bound with functools.partial before jit);
       sched is the process (`ddx.processes.Process`, or a bare Schedule, EDM
       or Flow).
@@ -159,12 +177,19 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
     # running ones; under jit over the Mesh the batch axis is the global one,
     # so they are global-batch statistics (XLA adds the cross-device sums).
     # For GroupNorm batch_stats is {} and stays {}.
-    def apply(p, x, t):
+    logvar = processes.as_process(sched, config.diffusion.get("prediction")).spec.logvar
+
+    def apply(p, x, t, labels=labels):
       out, updates = net.apply({"params": p, "batch_stats": state.batch_stats}, x, t,
                                labels, train=True, rngs={"dropout": drop_rng},
-                               mutable=["batch_stats"])
-      return model_lib.mean_output(config, out), dict(updates).get("batch_stats", {})
-    return process_loss(apply, params, sched, batch["image"], loss_rng, config)
+                               mutable=["batch_stats", "logvar"])
+      out = model_lib.mean_output(config, out)
+      if logvar:   # the head's value, sown by the network (layers.sow_logvar)
+        out = (out, jax.tree.leaves(updates["logvar"])[0])
+      return out, dict(updates).get("batch_stats", {})
+    return process_loss(apply, params, sched, batch["image"], loss_rng, config,
+                        labels=labels, null_label=num_classes, step=state.step,
+                        teacher=teacher_denoiser(teacher, labels))
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -194,7 +219,8 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, net,
   return new_state, metrics
 
 
-def train_steps(state: TrainState, batches: dict, base_rng: jax.Array, *,
+def train_steps(state: TrainState, batches: dict, base_rng: jax.Array,
+                teacher: Optional[model_lib.Model] = None, *,
                 unroll: bool = False, **static) -> tuple[TrainState, dict]:
   """k updates in one program: `train_step` scanned over batches [k, B, ...].
 
@@ -206,7 +232,7 @@ def train_steps(state: TrainState, batches: dict, base_rng: jax.Array, *,
   step 17x slower than single steps (BENCHMARKS.md, "Updates per call").
   """
   def body(s, batch):
-    return train_step(s, batch, base_rng, **static)
+    return train_step(s, batch, base_rng, teacher, **static)
   return jax.lax.scan(body, state, batches, unroll=unroll)
 
 
@@ -333,6 +359,45 @@ class TrainSetup(NamedTuple):
   init: Callable         # init(rng) -> sharded TrainState
   step: Callable         # step(state, global batch, rng) -> (state, metrics), donates state
   steps: Callable        # steps(state, [k, B, ...] batches, rng): k updates per call
+  teacher: Any = None    # training.teacher's Model (replicated), or None
+
+
+class _WithTeacher:
+  """A jitted update f(state, batch, rng, teacher) called as f(state, batch, rng):
+  the teacher's weights go in as an argument on every call (never baked in)."""
+
+  def __init__(self, fn, teacher):
+    self.fn, self.teacher = fn, teacher
+
+  def __call__(self, state, batch, rng):
+    return self.fn(state, batch, rng, self.teacher)
+
+  def lower(self, state, batch, rng):
+    return self.fn.lower(state, batch, rng, self.teacher)
+
+
+def load_teacher(config, mesh) -> Optional[model_lib.Model]:
+  """training.teacher's EMA model, replicated over `mesh`; None when unset.
+
+  Raises:
+    config_lib.ConfigError: the teacher is not a finished ddx run, or its
+      image shape or classes differ from this run's (one line).
+  """
+  path = config.training.get("teacher", "")
+  if not path:
+    return None
+  try:
+    teacher = ckpt_lib.load(path)
+  except (ckpt_lib.CheckpointError, ValueError) as e:
+    raise config_lib.ConfigError(f"training.teacher={path!r}: {e}") from None
+  for what, mine, theirs in (
+      ("image shape", config_lib.image_shape(config), teacher.image_shape),
+      ("model.num_classes", config.model.num_classes, teacher.config.model.num_classes)):
+    if tuple(np.atleast_1d(mine)) != tuple(np.atleast_1d(theirs)):
+      raise config_lib.ConfigError(
+          f"training.teacher={path!r} has {what} {theirs}, this run {mine}; distil "
+          "from a teacher trained on the same data and classes")
+  return parallel.replicate(teacher.replace(autoencoder=None), mesh)
 
 
 def make_setup(config, mesh) -> TrainSetup:
@@ -357,10 +422,11 @@ def make_setup(config, mesh) -> TrainSetup:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       shapes, state_sharding)
   repl = parallel.replicated(mesh)
+  teacher = load_teacher(config, mesh)
   static = dict(net=net, sched=sched, tx=tx, config=config)
   step_fn = jax.jit(
       functools.partial(train_step, **static),
-      in_shardings=(state_sharding, parallel.data_sharded(mesh), repl),
+      in_shardings=(state_sharding, parallel.data_sharded(mesh), repl, repl),
       out_shardings=(state_sharding, repl), donate_argnums=(0,))
   # steps_per_dispatch > 1: k updates per call (compiled once per k it sees:
   # k, and a shorter call to reach the grid after an off-grid resume or at the end).
@@ -369,10 +435,11 @@ def make_setup(config, mesh) -> TrainSetup:
       functools.partial(train_steps, unroll=mesh.devices.flat[0].platform == "cpu",
                         **static),
       in_shardings=(state_sharding, NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
-                    repl),
+                    repl, repl),
       out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  return TrainSetup(mesh, net, sched, tx, abstract, state_sharding, init_fn, step_fn,
-                    multi_fn)
+  return TrainSetup(mesh, net, sched, tx, abstract, state_sharding, init_fn,
+                    _WithTeacher(step_fn, teacher), _WithTeacher(multi_fn, teacher),
+                    teacher)
 
 
 def step_flops(step_fn, state, batch, rng) -> float:
@@ -401,7 +468,7 @@ def restore_or_init(setup: TrainSetup, ck: ckpt_lib.Checkpointer, config,
   restored, step = ck.resume(setup.abstract, keep_optimizer=keep)
   if restored is None:
     logging.info("initialised a new run")
-    return setup.init(rng)
+    return init_from(setup.init(rng), config)
   if keep:
     logging.info("resumed from the checkpoint at step %d", step)
     return restored
@@ -409,6 +476,67 @@ def restore_or_init(setup: TrainSetup, ck: ckpt_lib.Checkpointer, config,
                   "with a fresh optimizer state", step)
   opt_init = jax.jit(setup.tx.init, out_shardings=setup.state_sharding.opt_state)
   return TrainState(opt_state=opt_init(restored["params"]), **restored)
+
+
+def init_from(state: TrainState, config) -> TrainState:
+  """A fresh state started from training.init_from's EMA weights (as params, EMA
+  and every post-hoc EMA profile; BatchNorm statistics too); unchanged when
+  the key is "". Parameters the source lacks (e.g. a second time's embedding,
+  zero-initialised) keep their initialisation; the optimizer starts fresh.
+
+  Raises:
+    config_lib.ConfigError: the source is not a finished run, has another
+      image shape or classes, or a parameter this network lacks or has in
+      another shape (one line).
+  """
+  path = config.training.get("init_from", "")
+  if not path:
+    return state
+  where = f"training.init_from={path!r}"
+  try:
+    source = ckpt_lib.load(path)
+  except (ckpt_lib.CheckpointError, ValueError) as e:
+    raise config_lib.ConfigError(f"{where}: {e}") from None
+  if (tuple(source.image_shape) != tuple(config_lib.image_shape(config))
+      or source.config.model.num_classes != config.model.num_classes):
+    raise config_lib.ConfigError(
+        f"{where} is a model of image shape {tuple(source.image_shape)} with "
+        f"{source.config.model.num_classes} classes, this run "
+        f"{tuple(config_lib.image_shape(config))} with {config.model.num_classes}; "
+        "start from a run on the same data")
+
+  def merge(mine: dict, theirs: dict, group: str) -> dict:
+    dst = flax.traverse_util.flatten_dict(mine, sep="/")
+    src = flax.traverse_util.flatten_dict(dict(theirs), sep="/")
+    extra = sorted(set(src) - set(dst))
+    if extra:
+      raise config_lib.ConfigError(
+          f"{where} has {group} {extra[0]} that this network lacks (another backbone "
+          "or size): start from a run of the same model.* settings")
+    out = {}
+    for k, x in dst.items():
+      if k not in src:
+        out[k] = x
+        continue
+      host = np.asarray(src[k], x.dtype)
+      if host.shape != x.shape:
+        raise config_lib.ConfigError(
+            f"{where}: {group} {k} has shape {host.shape}, this network "
+            f"{tuple(x.shape)}; start from a run of the same model.* settings")
+      out[k] = jax.make_array_from_callback(x.shape, x.sharding, lambda i, h=host: h[i])
+    fresh = sorted(set(dst) - set(src))
+    if fresh:
+      logging.info("%s: %d %s tensors initialised fresh (the source lacks them): %s",
+                   where, len(fresh), group, ", ".join(fresh))
+    return flax.traverse_util.unflatten_dict(out, sep="/")
+
+  params = merge(state.params, source.variables["params"], "parameter")
+  stats = (merge(state.batch_stats, source.variables.get("batch_stats", {}), "batch_stats")
+           if state.batch_stats else state.batch_stats)
+  copy = lambda: jax.tree.map(jnp.copy, params)
+  logging.info("%s: started from its EMA weights", where)
+  return state.replace(params=params, ema_params=copy(), batch_stats=stats,
+                       posthoc_ema=tuple(copy() for _ in state.posthoc_ema))
 
 
 class _Preemption:

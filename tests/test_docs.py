@@ -30,6 +30,8 @@ SKIPPED = {
         "tests/test_posthoc_ema.py trains with snapshots through the same trainer and checks them against the paper's recursion",
     ("docs/posthoc-ema.md", "python -m ddx.posthoc_ema --workdir runs/digits_ph --sigma_rel 0.08 --out runs/digits_ph_008"):
         "tests/test_posthoc_ema.py runs this command on a tiny run and loads, samples and scores its output",
+    ("docs/checkpoints.md", "python -m ddx.main --config configs/digits_flow.py --workdir runs/digits_flow"):
+        "two training runs; tests/test_two_times.py runs init_from through the trainer's own start-up",
     ("docs/speed.md", "python -m ddx.main --config configs/cifar10.py --workdir runs/c10 \\"):
         "needs CIFAR-10 and a GPU",
     ("docs/speed.md", "python benchmarks/op_profile.py --config cifar10 --set model.dtype=bfloat16 --batch 128"):

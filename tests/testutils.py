@@ -42,9 +42,8 @@ def random_model(config, seed: int = 0):
   import numpy as np
   from ddx import config as config_lib
   from ddx import model as model_lib
-  net = model_lib.network(config)
-  abstract = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
-                            jnp.zeros((1,), jnp.int32))["params"]
+  abstract = jax.eval_shape(lambda k: model_lib.init_variables(config, k),
+                            jax.random.key(0))["params"]
   rng = np.random.default_rng(seed)
   params = jax.tree_util.tree_map_with_path(
       lambda path, a: jnp.asarray(rng.normal(size=a.shape) * 0.05

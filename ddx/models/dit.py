@@ -59,7 +59,7 @@ import numpy as np
 
 from ddx.models import attention as attention_lib
 from ddx.models.layers import (TIME_EMBEDDINGS, fourier_embedding, rematerialised,
-                               scaled_time)
+                               scaled_time, sow_logvar, split_time)
 
 # (hidden_size, depth, num_heads) of the paper's Table 1 models.
 PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
@@ -318,22 +318,31 @@ class TimestepEmbedder(nn.Module):
     kind: "positional" (DiT's sinusoidal table) or "fourier" (fixed random
       frequencies, ddx.models.layers.fourier_embedding).
     scale: factor on t before the embedding (1 = DiT's).
+    zero_out: the last Dense starts at zero (a second time's embedder, so
+      the network starts as the one-time network).
+    logvar: also sow the learned log-variance head on the features
+      (`ddx.models.layers.sow_logvar`).
   """
   hidden_size: int
   dtype: Any = jnp.float32
   kind: str = "positional"
   scale: float = 1.0
+  zero_out: bool = False
+  logvar: bool = False
 
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
     """Args: t: [B] numeric. Returns: [B, D] in `dtype`."""
     t = scaled_time(t, self.scale)
     if self.kind == "fourier":
-      h = fourier_embedding(t, FREQUENCY_EMBEDDING_SIZE)
+      f = fourier_embedding(t, FREQUENCY_EMBEDDING_SIZE)
     else:
-      h = timestep_embedding(t)
-    h = _dense(self.hidden_size, self.dtype, "mlp_0", _normal_002)(h)
-    return _dense(self.hidden_size, self.dtype, "mlp_2", _normal_002)(nn.silu(h))
+      f = timestep_embedding(t)
+    if self.logvar:
+      sow_logvar(self, f, self.dtype)
+    h = _dense(self.hidden_size, self.dtype, "mlp_0", _normal_002)(f)
+    return _dense(self.hidden_size, self.dtype, "mlp_2",
+                  _zeros if self.zero_out else _normal_002)(nn.silu(h))
 
 
 class FinalLayer(nn.Module):
@@ -379,6 +388,11 @@ class DiT(nn.Module):
     remat: what the backward pass recomputes in each DiT block, "none" |
       "dots" | "full" (`ddx.models.layers.rematerialised`; the trainer sets
       it from training.remat). Changes memory and time, not the gradients.
+    second_time: the network takes a second time (t of shape [B, 2]), embedded
+      by its own TimestepEmbedder ("t2_embedder") whose last layer starts at
+      zero, so the network starts as the one-time network.
+    logvar: a learned log-variance head on the time features
+      (`ddx.models.layers.sow_logvar`; adaptive loss weighting).
   """
   patch_size: int = 2
   hidden_size: int = 384
@@ -392,14 +406,15 @@ class DiT(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: str = "none"
+  second_time: bool = False
+  logvar: bool = False
 
   def _check(self, x: jax.Array, t: jax.Array,
              labels: Optional[jax.Array]) -> None:
     """Raises ValueError for a config or input the network cannot handle."""
     if x.ndim != 4:
       raise ValueError(f"DiT expects x of shape [B, H, W, C], got {x.shape}")
-    if t.ndim != 1:
-      raise ValueError(f"DiT expects t of shape [B], got {t.shape}")
+    split_time(t, self.second_time, "DiT")
     _, hgt, wid, _ = x.shape
     p = self.patch_size
     if p < 1 or hgt % p or wid % p:
@@ -429,7 +444,7 @@ class DiT(nn.Module):
     Args:
       x: [B, H, W, C] float32 noisy input.
       t: [B] noise-conditioning value (int step index or float), used as
-        float32.
+        float32; [B, 2] with second_time.
       labels: [B] int32 class labels in [0, num_classes] (num_classes = null),
         or None (all null). Only allowed when num_classes > 0.
       train: unused (DiT has no dropout); accepted so callers treat every
@@ -451,8 +466,12 @@ class DiT(nn.Module):
     pos = sincos_pos_embed_2d(d, hgt // p, wid // p)   # a constant
     tokens = tokens.reshape(b, -1, d).astype(jnp.float32) + pos[None]
 
+    t, t2 = split_time(t, self.second_time, "DiT")
     c = TimestepEmbedder(d, dt, self.time_embedding, self.time_scale,
-                         name="t_embedder")(t)
+                         logvar=self.logvar, name="t_embedder")(t)
+    if t2 is not None:
+      c = c + TimestepEmbedder(d, dt, self.time_embedding, self.time_scale,
+                               zero_out=True, name="t2_embedder")(t2)
     if self.num_classes > 0:
       if labels is None:
         labels = jnp.full((b,), self.num_classes, dtype=jnp.int32)

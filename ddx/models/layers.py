@@ -130,6 +130,42 @@ def fourier_embedding(t: jax.Array, dim: int) -> jax.Array:
   return emb
 
 
+def split_time(t: jax.Array, second_time: bool, network: str
+               ) -> tuple[jax.Array, Optional[jax.Array]]:
+  """The network's time input as (main time [B], second time [B] or None).
+
+  A process with two times (MeanFlow's interval, a shortcut model's step size;
+  its Spec's second_time) gives the network t of shape [B, 2]: column 0 the
+  main time, column 1 the second. Every other process gives [B].
+
+  Raises:
+    ValueError: t's shape does not fit the network's second_time.
+  """
+  t = jnp.asarray(t)
+  if second_time:
+    if t.ndim != 2 or t.shape[1] != 2:
+      raise ValueError(f"{network} with second_time=True expects t of shape [B, 2] "
+                       f"(time, second time), got {t.shape}")
+    return t[:, 0], t[:, 1]
+  if t.ndim != 1:
+    raise ValueError(f"{network} expects t of shape [B], got {t.shape} (a [B, 2] time "
+                     "is for a network built with second_time=True)")
+  return t, None
+
+
+def sow_logvar(module: nn.Module, features: jax.Array, dtype: Any) -> None:
+  """The learned log-variance head of adaptive loss weighting (EDM2, sCM).
+
+  A zero-initialised Dense(1) on the time features, sown into the "logvar"
+  collection as float32 [B]: only an apply with mutable=["logvar"] (the
+  trainer, for a process whose Spec has logvar=True) collects it, and the
+  network's output is unchanged.
+  """
+  lv = nn.Dense(1, dtype=dtype, kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.zeros, name="logvar_head")(features)
+  module.sow("logvar", "logvar", lv[:, 0].astype(jnp.float32))
+
+
 def _conv3x3(features: int, dtype: Any, name: str, zero: bool = False,
              strides: int = 1, padding: Any = "SAME") -> nn.Conv:
   return nn.Conv(

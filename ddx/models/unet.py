@@ -54,7 +54,7 @@ from ddx.models.layers import (DOWNSAMPLE_PADDINGS, GN_EPSILON, NORMS,
                                TIME_EMBEDDINGS, AttnBlock, Downsample,
                                ResBlock, Upsample, default_init,
                                fourier_embedding, norm_layer, rematerialised, scaled_time,
-                               timestep_embedding, zero_init)
+                               sow_logvar, split_time, timestep_embedding, zero_init)
 
 
 class UNet(nn.Module):
@@ -96,6 +96,12 @@ class UNet(nn.Module):
     remat: what the backward pass recomputes in each ResBlock and AttnBlock,
       "none" | "dots" | "full" (`layers.rematerialised`; the trainer sets it
       from training.remat). Changes memory and time, not the gradients.
+    second_time: the network takes a second time (t of shape [B, 2]; a
+      process with two times, e.g. MeanFlow, shortcut models), embedded like
+      the first through its own MLP whose last layer starts at zero, so the
+      network starts as the one-time network with the same weights.
+    logvar: a learned log-variance head on the time features
+      (`layers.sow_logvar`; adaptive loss weighting).
   """
   ch: int = 32
   ch_mult: Sequence[int] = (1, 2)
@@ -116,6 +122,8 @@ class UNet(nn.Module):
   norm_eps: float = GN_EPSILON
   attention: str = "xla"
   remat: str = "none"
+  second_time: bool = False
+  logvar: bool = False
 
   def _check(self, x: jax.Array, labels: Optional[jax.Array]) -> None:
     """Raises ValueError for a config or input the network cannot handle."""
@@ -168,7 +176,7 @@ class UNet(nn.Module):
     Args:
       x: [B, H, W, C] float32 noisy images.
       t: [B] the time input (DDPM: int32 step index i in [0, T); any numeric
-        dtype, used as float32).
+        dtype, used as float32); [B, 2] with second_time.
       labels: [B] int32 class labels in [0, num_classes] (num_classes = null),
         or None (all null). Only allowed when num_classes > 0.
       train: enables dropout; then apply needs rngs={'dropout': key} if
@@ -185,16 +193,26 @@ class UNet(nn.Module):
     dt = jnp.dtype(self.dtype)   # the config gives a string
 
     # Time (and label) embedding, shared by every ResBlock.
-    t = scaled_time(t, self.time_scale)
-    if self.time_embedding == "fourier":
-      temb = fourier_embedding(t, self.ch)
-    else:
-      temb = timestep_embedding(t, self.ch, self.flip_sin_to_cos,
-                                self.freq_shift)
-    temb = nn.Dense(4 * self.ch, dtype=dt, kernel_init=default_init,
-                    name="temb_dense0")(temb)
-    temb = nn.Dense(4 * self.ch, dtype=dt, kernel_init=default_init,
-                    name="temb_dense1")(nn.silu(temb))
+    t, t2 = split_time(t, self.second_time, "UNet")
+
+    def features(t):
+      t = scaled_time(t, self.time_scale)
+      if self.time_embedding == "fourier":
+        return fourier_embedding(t, self.ch)
+      return timestep_embedding(t, self.ch, self.flip_sin_to_cos, self.freq_shift)
+
+    def mlp(f, prefix, last_init):
+      h = nn.Dense(4 * self.ch, dtype=dt, kernel_init=default_init,
+                   name=f"{prefix}_dense0")(f)
+      return nn.Dense(4 * self.ch, dtype=dt, kernel_init=last_init,
+                      name=f"{prefix}_dense1")(nn.silu(h))
+
+    f = features(t)
+    temb = mlp(f, "temb", default_init)
+    if t2 is not None:
+      temb = temb + mlp(features(t2), "temb2", zero_init)
+    if self.logvar:
+      sow_logvar(self, f, dt)
     if self.num_classes > 0:
       if labels is None:
         labels = jnp.full(x.shape[:1], self.num_classes, dtype=jnp.int32)

@@ -91,6 +91,11 @@ class Process(Protocol):
     """The likelihood ODE: (drift(x, s), grid [steps + 1] NumPy, prior_logp(x),
     scale), integrated from grid[0] (data side, at scale·x) to grid[-1]."""
 
+  def sigma_denoiser(self, denoise_fn: Callable) -> Callable:
+    """The model as EDM's denoiser D(y [B, ...], σ [B]) -> x̂_0 of y = x_0 + σ·n,
+    σ > 0 continuous: how a distilling process (training.teacher) reads a
+    teacher of any process."""
+
   # Optional, where a mapping exists: to_sigma(denoise_fn, steps, sigma_index)
   # -> (σ grid [steps + 1], D(x; σ)), the process in EDM's σ form x = y + σn
   # (DDPM: the VP mapping; EDM: itself), which the σ-grid samplers and the

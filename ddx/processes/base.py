@@ -13,6 +13,7 @@ import math
 import numbers
 from typing import Any, Mapping
 
+LOSS_INPUTS = ("labels", "null_label", "step", "teacher")   # Spec.loss_inputs
 AUTO = "auto"   # diffusion.prediction / sampling.sampler / eval.sampler: the process's default
 
 
@@ -43,6 +44,18 @@ class Spec:
       "auto" become for this process.
     implementation: "module:Class" of the JAX process (the `Process`
       protocol in `ddx.processes`), or the class itself.
+    second_time: the network takes two times, t of shape [B, 2] (the
+      backbones' `second_time`; e.g. MeanFlow's interval, a shortcut model's
+      step size), the second embedded by a zero-initialised MLP.
+    logvar: the network has a learned log-variance head (adaptive loss
+      weighting): in training, `loss`'s apply_fn returns ((out, logvar [B]),
+      aux) instead of (out, aux).
+    loss_inputs: extra keyword arguments the trainer passes to `loss`, any of
+      "labels" (int32 [B] after label dropout, or None), "null_label" (int:
+      model.num_classes), "step" (int32 scalar, the update's step) and
+      "teacher" (D(y [B, ...], σ [B]) of training.teacher's EMA network, or
+      None). The training apply_fn also takes labels= to override the
+      batch's labels for one call.
   """
   name: str = ""
   fields: tuple[Field, ...] = ()
@@ -53,6 +66,9 @@ class Spec:
   spaced_samplers: tuple[str, ...] = ()
   bpd_estimators: tuple[str, ...] = ("ode",)
   implementation: Any = ""
+  second_time: bool = False
+  logvar: bool = False
+  loss_inputs: tuple[str, ...] = ()
   # model.time_embedding / model.time_scale "auto": the embedding of the network's
   # time input, and the factor on that input per embedding (an embedding missing
   # here has no automatic scale). How fast each moves with the noise level:

@@ -88,6 +88,11 @@ class DDPMProcess(Schedule):
     return (sigma_lib.vp_grid(self, steps, sigma_index),
             sigma_lib.vp_denoiser(denoise_fn, self, self.prediction, sigma_index))
 
+  def sigma_denoiser(self, denoise_fn):
+    """D(y; σ) for any σ > 0 (a distillation teacher): the VP mapping with the
+    fractional ("interp") index, σ clipped to the schedule's [σ_0, σ_{T−1}]."""
+    return sigma_lib.vp_denoiser(denoise_fn, self, self.prediction, "interp")
+
   def sample(self, denoise_fn, rng, shape, sampler: str, steps: int, *, x_T=None,
              clip_x0: bool = False, return_trajectory: bool = False, eta=0.0,
              ddpm_variance: str = "posterior", spacing=None, churn=0.0, s_tmin=0.0,

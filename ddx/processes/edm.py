@@ -59,6 +59,10 @@ class EDMProcess(edm.EDM):
     """EDM is the σ form: its grid and denoiser as they are."""
     return self.grid(None, steps), denoise_fn
 
+  def sigma_denoiser(self, denoise_fn):
+    """D(y; σ) for any σ > 0 (a distillation teacher): EDM's own denoiser."""
+    return denoise_fn
+
   def sample(self, denoise_fn, rng, shape, sampler: str, steps: int, *, x_T=None,
              clip_x0: bool = False, return_trajectory: bool = False, churn=0.0,
              s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, **_):

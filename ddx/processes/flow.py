@@ -59,6 +59,16 @@ class FlowProcess(flow.Flow):
     t = jnp.asarray(time, jnp.float32)
     return t / (1.0 - t)
 
+  def sigma_denoiser(self, denoise_fn):
+    """D(y; σ) for any σ > 0 (a distillation teacher): y = x_0 + σ·n is
+    x_t/(1 − t) at t = σ/(1 + σ), where x̂_0 = x_t − t·v̂(x_t, t)."""
+    def D(y, sigma):
+      t = jnp.asarray(sigma, jnp.float32) / (1.0 + jnp.asarray(sigma, jnp.float32))
+      tb = t.reshape((-1,) + (1,) * (y.ndim - 1))
+      x_t = (1.0 - tb) * y
+      return x_t - tb * denoise_fn(x_t, t).astype(jnp.float32)
+    return D
+
   def grid(self, sampler: str, steps: int, spacing=None, sigma_index: str = "nearest"):
     """N + 1 times from 1 to 0, shifted (`ddx.flow.time_grid`), every sampler."""
     del sampler, spacing, sigma_index
