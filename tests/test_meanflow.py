@@ -327,3 +327,124 @@ def test_cfg_at_sampling_mixes_u_inside_the_interval(monkeypatch):
   t, r, x = np.ones(4, np.float32), np.zeros(4, np.float32), eps
   want = eps - (u_np(np.full(4, 3)) + w * (u_np(labels) - u_np(np.full(4, 3))))
   np.testing.assert_allclose(one, np.clip(want, -1, 1), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# The real network and trainer.
+
+def _tiny(**kw):
+  """configs/test.py as a MeanFlow run with a quick-to-compile U-Net."""
+  from testutils import load_config
+  c = load_config()
+  c.diffusion.process = "meanflow"
+  c.model.ch_mult, c.model.attn_resolutions = (1,), ()
+  c.sampling.steps, c.sampling.clip_x0 = 2, False
+  for key, value in kw.items():
+    group, name = key.split("__")
+    c[group][name] = value
+  return c
+
+
+def test_unet_jvp_matches_central_differences():
+  """The total derivative du/dt = v·∂_z u + ∂_t u that the process's target takes
+  from one jvp of the real U-Net (two times, through (1000·t, 1000·(t − r))),
+  against central differences of the process's u(x, (t, r)) along (v, 0, 1)."""
+  from testutils import random_model
+  model = random_model(_tiny())
+  net = model.network()
+  p = _process(ratio=1.0)
+  x0 = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), minval=-1.0)
+  apply_fn = lambda params, z, time, labels=None: net.apply({"params": params}, z, time)
+  reg = jax.jit(lambda params: p.regression(apply_fn, params, x0, jax.random.key(2)))(
+      model.variables["params"])
+  r, t, z, v = (np.asarray(reg[k], np.float64) for k in ("r", "t", "z", "v"))
+  assert np.all(t - r > 0.02)
+  du_dt = (v - np.asarray(reg["target"])) / (t - r)[:, None, None, None]
+  u = jax.jit(p.denoiser(lambda x, time: net.apply(model.variables, x, time)))
+  # The network sees 1000·t through sinusoids of up to 1 rad per unit: h = 1e-4
+  # is 0.1 rad there (truncation ~0.2%), still far above float32 rounding.
+  h = 1e-4
+  fd = (np.asarray(u(jnp.asarray(z + h * v, jnp.float32), pair(t + h, r)), np.float64)
+        - np.asarray(u(jnp.asarray(z - h * v, jnp.float32), pair(t - h, r)))) / (2 * h)
+  assert np.linalg.norm(fd) > 0.1
+  np.testing.assert_allclose(du_dt, fd, atol=1e-2 * np.abs(fd).max())
+  # ∂_t u moves both network times: without the second one's share it differs.
+  one = (np.asarray(u(jnp.asarray(z, jnp.float32), pair(t + h, r + h)), np.float64)
+         - np.asarray(u(jnp.asarray(z, jnp.float32), pair(t - h, r - h)))) / (2 * h)
+  full = (np.asarray(u(jnp.asarray(z, jnp.float32), pair(t + h, r)), np.float64)
+          - np.asarray(u(jnp.asarray(z, jnp.float32), pair(t - h, r)))) / (2 * h)
+  assert np.abs(full - one).max() > 10 * 1e-2 * np.abs(fd).max()
+
+
+def pair(t, r):
+  from ddx.processes.meanflow import pair as pair_
+  return pair_(jnp.asarray(t, jnp.float32), jnp.asarray(r, jnp.float32))
+
+
+@pytest.mark.slow
+def test_meanflow_trains_resumes_bitwise_loads_and_samples(tmp_path):
+  """Through the real trainer with training guidance (the labels= override and
+  the null label): 4 steps, resume from step 2 bitwise, ddx.load, sample_fn with
+  1 and 2 steps, and with classifier-free guidance at sampling."""
+  import os
+  import shutil
+  from ddx import train
+  config = _tiny(model__num_classes=10, training__label_dropout=0.1,
+                 diffusion__mf_omega=1.5, diffusion__mf_kappa=0.3,
+                 diffusion__mf_guidance_tmax=0.9, training__num_steps=4,
+                 training__log_every=2, training__checkpoint_every=2,
+                 training__sample_every=4)
+  straight_dir = str(tmp_path / "straight")
+  straight = train.train_and_evaluate(config, straight_dir)
+  resumed_dir = str(tmp_path / "resumed")
+  shutil.copytree(straight_dir, resumed_dir)
+  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "4"))
+  resumed = train.train_and_evaluate(config, resumed_dir)
+  assert int(resumed.step) == 4
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+  assert os.path.exists(os.path.join(straight_dir, "samples", "step_0000004.png"))
+
+  model = ddx.load(straight_dir)
+  assert model.process.spec.name == "meanflow" and model.process.omega == 1.5
+  x_T = jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
+  out = {s: ddx.sample_fn(model, jax.random.key(0), steps=s, x_T=x_T) for s in (1, 2)}
+  for imgs in out.values():
+    assert imgs.shape == (2, 8, 8, 1) and bool(np.all(np.isfinite(imgs)))
+  assert not np.array_equal(out[1], out[2])
+  guided = ddx.sample_fn(model, jax.random.key(0), steps=2, x_T=x_T, guidance_scale=2.0)
+  assert bool(np.all(np.isfinite(guided))) and not np.array_equal(guided, out[2])
+
+
+@pytest.mark.slow
+def test_init_from_a_flow_run_starts_as_the_flow_network(tmp_path):
+  """training.init_from a flow run: at step 0 the MeanFlow network's u(x, (t, r))
+  is the flow model's velocity at t, for any r (the second time's embedding
+  starts at zero)."""
+  from ddx import config as config_lib
+  from ddx import train
+  from ddx.convert.common import write_workdir
+  from testutils import random_model
+  flow_dir = str(tmp_path / "flow")
+  flow = _tiny(diffusion__process="flow")
+  write_workdir(flow_dir, flow, random_model(flow, seed=1).variables["params"])
+  source = ddx.load(flow_dir)
+  config = _tiny(training__init_from=flow_dir)
+  # A fresh network as init gives it (a real init compiles for ~20 s here): random,
+  # with the second time's last layer zero (tests/test_two_times.py checks init).
+  fresh = dict(random_model(config, seed=2).variables["params"])
+  assert set(fresh) - set(source.variables["params"]) == {"temb2_dense0", "temb2_dense1"}
+  fresh["temb2_dense1"] = jax.tree.map(jnp.zeros_like, fresh["temb2_dense1"])
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=fresh, ema_params=fresh,
+                           opt_state=None, batch_stats={}, posthoc_ema=())
+  state = train.init_from(state, config)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  t, r = jnp.array([0.9, 0.5, 0.2]), jnp.array([0.0, 0.3, 0.2])
+  model = ddx.model.Model({"params": state.params}, config_lib.freeze(config))
+  v = ddx.model.denoiser(source)(x, t)
+  assert float(jnp.abs(v).max()) > 0.1
+  np.testing.assert_array_equal(ddx.model.denoiser(model)(x, pair(t, r)), v)
+  # Once the second time's last layer moves, u depends on r.
+  moved = ddx.model.Model({"params": random_model(config, seed=2).variables["params"]},
+                          model.config)
+  assert not np.array_equal(ddx.model.denoiser(moved)(x, pair(t, r)), v)

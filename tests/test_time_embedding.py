@@ -17,6 +17,7 @@ from scipy import special, stats
 from ddx import config as config_lib
 from ddx import model as model_lib
 from ddx import models
+from ddx import processes
 from ddx.models import dit as dit_lib
 from ddx.models import layers
 from testutils import load_config
@@ -151,7 +152,10 @@ def test_auto_is_todays_network_bit_for_bit_for_every_process(backbone):
     c.diffusion.process = process
     c.diffusion.prediction = "v" if process == "flow" else "eps"
     nets[process] = model_lib.network(c)
-    assert nets[process] == old        # the same fields: the same program
+    # The same fields (with a few-step process's extra inputs): the same program.
+    spec = processes.spec(process)
+    assert nets[process] == models.build(base, second_time=spec.second_time,
+                                         logvar=spec.logvar)
   nets["fourier"] = models.build(c.model, time_embedding="fourier", time_scale=1.0)
   nets["scaled"] = models.build(c.model, time_embedding="positional", time_scale=600.0)
   # The U-Net compiles slowly here: its fourier branch only (the others are the
@@ -211,7 +215,6 @@ def test_fourier_without_an_automatic_scale_asks_for_one():
 
 def test_config_names_are_the_networks():
   assert config_lib.TIME_EMBEDDINGS == layers.TIME_EMBEDDINGS
-  from ddx import processes
   for name in processes.names():   # every process's "auto" is an embedding the networks have
     spec = processes.spec(name)
     assert spec.time_embedding in layers.TIME_EMBEDDINGS
