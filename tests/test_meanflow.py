@@ -345,6 +345,7 @@ def _tiny(**kw):
   return c
 
 
+@pytest.mark.slow
 def test_unet_jvp_matches_central_differences():
   """The total derivative du/dt = v·∂_z u + ∂_t u that the process's target takes
   from one jvp of the real U-Net (two times, through (1000·t, 1000·(t − r))),
