@@ -425,6 +425,10 @@ def _check_process(config) -> None:
                                             "range-checked whichever process runs)")
       raise ConfigError(f"{e}{where}") from None
   spec = processes.spec(name)
+  try:
+    spec.check_run(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   prediction = f.get("prediction", processes.AUTO)
   if spec.predictions:
     _require(prediction in spec.predictions,

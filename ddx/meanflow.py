@@ -57,20 +57,26 @@ def sample_times(rng: jax.Array, n: int, *, logit_mean: float = -0.4,
 
 
 def target(u_fn: UFn, z: jnp.ndarray, r: jnp.ndarray, t: jnp.ndarray,
-           v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+           v: jnp.ndarray, has_aux: bool = False):
   """The network's output and its MeanFlow regression target.
 
   Args:
-    u_fn: u_fn(z [B, ...], r [B], t [B]) -> [B, ...], the average velocity.
+    u_fn: u_fn(z [B, ...], r [B], t [B]) -> [B, ...], the average velocity
+      (with `(u, aux)` when has_aux: aux is passed through, not differentiated).
     z: z_t [B, ...]; r, t: [B] with r ≤ t.
     v: the velocity at (z, t) that the path follows [B, ...]: in training the
       conditional ε − x (or its guided mix, `guided_velocity`).
+    has_aux: u_fn returns (u, aux).
   Returns:
-    (u, target): u = u_fn(z, r, t), and v − (t − r)·(v·∂_z u + ∂_t u), the
-    total derivative from one jvp with tangent (v, 0, 1), under stop_gradient.
+    (u, target) (and aux when has_aux): u = u_fn(z, r, t), and
+    v − (t − r)·(v·∂_z u + ∂_t u), the total derivative from one jvp with
+    tangent (v, 0, 1), under stop_gradient.
   """
-  u, du_dt = jax.jvp(u_fn, (z, r, t), (v, jnp.zeros_like(r), jnp.ones_like(t)))
-  return u, jax.lax.stop_gradient(v - bcast(t - r, v) * du_dt)
+  out = jax.jvp(u_fn, (z, r, t), (v, jnp.zeros_like(r), jnp.ones_like(t)),
+                has_aux=has_aux)
+  u, du_dt = out[:2]
+  tgt = jax.lax.stop_gradient(v - bcast(t - r, v) * du_dt.astype(v.dtype))
+  return (u, tgt, out[2]) if has_aux else (u, tgt)
 
 
 def guided_velocity(v: jnp.ndarray, u_cond: jnp.ndarray, u_uncond: jnp.ndarray,

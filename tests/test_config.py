@@ -52,7 +52,7 @@ def test_name_lists_match_the_implementations():
       "ddpm": tuple(discrete.SAMPLERS) + ("euler", "heun", "stochastic"),
       "edm": sigma.SAMPLERS, "flow": sampling.flow.SAMPLERS,
       "shortcut": shortcut_config.SAMPLERS,
-      "consistency": ("consistency",)}
+      "consistency": ("consistency",), "meanflow": ("meanflow",)}
   assert config_lib.METRICS == evaluation.METRICS
   assert config_lib.INCEPTION_METRICS == evaluation.INCEPTION_METRICS
   assert config_lib.BPD_ESTIMATORS == bpd.ESTIMATORS

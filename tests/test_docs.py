@@ -71,6 +71,8 @@ SKIPPED = {
         "needs ImageNet and the VAE; test_latents.py encodes and trains on digits",
     ("docs/latent.md", "wget https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"):
         "downloads published weights",
+    ("docs/meanflow.md", "python -m ddx.main --config configs/digits_flow.py --workdir runs/digits_flow"):
+        "tests/test_meanflow.py checks init_from a flow workdir (the same network output at step 0) and trains MeanFlow through the same trainer",
     ("docs/latent.md", "import jax, jax.numpy as jnp, ddx"):
         "needs published weights; test_dit_import.py imports random ones",
 }

@@ -1,10 +1,13 @@
-"""ddx.meanflow against closed forms: Gaussian data, whose average velocity is
-known exactly, and finite differences for the JVP tangent."""
+"""ddx.meanflow and the meanflow process against closed forms: Gaussian data,
+whose average velocity is known exactly, and finite differences for the JVP
+tangent; the process through its loss path, ddx.model's guidance, the config
+checks and the real trainer."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ddx
 from ddx import meanflow
 
 from testutils import gaussian_data
@@ -150,3 +153,299 @@ def test_time_sampling():
   assert np.median(np.log(t / (1 - t))) > -0.4
   with pytest.raises(ValueError, match="steps=0"):
     meanflow.sample(lambda z, r, t: z, jnp.zeros(SHAPE), steps=0)
+
+
+# --------------------------------------------------------------------------
+# The process (ddx.processes.meanflow): its loss path, guidance, sampler, config.
+
+def _process(**kw):
+  from ddx.processes.meanflow import MeanFlowProcess
+  return MeanFlowProcess(**kw)
+
+
+def _exact_network(mean, std):
+  """The exact u of N(mean, std²) data as a network: it reads (t, r) back from
+  the network's time inputs (1000·t, 1000·(t − r))."""
+  def apply_fn(params, z, time, labels=None):
+    del params, labels
+    t = time[:, 0] / 1000.0
+    return meanflow.gaussian_average_velocity(mean, std, z, t - time[:, 1] / 1000.0, t)
+  return apply_fn
+
+
+def test_process_target_on_gaussian_data_is_the_exact_u():
+  """Through the process's own loss path with the exact u as the network: the
+  target is u + (s_r/s_t)·(v_c − v_m) (v_c = ε − x the conditional velocity,
+  v_m its marginal; s_τ the data's std at τ), so u itself where v_c = v_m; on
+  point-mass data (std 0: v_c = v_m) the loss is 0."""
+  rng, mean, std = _gaussian(6)
+  x0 = (mean + std * rng.normal(size=(64,) + SHAPE[1:])).astype(np.float32)
+  p = _process(ratio=0.5)
+  reg = p.regression(_exact_network(mean, std), None, jnp.asarray(x0), jax.random.key(0))
+  r, t = (np.asarray(reg[k], np.float64)[:, None, None, None] for k in ("r", "t"))
+  assert np.mean(r < t) > 0.2
+  z, eps = np.asarray(reg["z"], np.float64), np.asarray(reg["eps"], np.float64)
+  np.testing.assert_allclose(z, (1 - t) * x0 + t * eps, rtol=1e-5, atol=1e-6)
+  s = lambda a: np.sqrt((1 - a) ** 2 * std ** 2 + a ** 2)
+  v_m = _np_velocity(mean, std, z, t)
+  u = np.asarray(meanflow.gaussian_average_velocity(mean, std, reg["z"], reg["r"],
+                                                    reg["t"]))
+  np.testing.assert_allclose(np.asarray(reg["u"]), u, rtol=1e-6, atol=1e-6)
+  want = u + s(r) / s(t) * ((eps - x0) - v_m)
+  np.testing.assert_allclose(np.asarray(reg["target"]), want, rtol=1e-3, atol=1e-3)
+
+  point = np.zeros_like(std)
+  x0 = np.broadcast_to(mean, x0.shape)
+  value, metrics = p.loss(_exact_network(mean, point), None, jnp.asarray(x0),
+                          jax.random.key(1))
+  assert float(value) < 1e-6 and float(np.max(metrics["mse_by_quartile"])) < 1e-8
+
+
+def test_process_guided_velocity_where_it_applies():
+  """ṽ = ω·v + κ·u(c) + (1 − ω − κ)·u(∅) for labelled examples with t in
+  [tmin, tmax]; v for null-labelled ones and outside the range."""
+  null = 3
+
+  def apply_fn(params, z, time, labels=None):   # u(z, t, t | c) = c + 1, any z
+    del params
+    if labels is None:
+      labels = jnp.zeros((z.shape[0],), jnp.int32)
+    return jnp.zeros_like(z) + (labels.astype(jnp.float32) + 1.0)[:, None, None, None]
+
+  x0 = jnp.asarray(np.random.default_rng(7).normal(size=(256,) + SHAPE[1:]), jnp.float32)
+  labels = jnp.asarray(np.arange(256) % 4, jnp.int32)   # every 4th is null
+  for kappa in (0.0, 0.5):
+    p = _process(omega=2.0, kappa=kappa, guidance_tmin=0.3, guidance_tmax=0.8)
+    reg = p.regression(apply_fn, None, x0, jax.random.key(8), labels=labels,
+                       null_label=null)
+    t, lab = np.asarray(reg["t"]), np.asarray(labels)
+    v = np.asarray(reg["eps"]) - np.asarray(x0)
+    guided = 2.0 * v + kappa * (lab + 1.0)[:, None, None, None] + (1 - 2.0 - kappa) * (null + 1.0)
+    on = ((lab != null) & (t >= 0.3) & (t <= 0.8))[:, None, None, None]
+    assert 0 < on.mean() < 0.75
+    np.testing.assert_allclose(np.asarray(reg["v"]), np.where(on, guided, v), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_process_samples_gaussian_data_exactly():
+  """process.denoiser(exact-u network) through ddx.sample: 1 and 2 steps give
+  mean + std·ε; clip_x0 clips the one-step sample; σ = t/(1 − t)."""
+  rng, mean, std = _gaussian(9)
+  p = _process()
+  net = _exact_network(mean, std)
+  denoise = p.denoiser(lambda x, time: net(None, x, time))
+  eps = rng.normal(size=SHAPE).astype(np.float32)
+  from ddx import sampling
+  for steps in (1, 2):
+    x = sampling.sample(denoise, p, jax.random.key(0), SHAPE, steps=steps, x_T=eps)
+    np.testing.assert_allclose(np.asarray(x), mean + std * eps, rtol=1e-5, atol=1e-5)
+  x = sampling.sample(denoise, p, jax.random.key(0), SHAPE, steps=1, x_T=3 * eps,
+                      clip_x0=True)
+  np.testing.assert_allclose(np.asarray(x), np.clip(mean + 3 * std * eps, -1, 1),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="sampler='euler' does not exist for the meanflow"):
+    sampling.sample(denoise, p, jax.random.key(0), SHAPE, sampler="euler", steps=1)
+  time = np.array([[0.5, 0.2], [0.75, 0.0]], np.float32)
+  np.testing.assert_allclose(np.asarray(p.noise_level(time)), [1.0, 3.0], rtol=1e-6)
+
+
+def test_meanflow_config_checks():
+  from ddx import config as config_lib
+  from testutils import load_config
+  c = load_config()
+  c.diffusion.process = "meanflow"
+  config_lib.validate(c)
+  assert c.sampling.sampler == "meanflow"
+  for key, value, match in (
+      ("diffusion.mf_ratio", 1.5, r"diffusion.mf_ratio=1.5 must lie in \[0, 1\]"),
+      ("diffusion.mf_omega", 2.0, "mf_omega=2.0, mf_kappa=0.0 guide with class labels, "
+       "but model.num_classes=0"),
+      ("model.num_classes", 10, "training.label_dropout=0 never trains the null label"),
+      ("eval.metrics", ("digits", "bpd"), "diffusion.process=meanflow has no likelihood"),
+      ("sampling.sampler", "heun", "sampling.sampler='heun' is not a sampler of "
+       "diffusion.process=meanflow")):
+    c2 = load_config()
+    c2.diffusion.process = "meanflow"
+    if key == "model.num_classes":
+      c2.diffusion.mf_omega = 2.0
+    group, name = key.split(".")
+    c2[group][name] = value
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.validate(c2)
+  c.diffusion.mf_omega, c.model.num_classes, c.training.label_dropout = 2.0, 10, 0.1
+  config_lib.validate(c)
+
+
+_EMB = np.array([0.3, -0.7, 1.1, 0.05], np.float32)   # label 3 = the null label
+
+
+def _toy_apply(self, x, time, labels=None):
+  """A linear stand-in network of two times: 0.5·x + 1e-4·τ_0 − 3e-4·τ_1 + EMB[y]."""
+  y = jnp.full((x.shape[0],), 3, jnp.int32) if labels is None else labels
+  tau = jnp.asarray(time, jnp.float32)
+  assert tau.shape == (x.shape[0], 2)
+  return (0.5 * x + (1e-4 * tau[:, 0] - 3e-4 * tau[:, 1])[:, None, None, None]
+          + jnp.asarray(_EMB)[y][:, None, None, None])
+
+
+def test_cfg_at_sampling_mixes_u_inside_the_interval(monkeypatch):
+  """ddx.model.denoiser on a conditional MeanFlow model: u_∅ + w·(u_c − u_∅) where
+  σ = t/(1 − t) of the current time is in (lo, hi], else u_c (NumPy reference);
+  the network sees (1000·t, 1000·(t − r))."""
+  from ddx import config as config_lib
+  from ddx import model as model_lib
+  from testutils import load_config
+  monkeypatch.setattr(model_lib.Model, "apply", _toy_apply)
+  c = load_config()
+  c.diffusion.process, c.model.num_classes, c.training.label_dropout = "meanflow", 3, 0.1
+  model = model_lib.Model({}, config_lib.freeze(c))
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
+  labels = np.array([0, 2, 1, 2])
+  t = np.array([0.2, 0.5, 0.75, 0.95], np.float32)   # σ = 0.25, 1, 3, 19
+  r = np.array([0.0, 0.25, 0.5, 0.0], np.float32)
+  lo, hi, w = 0.5, 5.0, 2.5
+
+  def u_np(y):
+    return (0.5 * x + (0.1 * t - 0.3 * (t - r))[:, None, None, None]
+            + _EMB[y][:, None, None, None])
+  sigma = t / (1 - t)
+  inside = ((sigma > lo) & (sigma <= hi))[:, None, None, None]
+  assert 0 < inside.sum() < 4
+  uc, uu = u_np(labels), u_np(np.full(4, 3))
+  fn = model_lib.denoiser(model, jnp.asarray(labels), jnp.float32(w), True,
+                          interval=(jnp.float32(lo), jnp.float32(hi)))
+  time = jnp.asarray(np.stack([t, r], -1))
+  np.testing.assert_allclose(fn(jnp.asarray(x), time), np.where(inside, uu + w * (uc - uu), uc),
+                             rtol=1e-5, atol=1e-5)
+  fn = model_lib.denoiser(model, jnp.asarray(labels), jnp.float32(w), True)
+  np.testing.assert_allclose(fn(jnp.asarray(x), time), uu + w * (uc - uu), rtol=1e-5, atol=1e-5)
+  # sample_fn: one step is x = ε − u(ε, 0, 1), guided.
+  eps = rng.normal(size=(4, 8, 8, 1)).astype(np.float32) * 0.3
+  one = ddx.sample_fn(model, jax.random.key(0), steps=1, labels=labels, x_T=eps,
+                      guidance_scale=w, clip_x0=False)
+  t, r, x = np.ones(4, np.float32), np.zeros(4, np.float32), eps
+  want = eps - (u_np(np.full(4, 3)) + w * (u_np(labels) - u_np(np.full(4, 3))))
+  np.testing.assert_allclose(one, np.clip(want, -1, 1), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# The real network and trainer.
+
+def _tiny(**kw):
+  """configs/test.py as a MeanFlow run with a quick-to-compile U-Net."""
+  from testutils import load_config
+  c = load_config()
+  c.diffusion.process = "meanflow"
+  c.model.ch_mult, c.model.attn_resolutions = (1,), ()
+  c.sampling.steps, c.sampling.clip_x0 = 2, False
+  for key, value in kw.items():
+    group, name = key.split("__")
+    c[group][name] = value
+  return c
+
+
+@pytest.mark.slow
+def test_unet_jvp_matches_central_differences():
+  """The total derivative du/dt = v·∂_z u + ∂_t u that the process's target takes
+  from one jvp of the real U-Net (two times, through (1000·t, 1000·(t − r))),
+  against central differences of the process's u(x, (t, r)) along (v, 0, 1)."""
+  from testutils import random_model
+  model = random_model(_tiny())
+  net = model.network()
+  p = _process(ratio=1.0)
+  x0 = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), minval=-1.0)
+  apply_fn = lambda params, z, time, labels=None: net.apply({"params": params}, z, time)
+  reg = jax.jit(lambda params: p.regression(apply_fn, params, x0, jax.random.key(2)))(
+      model.variables["params"])
+  r, t, z, v = (np.asarray(reg[k], np.float64) for k in ("r", "t", "z", "v"))
+  assert np.all(t - r > 0.02)
+  du_dt = (v - np.asarray(reg["target"])) / (t - r)[:, None, None, None]
+  u = jax.jit(p.denoiser(lambda x, time: net.apply(model.variables, x, time)))
+  # The network sees 1000·t through sinusoids of up to 1 rad per unit: h = 1e-4
+  # is 0.1 rad there (truncation ~0.2%), still far above float32 rounding.
+  h = 1e-4
+  fd = (np.asarray(u(jnp.asarray(z + h * v, jnp.float32), pair(t + h, r)), np.float64)
+        - np.asarray(u(jnp.asarray(z - h * v, jnp.float32), pair(t - h, r)))) / (2 * h)
+  assert np.linalg.norm(fd) > 0.1
+  np.testing.assert_allclose(du_dt, fd, atol=1e-2 * np.abs(fd).max())
+  # ∂_t u moves both network times: without the second one's share it differs.
+  one = (np.asarray(u(jnp.asarray(z, jnp.float32), pair(t + h, r + h)), np.float64)
+         - np.asarray(u(jnp.asarray(z, jnp.float32), pair(t - h, r - h)))) / (2 * h)
+  full = (np.asarray(u(jnp.asarray(z, jnp.float32), pair(t + h, r)), np.float64)
+          - np.asarray(u(jnp.asarray(z, jnp.float32), pair(t - h, r)))) / (2 * h)
+  assert np.abs(full - one).max() > 10 * 1e-2 * np.abs(fd).max()
+
+
+def pair(t, r):
+  from ddx.processes.meanflow import pair as pair_
+  return pair_(jnp.asarray(t, jnp.float32), jnp.asarray(r, jnp.float32))
+
+
+@pytest.mark.slow
+def test_meanflow_trains_resumes_bitwise_loads_and_samples(tmp_path):
+  """Through the real trainer with training guidance (the labels= override and
+  the null label): 4 steps, resume from step 2 bitwise, ddx.load, sample_fn with
+  1 and 2 steps, and with classifier-free guidance at sampling."""
+  import os
+  import shutil
+  from ddx import train
+  config = _tiny(model__num_classes=10, training__label_dropout=0.1,
+                 diffusion__mf_omega=1.5, diffusion__mf_kappa=0.3,
+                 diffusion__mf_guidance_tmax=0.9, training__num_steps=4,
+                 training__log_every=2, training__checkpoint_every=2,
+                 training__sample_every=4)
+  straight_dir = str(tmp_path / "straight")
+  straight = train.train_and_evaluate(config, straight_dir)
+  resumed_dir = str(tmp_path / "resumed")
+  shutil.copytree(straight_dir, resumed_dir)
+  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "4"))
+  resumed = train.train_and_evaluate(config, resumed_dir)
+  assert int(resumed.step) == 4
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+  assert os.path.exists(os.path.join(straight_dir, "samples", "step_0000004.png"))
+
+  model = ddx.load(straight_dir)
+  assert model.process.spec.name == "meanflow" and model.process.omega == 1.5
+  x_T = jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
+  out = {s: ddx.sample_fn(model, jax.random.key(0), steps=s, x_T=x_T) for s in (1, 2)}
+  for imgs in out.values():
+    assert imgs.shape == (2, 8, 8, 1) and bool(np.all(np.isfinite(imgs)))
+  assert not np.array_equal(out[1], out[2])
+  guided = ddx.sample_fn(model, jax.random.key(0), steps=2, x_T=x_T, guidance_scale=2.0)
+  assert bool(np.all(np.isfinite(guided))) and not np.array_equal(guided, out[2])
+
+
+@pytest.mark.slow
+def test_init_from_a_flow_run_starts_as_the_flow_network(tmp_path):
+  """training.init_from a flow run: at step 0 the MeanFlow network's u(x, (t, r))
+  is the flow model's velocity at t, for any r (the second time's embedding
+  starts at zero)."""
+  from ddx import config as config_lib
+  from ddx import train
+  from ddx.convert.common import write_workdir
+  from testutils import random_model
+  flow_dir = str(tmp_path / "flow")
+  flow = _tiny(diffusion__process="flow")
+  write_workdir(flow_dir, flow, random_model(flow, seed=1).variables["params"])
+  source = ddx.load(flow_dir)
+  config = _tiny(training__init_from=flow_dir)
+  # A fresh network as init gives it (a real init compiles for ~20 s here): random,
+  # with the second time's last layer zero (tests/test_two_times.py checks init).
+  fresh = dict(random_model(config, seed=2).variables["params"])
+  assert set(fresh) - set(source.variables["params"]) == {"temb2_dense0", "temb2_dense1"}
+  fresh["temb2_dense1"] = jax.tree.map(jnp.zeros_like, fresh["temb2_dense1"])
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=fresh, ema_params=fresh,
+                           opt_state=None, batch_stats={}, posthoc_ema=())
+  state = train.init_from(state, config)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  t, r = jnp.array([0.9, 0.5, 0.2]), jnp.array([0.0, 0.3, 0.2])
+  model = ddx.model.Model({"params": state.params}, config_lib.freeze(config))
+  v = ddx.model.denoiser(source)(x, t)
+  assert float(jnp.abs(v).max()) > 0.1
+  np.testing.assert_array_equal(ddx.model.denoiser(model)(x, pair(t, r)), v)
+  # Once the second time's last layer moves, u depends on r.
+  moved = ddx.model.Model({"params": random_model(config, seed=2).variables["params"]},
+                          model.config)
+  assert not np.array_equal(ddx.model.denoiser(moved)(x, pair(t, r)), v)

@@ -278,7 +278,8 @@ def test_samplers_by_process_and_errors():
       "ddpm": ("ddpm", "ddim", "dpm_solver_pp", "euler", "heun", "stochastic"),
       "edm": ("euler", "heun", "stochastic", "dpm_solver_pp"),
       "flow": ("euler", "heun"),
-      "shortcut": ("shortcut", "euler"), "consistency": ("consistency",)}
+      "shortcut": ("shortcut", "euler"), "consistency": ("consistency",),
+      "meanflow": ("meanflow",)}
   d = lambda x, s: x
   key = jax.random.key(0)
   for process, bad in [(edm.EDM(), "ddim"), (edm.EDM(), "ddpm"),

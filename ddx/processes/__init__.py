@@ -28,7 +28,7 @@ import importlib
 from typing import Any, Callable, Optional, Protocol
 
 from ddx.processes import (consistency_config, ddpm_config, edm_config, flow_config,
-                           shortcut_config)
+                           meanflow_config, shortcut_config)
 from ddx.processes.base import AUTO, Field, Spec
 
 # diffusion.process -> its Spec. A new process: one entry here.
@@ -38,6 +38,7 @@ REGISTRY: dict[str, Spec] = {
     "flow": flow_config.SPEC,
     "shortcut": shortcut_config.SPEC,
     "consistency": consistency_config.SPEC,
+    "meanflow": meanflow_config.SPEC,
 }
 
 __all__ = ["AUTO", "Field", "Spec", "Process", "REGISTRY", "register", "names", "spec",

@@ -83,6 +83,10 @@ class Spec:
       ValueError: one line naming the key, the value and the valid range.
     """
 
+  def check_run(self, config) -> None:
+    """Checks that involve other config groups (e.g. model.num_classes), for
+    the process that runs; ValueError (one line) like `check`."""
+
   def max_steps(self, f: Mapping[str, Any], sampler: str) -> int:
     """The most sampler steps `sampler` can take on this process."""
     del f, sampler
