@@ -10,7 +10,7 @@ network evaluation maps noise to an image. Or fine-tune a trained flow run
 begins from the flow model):
 
   python -m ddx.main --config configs/digits_meanflow.py --workdir runs/digits_mf_ft \\
-      --config.training.init_from=runs/digits_flow
+      --config.training.init_from=runs/digits_flow --config.model.time_scale=1
 
 Sample with 1 or 2 steps (= network evaluations), or score N steps:
 

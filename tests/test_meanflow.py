@@ -351,7 +351,7 @@ def test_unet_jvp_matches_central_differences():
   from one jvp of the real U-Net (two times, through (1000·t, 1000·(t − r))),
   against central differences of the process's u(x, (t, r)) along (v, 0, 1)."""
   from testutils import random_model
-  model = random_model(_tiny())
+  model = random_model(_tiny(model__time_scale=1.0))   # a steep embedding: both times matter
   net = model.network()
   p = _process(ratio=1.0)
   x0 = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), minval=-1.0)
@@ -430,7 +430,8 @@ def test_init_from_a_flow_run_starts_as_the_flow_network(tmp_path):
   flow = _tiny(diffusion__process="flow")
   write_workdir(flow_dir, flow, random_model(flow, seed=1).variables["params"])
   source = ddx.load(flow_dir)
-  config = _tiny(training__init_from=flow_dir)
+  # The flow run's time scale (MeanFlow's own default is 0.02): docs/meanflow.md.
+  config = _tiny(training__init_from=flow_dir, model__time_scale=1.0)
   # A fresh network as init gives it (a real init compiles for ~20 s here): random,
   # with the second time's last layer zero (tests/test_two_times.py checks init).
   fresh = dict(random_model(config, seed=2).variables["params"])
