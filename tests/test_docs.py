@@ -30,6 +30,10 @@ SKIPPED = {
         "tests/test_posthoc_ema.py trains with snapshots through the same trainer and checks them against the paper's recursion",
     ("docs/posthoc-ema.md", "python -m ddx.posthoc_ema --workdir runs/digits_ph --sigma_rel 0.08 --out runs/digits_ph_008"):
         "tests/test_posthoc_ema.py runs this command on a tiny run and loads, samples and scores its output",
+    ("docs/meanflow.md", "python -m ddx.main --config configs/digits_meanflow.py --workdir runs/digits_meanflow"):
+        "tests/test_meanflow.py trains, resumes, loads and samples MeanFlow with 1 and 2 steps in-process; docs/shortcut.md's block runs a few-step config through the CLI",
+    ("docs/meanflow.md", "import jax, ddx"):
+        "needs the run above: tests/test_meanflow.py loads a trained MeanFlow run and samples it with 1 and 2 steps",
     ("docs/checkpoints.md", "python -m ddx.main --config configs/digits_flow.py --workdir runs/digits_flow"):
         "two training runs; tests/test_two_times.py runs init_from through the trainer's own start-up",
     ("docs/speed.md", "python -m ddx.main --config configs/cifar10.py --workdir runs/c10 \\"):
