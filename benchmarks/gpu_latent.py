@@ -77,8 +77,10 @@ def _oom(e: BaseException) -> bool:
 
 
 def compiled_train_step(config, batch: int):
-  """(compiled update, (state, batch, key), lowered) of the run's real jitted
-  update (`ddx.train.make_setup`) at `batch`, on random images and labels."""
+  """(compiled update, (state, batch, key, teacher), lowered) of the run's real
+  jitted update (`ddx.train.make_setup`) at `batch`, on random images and
+  labels; the compiled update takes those four arguments (teacher: None
+  without training.teacher)."""
   import jax
   import numpy as np
   from ddx import config as config_lib, parallel, train
@@ -93,7 +95,7 @@ def compiled_train_step(config, batch: int):
                                                    batch).astype(np.int32)}, mesh)
   key = jax.random.key(1)
   lowered = setup.step.lower(state, b, key)
-  return lowered.compile(), (state, b, key), lowered
+  return lowered.compile(), (state, b, key, setup.teacher), lowered
 
 
 def train_rate(config, batch: int, steps: int):
@@ -104,7 +106,7 @@ def train_rate(config, batch: int, steps: int):
   XLA's cost analysis of the compiled update (what metrics.jsonl logs).
   """
   import jax
-  compiled, (state, b, key), lowered = compiled_train_step(config, batch)
+  compiled, (state, b, key, teacher), lowered = compiled_train_step(config, batch)
   cost = compiled.cost_analysis() or lowered.cost_analysis()   # GPU: the compiled one's
   cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
   flops = float(cost.get("flops", 0.0))
@@ -115,11 +117,11 @@ def train_rate(config, batch: int, steps: int):
   if limit and need > limit:
     return None, flops, need
   for _ in range(2):
-    state, m = compiled(state, b, key)
+    state, m = compiled(state, b, key, teacher)
   jax.block_until_ready(m)
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, m = compiled(state, b, key)
+    state, m = compiled(state, b, key, teacher)
   jax.block_until_ready((state, m))
   return (time.perf_counter() - t0) / steps, flops, need
 

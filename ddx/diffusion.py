@@ -13,11 +13,18 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from ddx.processes.ddpm_config import PREDICTIONS
 from ddx.schedules import Schedule
+
+
+def static_field(default):
+  """A dataclass field of a process's hyper-parameters: static (not a pytree
+  leaf), so a process object is a pytree with no leaves and jit keys on it."""
+  return flax.struct.field(pytree_node=False, default=default)
 
 
 def bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import diffusion
-from ddx.diffusion import bcast
+from ddx.diffusion import bcast, static_field
 from ddx.processes import edm_config
 
 # Quartiles of the standard normal: ln σ ~ N(P_mean, P_std²) falls in each
@@ -35,8 +35,7 @@ _NORMAL_QUARTILES = (-0.6744897501960817, 0.0, 0.6744897501960817)
 _DEFAULTS = edm_config.SPEC.defaults()   # the config's defaults are the class's
 
 
-def _static(default):
-  return flax.struct.field(pytree_node=False, default=default)
+_static = static_field
 
 
 @flax.struct.dataclass

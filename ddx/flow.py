@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import diffusion
-from ddx.diffusion import bcast
+from ddx.diffusion import bcast, static_field
 from ddx.processes import flow_config
 from ddx.processes.flow_config import PREDICTIONS, T_SAMPLINGS
 
@@ -39,8 +39,7 @@ _T_FLOOR = 1e-6
 _DEFAULTS = flow_config.SPEC.defaults()   # the config's defaults are the class's
 
 
-def _static(default):
-  return flax.struct.field(pytree_node=False, default=default)
+_static = static_field
 
 
 @flax.struct.dataclass

@@ -34,6 +34,8 @@ SKIPPED = {
         "tests/test_meanflow.py trains, resumes, loads and samples MeanFlow with 1 and 2 steps in-process; docs/shortcut.md's block runs a few-step config through the CLI",
     ("docs/meanflow.md", "import jax, ddx"):
         "needs the run above: tests/test_meanflow.py loads a trained MeanFlow run and samples it with 1 and 2 steps",
+    ("docs/shortcut.md", "python -m ddx.main --config configs/digits_shortcut.py --workdir runs/digits_shortcut"):
+        "tests/test_shortcut_process.py trains, resumes, loads and samples a shortcut run in-process (1, 2 steps, guided); --mode sample is process-agnostic and runs in test_train.py",
     ("docs/checkpoints.md", "python -m ddx.main --config configs/digits_flow.py --workdir runs/digits_flow"):
         "two training runs; tests/test_two_times.py runs init_from through the trainer's own start-up",
     ("docs/speed.md", "python -m ddx.main --config configs/cifar10.py --workdir runs/c10 \\"):
@@ -76,7 +78,7 @@ SKIPPED = {
     ("docs/latent.md", "wget https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"):
         "downloads published weights",
     ("docs/meanflow.md", "python -m ddx.main --config configs/digits_flow.py --workdir runs/digits_flow"):
-        "tests/test_meanflow.py checks init_from a flow workdir (the same network output at step 0) and trains MeanFlow through the same trainer",
+        "tests/test_two_times.py checks that a two-time network started by init_from from a one-time run computes its output; tests/test_meanflow.py trains MeanFlow through the same trainer",
     ("docs/latent.md", "import jax, jax.numpy as jnp, ddx"):
         "needs published weights; test_dit_import.py imports random ones",
 }

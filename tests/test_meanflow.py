@@ -415,38 +415,3 @@ def test_meanflow_trains_resumes_bitwise_loads_and_samples(tmp_path):
   assert not np.array_equal(out[1], out[2])
   guided = ddx.sample_fn(model, jax.random.key(0), steps=2, x_T=x_T, guidance_scale=2.0)
   assert bool(np.all(np.isfinite(guided))) and not np.array_equal(guided, out[2])
-
-
-@pytest.mark.slow
-def test_init_from_a_flow_run_starts_as_the_flow_network(tmp_path):
-  """training.init_from a flow run: at step 0 the MeanFlow network's u(x, (t, r))
-  is the flow model's velocity at t, for any r (the second time's embedding
-  starts at zero)."""
-  from ddx import config as config_lib
-  from ddx import train
-  from ddx.convert.common import write_workdir
-  from testutils import random_model
-  flow_dir = str(tmp_path / "flow")
-  flow = _tiny(diffusion__process="flow")
-  write_workdir(flow_dir, flow, random_model(flow, seed=1).variables["params"])
-  source = ddx.load(flow_dir)
-  # The flow run's time scale (MeanFlow's own default is 0.02): docs/meanflow.md.
-  config = _tiny(training__init_from=flow_dir, model__time_scale=1.0)
-  # A fresh network as init gives it (a real init compiles for ~20 s here): random,
-  # with the second time's last layer zero (tests/test_two_times.py checks init).
-  fresh = dict(random_model(config, seed=2).variables["params"])
-  assert set(fresh) - set(source.variables["params"]) == {"temb2_dense0", "temb2_dense1"}
-  fresh["temb2_dense1"] = jax.tree.map(jnp.zeros_like, fresh["temb2_dense1"])
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=fresh, ema_params=fresh,
-                           opt_state=None, batch_stats={}, posthoc_ema=())
-  state = train.init_from(state, config)
-  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
-  t, r = jnp.array([0.9, 0.5, 0.2]), jnp.array([0.0, 0.3, 0.2])
-  model = ddx.model.Model({"params": state.params}, config_lib.freeze(config))
-  v = ddx.model.denoiser(source)(x, t)
-  assert float(jnp.abs(v).max()) > 0.1
-  np.testing.assert_array_equal(ddx.model.denoiser(model)(x, pair(t, r)), v)
-  # Once the second time's last layer moves, u depends on r.
-  moved = ddx.model.Model({"params": random_model(config, seed=2).variables["params"]},
-                          model.config)
-  assert not np.array_equal(ddx.model.denoiser(moved)(x, pair(t, r)), v)

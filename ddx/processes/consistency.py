@@ -25,8 +25,7 @@ from ddx.sampling.discrete import initial_noise
 _DEFAULTS = consistency_config.SPEC.defaults()
 
 
-def _static(default):
-  return flax.struct.field(pytree_node=False, default=default)
+_static = diffusion.static_field
 
 
 @flax.struct.dataclass

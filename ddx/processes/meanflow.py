@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddx.diffusion import static_field
 from ddx import diffusion
 from ddx import flow
 from ddx import meanflow
@@ -31,7 +32,7 @@ _DEFAULTS = {a: meanflow_config.SPEC.defaults()[k] for k, a in _KEYS.items()}
 
 
 def _static(name):
-  return flax.struct.field(pytree_node=False, default=_DEFAULTS[name])
+  return static_field(_DEFAULTS[name])
 
 
 def network_time(t: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:

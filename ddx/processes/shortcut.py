@@ -25,6 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ddx.diffusion import static_field
 from ddx import diffusion, flow, shortcut
 from ddx.processes import shortcut_config
 from ddx.processes.flow import FlowProcess
@@ -34,8 +35,7 @@ from ddx.sampling.discrete import initial_noise
 _DEFAULTS = shortcut_config.SPEC.defaults()
 
 
-def _static(default):
-  return flax.struct.field(pytree_node=False, default=default)
+_static = static_field
 
 
 def _pair(t, d) -> jnp.ndarray:
