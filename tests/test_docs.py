@@ -36,6 +36,8 @@ SKIPPED = {
         "needs the run above: tests/test_meanflow.py loads a trained MeanFlow run and samples it with 1 and 2 steps",
     ("docs/shortcut.md", "python -m ddx.main --config configs/digits_shortcut.py --workdir runs/digits_shortcut"):
         "tests/test_shortcut_process.py trains, resumes, loads and samples a shortcut run in-process (1, 2 steps, guided); --mode sample is process-agnostic and runs in test_train.py",
+    ("docs/processes.md", "python -m ddx.main --config configs/digits_edm.py --workdir runs/digits_edm"):
+        "tests/test_processes.py trains, resumes and samples every process through the same trainer in-process",
     ("docs/checkpoints.md", "python -m ddx.main --config configs/digits_flow.py --workdir runs/digits_flow"):
         "two training runs; tests/test_two_times.py runs init_from through the trainer's own start-up",
     ("docs/speed.md", "python -m ddx.main --config configs/cifar10.py --workdir runs/c10 \\"):
