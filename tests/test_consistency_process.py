@@ -1,8 +1,6 @@
 """diffusion.process=consistency (sCM) on the real network and through the real
 trainer: the jvp tangent of the U-Net, the exact boundary condition, training,
 bitwise resume, loading and sampling with 1 and 2 steps, and its config errors."""
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,7 @@ from ddx import config as config_lib
 from ddx import consistency, train
 from ddx.processes.consistency import ConsistencyProcess
 
-from testutils import load_config, random_model
+from testutils import load_config, random_model, train_and_resume
 
 SD = 0.5
 
@@ -93,16 +91,7 @@ def test_trains_resumes_bitwise_loads_and_samples(tmp_path):
   c.training.num_steps, c.training.log_every = 4, 2
   c.training.checkpoint_every, c.training.sample_every = 2, 4
   c.sampling.steps = 2
-  straight_dir = str(tmp_path / "straight")
-  straight = train.train_and_evaluate(c, straight_dir)
-  resumed_dir = str(tmp_path / "resumed")
-  shutil.copytree(straight_dir, resumed_dir)
-  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "4"))   # as if stopped at 2
-  resumed = train.train_and_evaluate(c, resumed_dir)
-  assert int(resumed.step) == 4
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-    np.testing.assert_array_equal(a, b)
-  assert os.path.exists(os.path.join(straight_dir, "samples", "step_0000004.png"))
+  straight_dir, _ = train_and_resume(c, tmp_path)
 
   model = ddx.load(straight_dir)
   assert isinstance(model.process, ConsistencyProcess)

@@ -10,7 +10,7 @@ import pytest
 import ddx
 from ddx import meanflow
 
-from testutils import gaussian_data
+from testutils import gaussian_data, train_and_resume
 
 SHAPE = (3, 2, 2, 1)
 
@@ -387,24 +387,12 @@ def test_meanflow_trains_resumes_bitwise_loads_and_samples(tmp_path):
   """Through the real trainer with training guidance (the labels= override and
   the null label): 4 steps, resume from step 2 bitwise, ddx.load, sample_fn with
   1 and 2 steps, and with classifier-free guidance at sampling."""
-  import os
-  import shutil
-  from ddx import train
   config = _tiny(model__num_classes=10, training__label_dropout=0.1,
                  diffusion__mf_omega=1.5, diffusion__mf_kappa=0.3,
                  diffusion__mf_guidance_tmax=0.9, training__num_steps=4,
                  training__log_every=2, training__checkpoint_every=2,
                  training__sample_every=4)
-  straight_dir = str(tmp_path / "straight")
-  straight = train.train_and_evaluate(config, straight_dir)
-  resumed_dir = str(tmp_path / "resumed")
-  shutil.copytree(straight_dir, resumed_dir)
-  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "4"))
-  resumed = train.train_and_evaluate(config, resumed_dir)
-  assert int(resumed.step) == 4
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-    np.testing.assert_array_equal(a, b)
-  assert os.path.exists(os.path.join(straight_dir, "samples", "step_0000004.png"))
+  straight_dir, _ = train_and_resume(config, tmp_path)
 
   model = ddx.load(straight_dir)
   assert model.process.spec.name == "meanflow" and model.process.omega == 1.5

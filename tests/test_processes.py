@@ -3,7 +3,6 @@ bitwise, load, and sample with each of the process's samplers; and a process
 registered at run time going through the same code paths."""
 import json
 import os
-import shutil
 from typing import ClassVar
 
 import flax.struct
@@ -20,7 +19,7 @@ from ddx.processes import base
 from ddx.processes.edm import sigma_ode
 from ddx.sampling import sigma as sigma_sampling
 
-from testutils import load_config
+from testutils import load_config, train_and_resume
 
 # Each case also switches on features the trainer must carry for every process.
 CASES = {
@@ -51,17 +50,8 @@ def _config(case, **extra):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_process_trains_resumes_bitwise_and_samples(case, tmp_path):
   config = _config(case)
-  straight_dir = str(tmp_path / "straight")
-  straight = train.train_and_evaluate(config, straight_dir)
+  straight_dir, straight = train_and_resume(config, tmp_path)
   assert np.isfinite(float(jax.tree.leaves(straight.params)[0].sum()))
-  resumed_dir = str(tmp_path / "resumed")
-  shutil.copytree(straight_dir, resumed_dir)
-  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "4"))   # as if stopped at 2
-  resumed = train.train_and_evaluate(config, resumed_dir)
-  assert int(resumed.step) == 4
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-    np.testing.assert_array_equal(a, b)
-  assert os.path.exists(os.path.join(straight_dir, "samples", "step_0000004.png"))
 
   saved = json.load(open(os.path.join(straight_dir, "config.json")))
   want = {"edm": ("auto", "heun"), "flow": ("v", "euler")}[case]

@@ -3,7 +3,6 @@ real (tiny) U-Net, and a conditional run through the trainer, resume, load and
 guided sampling."""
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from ddx import model as model_lib
 from ddx import processes
 from ddx.processes.shortcut import ShortcutProcess
 
-from testutils import load_config
+from testutils import load_config, train_and_resume
 
 M = 4   # shortcut_max_steps in these tests: step sizes 1/4 (the flow), 1/2, 1
 
@@ -134,18 +133,11 @@ def test_conditional_run_trains_resumes_loads_and_samples_guided(tmp_path):
   take the batch's labels), bitwise resume, ddx.load, sample_fn with 1 and 2
   steps, steps=3 refused, and classifier-free guidance (with an interval) on
   the one-step map checked against the network's two outputs."""
-  from ddx import train
   c = _config()
   c.model.num_classes, c.training.label_dropout = 10, 0.2
   c.training.num_steps, c.training.log_every = 4, 2
   c.training.checkpoint_every, c.training.sample_every = 2, 4
-  straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  straight = train.train_and_evaluate(c, straight_dir)
-  shutil.copytree(straight_dir, resumed_dir)
-  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "4"))   # as if stopped at 2
-  resumed = train.train_and_evaluate(c, resumed_dir)
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-    np.testing.assert_array_equal(a, b)
+  straight_dir, _ = train_and_resume(c, tmp_path)
   saved = json.load(open(os.path.join(straight_dir, "config.json")))
   assert saved["sampling"]["sampler"] == "shortcut"
 
