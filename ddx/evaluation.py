@@ -158,17 +158,17 @@ class DigitsMetric:
   """
 
   def __init__(self, cache_path: Optional[str] = None):
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = self._prep(np.round(d.images * 255 / 16).astype(np.uint8)[..., None])
+    from ddx.data import load_digits
+    counts, target = load_digits()
+    x = self._prep(np.round(counts * 255 / 16).astype(np.uint8)[..., None])
     weights = self._read_cache(cache_path) if cache_path else None
     if weights is None:
-      weights = self._fit(x[:DIGITS_TRAIN], d.target[:DIGITS_TRAIN])
+      weights = self._fit(x[:DIGITS_TRAIN], target[:DIGITS_TRAIN])
       if cache_path:
         self._write_cache(cache_path, weights)
     self.w1, self.b1, self.w2, self.b2 = weights
     pred = self.predict_proba(x[DIGITS_TRAIN:]).argmax(1)
-    self.heldout_accuracy = float(np.mean(pred == d.target[DIGITS_TRAIN:]))
+    self.heldout_accuracy = float(np.mean(pred == target[DIGITS_TRAIN:]))
     self.ref_stats = feature_stats(self.features_of(x[DIGITS_TRAIN:]))
 
   @staticmethod

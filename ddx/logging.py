@@ -29,6 +29,24 @@ def _scalars(metrics: Mapping) -> dict:
   return out
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch at import time when it is installed (only to
+  accept torch tensors, which ddx never passes), and that import costs over a
+  second of every run's start. torch is hidden for that import unless this
+  process already loaded it."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None   # `import torch` raises ImportError meanwhile
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends one JSON object per log step to metrics.jsonl and mirrors to TensorBoard."""
 
@@ -41,8 +59,7 @@ class MetricWriter:
     # metrics.jsonl is kept open for the run and flushed at each write.
     self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
     try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+      self._tb = _summary_writer()(str(epath.Path(workdir) / "tensorboard"))
     except ImportError:  # TensorBoard is a convenience; metrics.jsonl is the record
       self._tb = None
 

@@ -74,6 +74,17 @@ def test_digits_source(digits):
   assert set(labels.tolist()) == set(range(10))
 
 
+def test_digits_are_scikit_learns():
+  """ddx reads the digits CSV shipped in scikit-learn without importing it: the
+  arrays are exactly what scikit-learn's own loader returns."""
+  from sklearn.datasets import load_digits
+  counts, labels = data.load_digits()
+  want = load_digits()
+  np.testing.assert_array_equal(counts, want.images)
+  np.testing.assert_array_equal(labels, want.target)
+  assert labels.dtype == np.int64 and counts.shape == (1797, 8, 8)
+
+
 def test_digits_resize_and_rgb():
   src = data.make_source(_data_config(image_size=16, channels=3))
   image, label = src[5]

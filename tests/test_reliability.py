@@ -54,7 +54,7 @@ def _snapshot(path):
 # --------------------------------------------------------------------------
 # kill -9 and SIGTERM on a real trainer process.
 
-N_STEPS = 12
+N_STEPS = 8
 SNAPSHOT_EVERY = 2   # post-hoc EMA snapshots: a kill can land in one of those saves too
 RUN_ARGS = (f"--config.training.num_steps={N_STEPS}", "--config.training.log_every=1",
             "--config.training.checkpoint_every=1", "--config.training.keep_checkpoints=2",
@@ -94,50 +94,22 @@ def reference_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_kill9_at_random_steps_then_resume_is_bitwise_exact(reference_run, tmp_path):
-  """The state and the post-hoc EMA snapshots of a killed and resumed run are
-  an uninterrupted run's, bit for bit."""
+def test_sigterm_then_kill9_then_resume_is_bitwise_exact(reference_run, tmp_path):
+  """One workdir through three trainer processes: SIGTERM at step >= 2 saves
+  that step (the run checkpoints only on preemption) and exits 0 promptly; the
+  resumed run is killed with SIGKILL at a random later step, anywhere (a save
+  included); the last run finishes. State and post-hoc EMA snapshots are an
+  uninterrupted run's, bit for bit."""
   (ref_step, ref_leaves), ref_snaps = reference_run
   assert ref_step == N_STEPS
   assert sorted(ref_snaps) == list(range(SNAPSHOT_EVERY, N_STEPS + 1, SNAPSHOT_EVERY))
   assert any(np.any(a != 0) for a in ref_leaves)
-  rnd = random.Random(1234)
-  for trial in range(1):   # two trainer processes; bitwise resume is also in test_train
-    wd = tmp_path / f"trial{trial}"
-    proc = subprocess.Popen(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-      _wait_for_step(proc, rnd.randint(1, N_STEPS - 3))
-      time.sleep(rnd.uniform(0.0, 0.3))   # land anywhere, mid-save included
-      proc.kill()                          # SIGKILL
-      proc.wait(timeout=30)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-    r = subprocess.run(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    step, leaves = _raw_state(wd, config=_run_config())
-    assert step == N_STEPS
-    assert len(leaves) == len(ref_leaves)
-    for a, b in zip(leaves, ref_leaves):
-      np.testing.assert_array_equal(a, b, err_msg=f"trial {trial}")
-    snaps = snapshot_leaves(wd, _run_config())
-    assert sorted(snaps) == sorted(ref_snaps)
-    for s in snaps:
-      for a, b in zip(snaps[s], ref_snaps[s]):
-        np.testing.assert_array_equal(a, b, err_msg=f"trial {trial}, snapshot {s}")
-
-
-@pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
   wd = tmp_path / "wd"
-  proc = subprocess.Popen(
-      _main_cmd(wd, "--config.training.num_steps=100000", "--config.training.log_every=1",
-                "--config.training.checkpoint_every=0"),
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  proc = subprocess.Popen(_main_cmd(wd, *RUN_ARGS, "--config.training.checkpoint_every=0"),
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    seen = _wait_for_step(proc, 3)
+    seen = _wait_for_step(proc, 2)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=60)
@@ -148,7 +120,33 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
   assert rc == 0, proc.stderr.read()[-3000:]
   assert elapsed < 60
   steps = ckpt_lib.Checkpointer(str(wd), read_only=True).steps()
-  assert len(steps) == 1 and steps[0] >= seen   # checkpoint_every=0: only the preemption save
+  assert len(steps) == 1 and seen <= steps[0] < N_STEPS   # only the preemption save
+
+  rnd = random.Random(1234)
+  proc = subprocess.Popen(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  try:
+    _wait_for_step(proc, rnd.randint(steps[0] + 1, max(steps[0] + 1, N_STEPS - 2)))
+    time.sleep(rnd.uniform(0.0, 0.3))   # land anywhere, mid-save included
+    proc.kill()                          # SIGKILL
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+
+  r = subprocess.run(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  step, leaves = _raw_state(wd, config=_run_config())
+  assert step == N_STEPS
+  assert len(leaves) == len(ref_leaves)
+  for a, b in zip(leaves, ref_leaves):
+    np.testing.assert_array_equal(a, b)
+  snaps = snapshot_leaves(wd, _run_config())
+  assert sorted(snaps) == sorted(ref_snaps)
+  for s in snaps:
+    for a, b in zip(snaps[s], ref_snaps[s]):
+      np.testing.assert_array_equal(a, b, err_msg=f"snapshot {s}")
 
 
 # --------------------------------------------------------------------------
