@@ -10,7 +10,8 @@ A, B, ..., flow, A, B, ...), so a change in the machine's load hits every
 process alike. Reports the median seconds per update and its ratio to flow's
 (the JVP overhead of the few-step processes: MeanFlow and sCM take one
 forward-mode product through the network per step, a shortcut model two extra
-forward passes on part of the batch).
+forward passes on part of the batch). `--processes flow,dit` times
+configs/digits_dit.py (flow on the DiT) against the U-Net's flow update.
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ from ddx import parallel  # noqa: E402  (before JAX starts: one CPU device per c
 
 CONFIGS = {"ddpm": "digits", "edm": "digits_edm", "flow": "digits_flow",
            "consistency": "digits_consistency", "meanflow": "digits_meanflow",
-           "shortcut": "digits_shortcut"}
+           "shortcut": "digits_shortcut",
+           # Not a process: flow matching on the DiT, so its ratio to flow is the
+           # DiT's update cost against the U-Net's (issue #24's equal-wall-time FD).
+           "dit": "digits_dit"}
 
 
 def build(process: str):
