@@ -24,6 +24,8 @@ EDM's best Heun cell at <= 35 NFE against DDPM's best cell at <= 50 NFE
   --train_only   train (or finish training) the runs and stop
   --score_only   score the runs that are trained, train nothing
   --samplers     score only these samplers (e.g. heun first when time is short)
+  --processes meanflow,consistency,shortcut   the few-step processes (issue #25):
+                 the same seeds and budget, each at 1, 2 and 4 network evaluations
 """
 import argparse
 import json
@@ -40,14 +42,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fd_nfe import cell_options, fd_row, nfe_of  # noqa: E402  (the same cells as fd_nfe)
 
-CONFIGS = {"ddpm": "digits.py", "edm": "digits_edm.py", "flow": "digits_flow.py"}
+CONFIGS = {"ddpm": "digits.py", "edm": "digits_edm.py", "flow": "digits_flow.py",
+           # the few-step processes (issue #25), scored at FEW_STEP_NFES
+           "meanflow": "digits_meanflow.py", "consistency": "digits_consistency.py",
+           "shortcut": "digits_shortcut.py"}
+MULTI_STEP = ("ddpm", "edm", "flow")   # --processes' default
 # The samplers scored per process: the deterministic ODE solvers that converge
 # in few NFE (fd_nfe's table: ancestral DDPM needs hundreds of steps, the
 # stochastic sampler with churn 10 was worse than Heun on every model).
 SAMPLERS = {"ddpm": ("ddim", "dpm_solver_pp", "heun"),
             "edm": ("heun", "euler", "dpm_solver_pp"),
-            "flow": ("euler", "heun")}
+            "flow": ("euler", "heun"),
+            "meanflow": ("meanflow",), "consistency": ("consistency",),
+            "shortcut": ("shortcut",)}
 NFES = (10, 20, 35)
+FEW_STEP_NFES = (1, 2, 4)
 BASELINE_NFE = 50          # DDPM's samplers also here: "the default's best <= 50-NFE sampler"
 FLOOR_SAMPLES = 500        # real held-out digits in the floor row (BENCHMARKS.md: 0.53)
 
@@ -102,6 +111,8 @@ def train_wall(workdir: str):
 
 def cells(process: str) -> list:
   """(sampler, NFE budget) of every cell scored on a run of `process`."""
+  if process not in MULTI_STEP:
+    return [(sampler, nfe) for sampler in SAMPLERS[process] for nfe in FEW_STEP_NFES]
   nfes = NFES + ((BASELINE_NFE,) if process == "ddpm" else ())
   return [(sampler, nfe) for sampler in SAMPLERS[process] for nfe in nfes]
 
@@ -241,7 +252,7 @@ def score(args, runs: list) -> None:
   seeds_done = sorted({r["seed"] for r in rows})
   print(f"\n{args.num_samples} samples per cell (key 0 for every run); seeds {seeds_done}; "
         f"digits FD mean ± std over seeds (ddof 1), NFE used in parentheses\n")
-  nfes = NFES + (BASELINE_NFE,)
+  nfes = sorted({a["nfe"] for a in agg})
   print("| process | sampler | " + " | ".join(f"NFE ≤ {n}" for n in nfes) + " |")
   print("|---|---|" + "---|" * len(nfes))
   for k in dict.fromkeys((a["process"], a["sampler"]) for a in agg):
@@ -282,7 +293,7 @@ def score(args, runs: list) -> None:
     print(f"\nEDM heun at {e['nfe']} NFE ({_fmt(e['mean'], e['std'])}) minus DDPM "
           f"{b['sampler']} at {b['nfe']} NFE ({_fmt(b['mean'], b['std'])}), paired over "
           f"seeds {pr['seeds']}: {_fmt(pr['mean'], pr['std'])} = {pr['sds']:.2f} std")
-  for p in sorted(procs - {"ddpm"}):
+  for p in sorted(procs - {"ddpm"}) if "ddpm" in procs else ():
     o = best_cell(agg, p, BASELINE_NFE)
     b = best_cell(agg, "ddpm", BASELINE_NFE)
     pr = paired(rows, o, b)
@@ -306,7 +317,8 @@ def _nan_to_none(x):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--processes", default=",".join(CONFIGS))
+  ap.add_argument("--processes", default=",".join(MULTI_STEP),
+                  help=f"comma-separated, of {', '.join(CONFIGS)}")
   ap.add_argument("--runs", default="/work/runs/table")
   ap.add_argument("--num_samples", type=int, default=500)
   ap.add_argument("--out", default="")

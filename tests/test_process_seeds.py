@@ -60,3 +60,12 @@ def test_paired_uses_only_common_seeds():
 def test_cells_add_the_ddpm_baseline_budget():
   assert ("ddim", 50) in process_seeds.cells("ddpm")
   assert all(n in process_seeds.NFES for _, n in process_seeds.cells("edm"))
+
+
+def test_few_step_processes_are_scored_at_one_two_and_four_evaluations():
+  from ddx import config as config_lib
+  for p in ("meanflow", "consistency", "shortcut"):
+    assert process_seeds.cells(p) == [(process_seeds.SAMPLERS[p][0], n) for n in (1, 2, 4)]
+    c = config_lib.from_file(os.path.join(process_seeds.ROOT, "configs", process_seeds.CONFIGS[p]))
+    assert c.diffusion.process == p and c.sampling.sampler == process_seeds.SAMPLERS[p][0]
+  assert process_seeds.MULTI_STEP == ("ddpm", "edm", "flow")
