@@ -168,10 +168,9 @@ def paired(rows: list, a: dict, b: dict) -> dict:
 def real_floor(metric, seed: int, n: int = FLOOR_SAMPLES) -> float:
   """FD of n real held-out digits, drawn without replacement by
   default_rng(seed) (seed 0, n 500: BENCHMARKS.md's 0.53)."""
-  from sklearn.datasets import load_digits
+  from ddx.data import load_digits
   from ddx.evaluation import DIGITS_TRAIN
-  d = load_digits()
-  held = np.round(d.images[DIGITS_TRAIN:] * 255 / 16).astype(np.uint8)[..., None]
+  held = load_digits()[0][DIGITS_TRAIN:]
   return float(metric.score(held[np.random.default_rng(seed).choice(len(held), n,
                                                                    replace=False)])["fd"])
 

@@ -231,17 +231,15 @@ def digits_source(image_size: int = 8, channels: int = 1) -> ArraySource:
     ArraySource with images uint8 [1797, image_size, image_size, channels].
   """
   _validate_image_config(image_size, channels, "center")
-  counts, labels = load_digits()
-  # Pixel values are counts 0..16; map them onto the full uint8 range.
-  images = np.round(counts * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  images, labels = load_digits()
   if images.shape[1:] != (image_size, image_size, channels):
     images = np.stack([convert_image(im, image_size, channels) for im in images])
   return ArraySource(images, labels, num_classes=10)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
-  """scikit-learn's digits as (counts float64 [1797, 8, 8] in 0..16, labels int64),
-  what `sklearn.datasets.load_digits()` gives as .images and .target.
+  """scikit-learn's digits as ddx trains on them: (uint8 [1797, 8, 8, 1], labels
+  int64). Pixel values are counts 0..16, mapped onto the full uint8 range.
 
   Read from the CSV that ships inside scikit-learn without importing it (the
   import costs about 0.7 s of every run's start); scikit-learn's own loader is
@@ -252,10 +250,14 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     path = os.path.join(root, "datasets", "data", "digits.csv.gz")
     if os.path.exists(path):
       table = np.loadtxt(path, delimiter=",")
-      return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
-  from sklearn import datasets
-  d = datasets.load_digits()
-  return d.images, d.target.astype(np.int64)
+      counts, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+      break
+  else:
+    from sklearn import datasets
+    d = datasets.load_digits()
+    counts, labels = d.images, d.target
+  images = np.round(counts * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  return images, labels.astype(np.int64)
 
 
 class FolderSource:

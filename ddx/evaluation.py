@@ -159,8 +159,8 @@ class DigitsMetric:
 
   def __init__(self, cache_path: Optional[str] = None):
     from ddx.data import load_digits
-    counts, target = load_digits()
-    x = self._prep(np.round(counts * 255 / 16).astype(np.uint8)[..., None])
+    images, target = load_digits()
+    x = self._prep(images)
     weights = self._read_cache(cache_path) if cache_path else None
     if weights is None:
       weights = self._fit(x[:DIGITS_TRAIN], target[:DIGITS_TRAIN])

@@ -36,22 +36,19 @@ def _summary_writer():
   accept torch tensors, which ddx never passes), and that import costs over a
   second of every run's start. torch is hidden for that import unless this
   process already loaded it."""
-  hide = "torch" not in sys.modules
-  if hide:
-    sys.modules["torch"] = None   # `import torch` raises ImportError meanwhile
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None     # `import torch` raises ImportError meanwhile
   try:
     from tensorboardX import SummaryWriter
-  except ImportError:
-    if not hide:
-      raise
-    del sys.modules["torch"]      # a tensorboardX that needs torch: let it have it
-    hide = False
+    return SummaryWriter
+  except ImportError:             # a tensorboardX that needs torch: let it have it
     for name in [m for m in sys.modules if m.startswith("tensorboardX")]:
       del sys.modules[name]
-    from tensorboardX import SummaryWriter
   finally:
-    if hide:
-      del sys.modules["torch"]
+    del sys.modules["torch"]
+  from tensorboardX import SummaryWriter
   return SummaryWriter
 
 

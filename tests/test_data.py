@@ -76,13 +76,14 @@ def test_digits_source(digits):
 
 def test_digits_are_scikit_learns():
   """ddx reads the digits CSV shipped in scikit-learn without importing it: the
-  arrays are exactly what scikit-learn's own loader returns."""
+  arrays are exactly scikit-learn's own loader's, counts 0..16 mapped to uint8."""
   from sklearn.datasets import load_digits
-  counts, labels = data.load_digits()
+  images, labels = data.load_digits()
   want = load_digits()
-  np.testing.assert_array_equal(counts, want.images)
+  np.testing.assert_array_equal(
+      images, np.round(want.images * 255 / 16).astype(np.uint8)[..., None])
   np.testing.assert_array_equal(labels, want.target)
-  assert labels.dtype == np.int64 and counts.shape == (1797, 8, 8)
+  assert labels.dtype == np.int64 and images.shape == (1797, 8, 8, 1)
 
 
 def test_digits_resize_and_rgb():
