@@ -15,7 +15,10 @@ seed<k> (a finished run is not trained again). Each run is scored with the
 digits FD (ddx.evaluation.DigitsMetric, lower is better) at 10, 20 and 35
 network evaluations with each --samplers entry (benchmarks/fd_nfe.py's
 cells). Prints mean ± std over seeds per setting and NFE as Markdown and
-writes every row to --out.
+writes every row to --out. A run whose final checkpoint exists is scored
+without training (so finished runs of other benchmarks can be linked in);
+--no_baseline leaves the DDPM row out, and --merge A.json,B.json only prints
+the table of rows already written by several invocations.
 """
 import argparse
 import json
@@ -35,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NFES = (10, 20, 35)
 
 
-def settings(embeddings: str, sigma_datas: str) -> list[dict]:
+def settings(embeddings: str, sigma_datas: str, baseline: bool = True) -> list[dict]:
   """The runs to compare: the DDPM baseline, then EDM per (embedding, σ_data).
 
   Returns:
@@ -43,7 +46,7 @@ def settings(embeddings: str, sigma_datas: str) -> list[dict]:
     explicit values (never "auto" for the embedding), so a row keeps its
     meaning if a default changes.
   """
-  out = [{"name": "ddpm", "config": "digits.py", "overrides": {}}]
+  out = [{"name": "ddpm", "config": "digits.py", "overrides": {}}] if baseline else []
   for emb in embeddings.split(","):
     kind, _, scale = emb.partition(":")
     for sd in sigma_datas.split(","):
@@ -78,6 +81,41 @@ def _slug(name: str) -> str:
   return "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in name)
 
 
+def is_trained(workdir: str, steps: int) -> bool:
+  """Whether the run's final checkpoint (orbax step folder `steps`) exists."""
+  return os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
+
+
+def table(rows: list, seeds, nfes, num_samples: int) -> None:
+  """Prints mean ± std over seeds per (setting, sampler) and NFE as Markdown."""
+  print(f"\nFD of {num_samples} samples (digits metric), mean ± std over seeds "
+        f"{seeds}\n")
+  print("| setting | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+  print("|---|---|" + "---|" * len(nfes))
+  for key in dict.fromkeys((r["run"], r["sampler"]) for r in rows):
+    cells = []
+    for nfe in dict.fromkeys(r["nfe"] for r in rows if (r["run"], r["sampler"]) == key):
+      fds = [r["fd"] for r in rows if (r["run"], r["sampler"], r["nfe"]) == key + (nfe,)]
+      sd = statistics.stdev(fds) if len(fds) > 1 else 0.0
+      cells.append(f"{statistics.mean(fds):.2f} ± {sd:.2f} ({nfe})")
+    print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+
+
+def merge(paths: list) -> None:
+  """Prints the table of the rows of several --out files (equal num_samples)."""
+  docs = []
+  for p in paths:
+    with open(p) as f:
+      docs.append(json.load(f))
+  sizes = {d["num_samples"] for d in docs}
+  if len(sizes) != 1:
+    raise SystemExit(f"--merge: the files score different sample counts {sorted(sizes)}; "
+                     "FD values compare only at equal counts")
+  rows = [r for d in docs for r in d["rows"]]
+  table(rows, sorted({r["seed"] for r in rows}), sorted({r["nfe"] for r in rows}),
+        sizes.pop())
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--seeds", default="0,1,2")
@@ -92,7 +130,14 @@ def main():
   ap.add_argument("--quick", action="store_true",
                   help="smoke run: 4 training steps, seed 0, three settings, 100 "
                   "samples, 10 NFE")
+  ap.add_argument("--no_baseline", action="store_true",
+                  help="leave out the DDPM baseline row")
+  ap.add_argument("--merge", default="",
+                  help="comma-separated --out files: print their table, train nothing")
   args = ap.parse_args()
+  if args.merge:
+    merge(args.merge.split(","))
+    return
   seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
   nfes = NFES[:1] if args.quick else NFES
   num_samples = 100 if args.quick else args.num_samples
@@ -114,7 +159,7 @@ def main():
                    "num_samples": num_samples, "quick": args.quick, "rows": rows},
                   f, indent=1)
 
-  todo = settings(args.embeddings, args.sigma_data)
+  todo = settings(args.embeddings, args.sigma_data, not args.no_baseline)
   if args.quick:    # the baseline, and the first and last EDM settings
     todo = todo[:2] + todo[-1:]
   for setting in todo:
@@ -124,7 +169,8 @@ def main():
         workdir += "_quick"
       config = run_config(setting, seed, args.quick)
       t0 = time.perf_counter()
-      train.train_and_evaluate(config, workdir)
+      if not is_trained(workdir, config.training.num_steps):
+        train.train_and_evaluate(config, workdir)
       train_s = time.perf_counter() - t0
       model = ddx.load(workdir)
       process = model.config.diffusion.process
@@ -139,17 +185,7 @@ def main():
           print(f"[{time.perf_counter() - start:7.1f} s] {json.dumps(row)}", flush=True)
           save()
 
-  print(f"\nFD of {num_samples} samples (digits metric), mean ± std over seeds "
-        f"{seeds}\n")
-  print("| setting | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
-  print("|---|---|" + "---|" * len(nfes))
-  for key in dict.fromkeys((r["run"], r["sampler"]) for r in rows):
-    cells = []
-    for nfe in dict.fromkeys(r["nfe"] for r in rows if (r["run"], r["sampler"]) == key):
-      fds = [r["fd"] for r in rows if (r["run"], r["sampler"], r["nfe"]) == key + (nfe,)]
-      sd = statistics.stdev(fds) if len(fds) > 1 else 0.0
-      cells.append(f"{statistics.mean(fds):.2f} ± {sd:.2f} ({nfe})")
-    print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+  table(rows, seeds, nfes, num_samples)
   if args.out:
     print(f"wrote {args.out}")
 
