@@ -14,6 +14,9 @@ seconds have passed, so the most wanted numbers come first:
           dots and none;
   attn    the U-Net at batch 128 with model.attention=cudnn (its one 256-channel
           head may be beyond cuDNN's head sizes: the error is recorded);
+  norm    the U-Net at batch 128 with model.norm_kernel=pallas (GroupNorm+SiLU
+          in one Pallas kernel), and DDPM-1000 sampling with it after the xla
+          one (a kernel that fails to lower records its error);
   sample  DDPM-1000 at batch 256 of the U-Net (bf16), and DiT-XL/2 with
           --dit_sample_steps DDPM steps and guidance 1.5 at batch 32;
   peer    diffusers' UNet2DModel (batch 128) and DiTTransformer2DModel (DiT-B/2,
@@ -44,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  (shared measurement helpers)
 from gpu_latent import _oom, dit_xl2, latent_dit, recorder, sample_rate, train_rate  # noqa: E402
 
-PARTS = ("unet", "dit", "attn", "sample", "peer", "vae")
+PARTS = ("unet", "dit", "attn", "norm", "sample", "peer", "vae")
 
 
 def unet_cifar10(quick: bool):
@@ -56,29 +59,33 @@ def unet_cifar10(quick: bool):
   return c
 
 
-def _train(save, model, config, batch, steps, remat="none", attention="xla"):
-  """Measures one training configuration; saved as train_<model>_<remat>_<attention>_b<batch>."""
+def _train(save, model, config, batch, steps, remat="none", attention="xla", norm="xla"):
+  """Measures one training configuration; saved as train_<model>_<remat>_<attention>_b<batch>
+  (with _norm<norm> before _b for a norm kernel other than xla)."""
   config.training.remat = remat
   config.model.attention = attention
-  entry = {"model": model, "batch": batch, "remat": remat, "attention": attention}
+  config.model.norm_kernel = norm
+  entry = {"model": model, "batch": batch, "remat": remat, "attention": attention,
+           "norm_kernel": norm}
   try:
     s, flops, need = train_rate(config, batch, steps)
   except Exception as e:   # out of memory, or an attention the backend lacks
     entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if _oom(e):
       entry["fits"] = False
-    save(train_key(model, remat, attention, batch), entry)
+    save(train_key(model, remat, attention, batch, norm), entry)
     return
   if s is None:
     entry.update(fits=False, bytes_needed=need)
   else:
     entry.update(steps_per_s=1 / s, images_per_s=batch / s, xla_flops_per_step=flops,
                  bytes_needed=need)
-  save(train_key(model, remat, attention, batch), entry)
+  save(train_key(model, remat, attention, batch, norm), entry)
 
 
-def train_key(model, remat, attention, batch):
-  return f"train_{model}_{remat}_{attention}_b{batch}"
+def train_key(model, remat, attention, batch, norm="xla"):
+  kernel = "" if norm == "xla" else f"_norm{norm}"
+  return f"train_{model}_{remat}_{attention}{kernel}_b{batch}"
 
 
 def add_mfu(out: dict, peak_tflops: float) -> None:
@@ -106,8 +113,8 @@ def markdown(out: dict) -> str:
   """The results as markdown tables (training, then everything else)."""
   lines = [f"Devices: {', '.join(sorted(set(out['devices'])))}; jax {out['jax']}; "
            f"{out['date']}; peak {out['peak_tflops']} TFLOP/s.", "",
-           "| training (bf16) | batch | remat | attention | steps/s | images/s | MFU |",
-           "|---|---|---|---|---|---|---|"]
+           "| training (bf16) | batch | remat | attention | norm kernel | steps/s | images/s | MFU |",
+           "|---|---|---|---|---|---|---|---|"]
   for k, v in out.items():
     if not (k.startswith("train_") and isinstance(v, dict)):
       continue
@@ -115,11 +122,12 @@ def markdown(out: dict) -> str:
     if "steps_per_s" in v:
       mfu = f"{100 * v['mfu']:.1f}%" if "mfu" in v else "-"
       lines.append(f"| {model} | {v['batch']} | {v['remat']} | {v['attention']} | "
+                   f"{v.get('norm_kernel', 'xla')} | "
                    f"{v['steps_per_s']:.2f} | {v['images_per_s']:.0f} | {mfu} |")
     else:
       why = v.get("error") or v.get("skipped") or "does not fit"
       lines.append(f"| {model} | {v.get('batch', '-')} | {v.get('remat', '-')} | "
-                   f"{v.get('attention', '-')} | {why} | | |")
+                   f"{v.get('attention', '-')} | {v.get('norm_kernel', 'xla')} | {why} | | |")
   lines += ["", "| other | result |", "|---|---|"]
   for k, v in out.items():
     if k.startswith(("sample_", "peer_", "vae_")):
@@ -169,9 +177,11 @@ def main():
            for a in ("xla", "cudnn")]
   runs += [("dit", "dit_xl2", dit_xl2, dit_batch, remat, "xla") for remat in ("dots", "none")]
   runs += [("attn", "unet_cifar10", unet_cifar10, big[0], "none", "cudnn")]
-  for part, model, make, b, remat, attention in runs:
-    if due(part, train_key(model, remat, attention, b)):
-      _train(save, model, make(q), b, steps, remat, attention)
+  runs = [r + ("xla",) for r in runs]
+  runs += [("norm", "unet_cifar10", unet_cifar10, big[0], "none", "xla", "pallas")]
+  for part, model, make, b, remat, attention, norm in runs:
+    if due(part, train_key(model, remat, attention, b, norm)):
+      _train(save, model, make(q), b, steps, remat, attention, norm)
   add_mfu(out, args.peak_tflops)
   # 4. Sampling.
   if due("sample", "sample_unet_ddpm1000"):
@@ -182,6 +192,18 @@ def main():
                                   "seconds": run_s, "compile_s": compile_s,
                                   "memory_bytes": mem})
     del model
+  if "sample" in parts and due("norm", "sample_unet_ddpm1000_normpallas"):
+    config = unet_cifar10(q)
+    config.model.norm_kernel = "pallas"
+    try:
+      model = speed.ddx_model(config)
+      compile_s, mem, run_s = speed.ddx_sampler(model, sample_batch, ddpm_steps, 1,
+                                                sampler="ddpm")
+      entry = {"batch": sample_batch, "steps": ddpm_steps, "seconds": run_s,
+               "compile_s": compile_s, "memory_bytes": mem}
+    except Exception as e:   # the kernel failed to lower on this backend
+      entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    save("sample_unet_ddpm1000_normpallas", entry)
   if due("sample", "sample_dit_xl2"):
     save("sample_dit_xl2", sample_rate(q, 2 if q else 32, 3 if q else args.dit_sample_steps))
   # 5. diffusers peers under torch.compile.

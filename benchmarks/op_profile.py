@@ -154,6 +154,8 @@ def categorise(instrs: dict, comps: dict) -> dict:
         return "attention"
       if any(s in target for s in ("conv", "gemm", "matmul", "cublas", "dot")):
         return "matmul/conv"
+      if any(part.startswith("norm") for part in ins.op_name.split("/")):
+        return "norm/elementwise"    # a Pallas kernel in a norm module (model.norm_kernel)
       return "other"
     if op in ("convolution", "dot", "scaled-dot"):
       return "matmul/conv"

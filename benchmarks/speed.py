@@ -94,11 +94,14 @@ def ddx_sampler(model, batch, steps, reps, sampler="ddim"):
   """Compile seconds, XLA memory estimate and run seconds of `sampler` with `steps`."""
   import jax
   from ddx import model as model_lib
+  from ddx import options as options_lib
   rng = jax.random.key(0)
-  kw = dict(num_samples=batch, steps=steps, sampler=sampler, clip_x0=True, guided=False,
-            ddpm_variance="posterior", spacing=None, return_trajectory=False)
+  options = options_lib.resolve(model.config).override(num_samples=batch, steps=steps,
+                                                        sampler=sampler, eta=0.0)
   t0 = time.perf_counter()
-  compiled = model_lib.sample_jit.lower(model, rng, None, 1.0, 0.0, None, **kw).compile()
+  compiled = model_lib.sample_jit.lower(model, rng, None, None,
+                                        model_lib.traced_options(options),
+                                        guided=False).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   mem_bytes = None if mem is None else int(mem.temp_size_in_bytes + mem.output_size_in_bytes

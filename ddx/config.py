@@ -33,6 +33,7 @@ SAMPLERS = ddpm_config.DISCRETE_SAMPLERS   # the discrete DDPM samplers (ddx.sam
 FLOW_PREDICTIONS = flow_config.PREDICTIONS  # diffusion.prediction for process = flow
 MODELS = ("unet", "dit")                   # model.name (ddx.models.NAMES)
 ATTENTIONS = ("xla", "auto", "cudnn", "tpu_flash")   # model.attention (ddx.models.attention)
+NORM_KERNELS = ("xla", "pallas")            # model.norm_kernel (ddx.models.fused_norm)
 REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
 TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models.layers)
 SIGMA_INDICES = ddpm_config.SIGMA_INDICES  # sampling.sigma_index: a DDPM model on a σ grid
@@ -90,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6          # GroupNorm epsilon (DDPM 1e-6; diffusers' default 1e-5)
   m.attention = "xla"        # xla | auto (jax.nn.dot_product_attention picks) | cudnn (NVIDIA
                              # GPU) | tpu_flash (Pallas TPU kernel); the same function
+  m.norm_kernel = "xla"      # U-Net GroupNorm(+SiLU): xla (two passes over memory) | pallas
+                             # (one Pallas kernel; interpreted, slowly, on CPU); same function
   # How the process's time input enters the network (U-Net and DiT): positional (the
   # sinusoidal table) | fourier (fixed random 2π·N(0, 1) frequencies) | auto (the
   # process's: its Spec.time_embedding); time_scale multiplies the time input first:
@@ -282,6 +285,12 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
            f"model.num_classes={m.num_classes!r} must be an integer >= 0 (0 = unconditional)")
   _require(m.attention in ATTENTIONS,
            f"model.attention={m.attention!r} is unknown; use one of {ATTENTIONS}")
+  norm_kernel = m.get("norm_kernel", "xla")
+  _require(norm_kernel in NORM_KERNELS,
+           f"model.norm_kernel={norm_kernel!r} is unknown; use one of {NORM_KERNELS}")
+  _require(norm_kernel == "xla" or (m.get("name", "unet") == "unet" and m.norm == "group"),
+           f"model.norm_kernel={norm_kernel!r} fuses the U-Net's GroupNorm; this model is "
+           f"name={m.get('name', 'unet')!r}, norm={m.norm!r}: use model.norm_kernel=xla")
   _check_process(config)
   _check_time_embedding(config)
   _check_latent(config)
@@ -826,7 +835,7 @@ _STRUCTURE_GROUPS = ("model", "optim", "data.image_size", "data.channels",
                      "autoencoder.downsample", "autoencoder.latent_channels")
 _NEVER_STRUCTURE = ("model.dtype", "model.dropout", "optim.lr", "optim.warmup_steps",
                     "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
-                    "optim.eps", "model.attention")
+                    "optim.eps", "model.attention", "model.norm_kernel")
 
 
 def structure_changes(old, new) -> list[tuple[str, object, object]]:

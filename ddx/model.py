@@ -231,6 +231,13 @@ def shard_batch(x):
   return x
 
 
+def traced_options(o: options_lib.SampleOptions) -> options_lib.SampleOptions:
+  """`o` with its float knobs as float32 arrays, as `sample_jit` takes it: one
+  program whatever their Python type."""
+  return o.replace(**{k: jnp.float32(getattr(o, k)) for k in options_lib.FLOAT_FIELDS},
+                   guidance_interval=tuple(jnp.float32(v) for v in o.guidance_interval))
+
+
 @functools.partial(jax.jit, static_argnames=("guided", "return_trajectory", "decode"))
 def sample_jit(model, rng, labels, x_T, options: options_lib.SampleOptions, *,
                guided, return_trajectory=False, decode=True, guide=None):
@@ -453,10 +460,7 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
     if guided:
       check_guidance(model, w)
   guide = guide_model.replace(autoencoder=None) if guided and guide_model is not None else None
-  # Float knobs as float32 arrays: one program whatever their Python type.
-  traced = o.replace(**{k: jnp.float32(getattr(o, k)) for k in options_lib.FLOAT_FIELDS},
-                     guidance_interval=tuple(jnp.float32(v) for v in o.guidance_interval))
-  return sample_jit(model, rng, labels, x_T, traced, guided=guided,
+  return sample_jit(model, rng, labels, x_T, traced_options(o), guided=guided,
                     return_trajectory=bool(return_trajectory), decode=bool(decode),
                     guide=guide)
 

@@ -32,12 +32,13 @@ def test_name_lists_match_the_implementations():
   it (the process ones are the processes' Specs, which the JAX modules import)."""
   from ddx import bpd, diffusion, evaluation, flow, likelihood, models, processes
   from ddx import sampling, schedules
-  from ddx.models import attention, layers
+  from ddx.models import attention, fused_norm, layers
   from ddx.processes import shortcut_config
   from ddx.sampling import discrete, sigma
   assert config_lib.PREDICTIONS == diffusion.PREDICTIONS
   assert config_lib.FLOW_PREDICTIONS == flow.PREDICTIONS
   assert config_lib.ATTENTIONS == attention.ATTENTIONS
+  assert config_lib.NORM_KERNELS == fused_norm.NORM_KERNELS
   assert config_lib.REMATS == layers.REMATS
   assert config_lib.TIME_EMBEDDINGS == layers.TIME_EMBEDDINGS
   assert config_lib.SCHEDULES == schedules.names()

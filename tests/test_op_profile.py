@@ -10,7 +10,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import op_profile  # noqa: E402
 
 # A hand-written optimised module: a conv fusion, an attention-core dot, a
-# q projection (a matmul, not attention), a norm fusion, an all-reduce, a copy.
+# q projection (a matmul, not attention), a norm fusion, an all-reduce, a copy,
+# a Pallas kernel in a norm module and a cuDNN attention call.
 HLO = """HloModule jit_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
 
 %fused_conv (p0: f32[1,4,4,8], p1: f32[3,3,8,8]) -> f32[1,4,4,8] {
@@ -41,6 +42,10 @@ ENTRY %main (a: f32[4]) -> f32[4] {
     """metadata={op_name="jit(step)/DiT/blocks_0/attn/qkv/dot_general"}
   %norm_fusion = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_norm
   %all-reduce.3 = f32[4]{0} all-reduce(%a), to_apply=%sum
+  %custom-call.5 = f32[4]{0} custom-call(%a), custom_call_target="__gpu$xla.gpu.triton", """ \
+    """metadata={op_name="jit(step)/UNet/down_0_block_0/norm1/pallas_call"}
+  %custom-call.6 = f32[4]{0} custom-call(%a), custom_call_target="__cudnn$fmha", """ \
+    """metadata={op_name="jit(step)/DiT/blocks_0/attn/dot_product_attention"}
   ROOT %copy.4 = (f32[4]{0}, /*index=1*/f32[4]{0}) copy(%a)
 }
 """
@@ -54,10 +59,12 @@ def test_parse_and_categorise_a_module():
   assert instrs["copy.4"].opcode == "copy"
   kinds = op_profile.categorise(instrs, comps)
   assert {k: kinds[k] for k in ("conv_fusion", "dot.1", "dot.2", "norm_fusion",
-                                "all-reduce.3", "copy.4")} == {
+                                "all-reduce.3", "copy.4", "custom-call.5",
+                                "custom-call.6")} == {
       "conv_fusion": "matmul/conv", "dot.1": "attention", "dot.2": "matmul/conv",
       "norm_fusion": "norm/elementwise", "all-reduce.3": "communication",
-      "copy.4": "other"}
+      "copy.4": "other", "custom-call.5": "norm/elementwise",
+      "custom-call.6": "attention"}
 
 
 def test_self_times_subtract_nested_events_and_skip_other_modules():
@@ -83,3 +90,17 @@ def test_profile_a_tiny_training_step_on_cpu():
   assert cats["matmul/conv"] > 0 and cats["attention"] > 0
   assert any(opcode in ("convolution", "dot") for _, _, opcode, _ in report["ops"])
   assert "| matmul/conv |" in op_profile.table(report)
+
+
+def test_speed_sampler_helper_lowers_the_program_sample_fn_runs():
+  """benchmarks/speed.ddx_sampler (used by speed.py, gpu.py and gpu_speed.py)
+  lowers `sample_jit` itself; its arguments must follow sample_fn's (they once
+  drifted when SampleOptions arrived, and every GPU sampling row crashed)."""
+  import speed
+  import ddx
+  config = load_config("test")
+  model = speed.ddx_model(config)
+  compile_s, mem, run_s = speed.ddx_sampler(model, 2, 3, 1, sampler="ddim")
+  image_bytes = 2 * 4 * config.data.image_size ** 2 * config.data.channels
+  assert compile_s > 0 and run_s > 0 and mem >= image_bytes
+  assert ddx.model.sample_jit._cache_size() >= 1

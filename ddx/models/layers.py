@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx.models import attention as attention_lib
+from ddx.models import fused_norm
 
 # DDPM's `default_init(scale=1.0)`: variance_scaling(1, fan_avg, uniform).
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
@@ -205,6 +206,20 @@ def norm_layer(kind: str, num_groups: int, dtype: Any, name: str,
   raise ValueError(f"norm={kind!r} is unknown; use one of {NORMS}")
 
 
+def normalise(x: jax.Array, kind: str, num_groups: int, dtype: Any, name: str,
+              train: bool, eps: float = GN_EPSILON, silu: bool = False,
+              kernel: str = "xla") -> jax.Array:
+  """norm_layer(...)(x), then SiLU if `silu`; kernel="pallas" runs a GroupNorm
+  and its SiLU as one Pallas kernel (`ddx.models.fused_norm`, same parameters)."""
+  if kernel not in fused_norm.NORM_KERNELS:
+    raise ValueError(f"norm_kernel={kernel!r} is unknown; use one of {fused_norm.NORM_KERNELS}")
+  if kernel == "pallas" and kind == "group":
+    return fused_norm.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype,
+                                silu=silu, name=name)(x)
+  y = norm_layer(kind, num_groups, dtype, name, train, eps=eps)(x)
+  return nn.silu(y) if silu else y
+
+
 REMATS = ("none", "dots", "full")
 
 
@@ -259,6 +274,7 @@ class ResBlock(nn.Module):
     dtype: computation dtype.
     norm: "group" | "batch".
     norm_eps: GroupNorm epsilon.
+    norm_kernel: "xla" | "pallas" (`normalise`).
   """
   out_ch: Optional[int] = None
   dropout: float = 0.0
@@ -266,6 +282,7 @@ class ResBlock(nn.Module):
   dtype: Any = jnp.float32
   norm: str = "group"
   norm_eps: float = GN_EPSILON
+  norm_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array,
@@ -283,14 +300,15 @@ class ResBlock(nn.Module):
     """
     in_ch = x.shape[-1]
     out_ch = in_ch if self.out_ch is None else self.out_ch
-    norm = functools.partial(norm_layer, self.norm, self.num_groups,
-                             self.dtype, train=train, eps=self.norm_eps)
-    h = nn.silu(norm("norm1")(x))
+    norm = functools.partial(normalise, kind=self.norm, num_groups=self.num_groups,
+                             dtype=self.dtype, train=train, eps=self.norm_eps,
+                             silu=True, kernel=self.norm_kernel)
+    h = norm(x, name="norm1")
     h = _conv3x3(out_ch, self.dtype, "conv1")(h)
     # Per-channel bias from the embedding, broadcast over all positions.
     temb_bias = _dense(out_ch, self.dtype, "temb_proj")(nn.silu(temb))
     h = h + temb_bias[:, None, None, :]
-    h = nn.silu(norm("norm2")(h))
+    h = norm(h, name="norm2")
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv3x3(out_ch, self.dtype, "conv2", zero=True)(h)
     if in_ch != out_ch:
@@ -323,6 +341,7 @@ class AttnBlock(nn.Module):
   norm_eps: float = GN_EPSILON
   head_dim: int = 0
   attention: str = "xla"
+  norm_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -340,8 +359,8 @@ class AttnBlock(nn.Module):
     if c % d:
       raise ValueError(f"attention head_dim={self.head_dim} does not divide the "
                        f"{c} channels of an attention block")
-    h = norm_layer(self.norm, self.num_groups, self.dtype, "norm", train,
-                   eps=self.norm_eps)(x)
+    h = normalise(x, self.norm, self.num_groups, self.dtype, "norm", train,
+                  eps=self.norm_eps, kernel=self.norm_kernel)
     q = _dense(c, self.dtype, "q")(h).reshape(b, hgt * wid, c)
     k = _dense(c, self.dtype, "k")(h).reshape(b, hgt * wid, c)
     v = _dense(c, self.dtype, "v")(h).reshape(b, hgt * wid, c)

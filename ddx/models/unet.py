@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from ddx.models.layers import (DOWNSAMPLE_PADDINGS, GN_EPSILON, NORMS,
                                TIME_EMBEDDINGS, AttnBlock, Downsample,
                                ResBlock, Upsample, default_init,
-                               fourier_embedding, norm_layer, rematerialised, scaled_time,
+                               fourier_embedding, normalise, rematerialised, scaled_time,
                                sow_logvar, split_time, timestep_embedding, zero_init)
 
 
@@ -93,6 +93,9 @@ class UNet(nn.Module):
     norm_eps: GroupNorm epsilon (DDPM 1e-6, diffusers' default 1e-5).
     attention: attention implementation, "xla" | "auto" | "cudnn" |
       "tpu_flash" (`ddx.models.attention`); the same function either way.
+    norm_kernel: "xla" (nn.GroupNorm, then nn.silu) or "pallas" (each
+      GroupNorm and its SiLU as one Pallas kernel, `ddx.models.fused_norm`);
+      the same function and parameters either way.
     remat: what the backward pass recomputes in each ResBlock and AttnBlock,
       "none" | "dots" | "full" (`layers.rematerialised`; the trainer sets it
       from training.remat). Changes memory and time, not the gradients.
@@ -121,6 +124,7 @@ class UNet(nn.Module):
   attn_head_dim: int = 0
   norm_eps: float = GN_EPSILON
   attention: str = "xla"
+  norm_kernel: str = "xla"
   remat: str = "none"
   second_time: bool = False
   logvar: bool = False
@@ -226,12 +230,14 @@ class UNet(nn.Module):
     def res_block(h, ch, name):
       return res_cls(out_ch=ch, dropout=self.dropout,
                      num_groups=self.num_groups, dtype=dt, norm=self.norm,
-                     norm_eps=self.norm_eps, name=name)(h, temb, train)
+                     norm_eps=self.norm_eps, norm_kernel=self.norm_kernel,
+                     name=name)(h, temb, train)
 
     def attn_block(h, name):
       return attn_cls(num_groups=self.num_groups, dtype=dt, norm=self.norm,
                       norm_eps=self.norm_eps, head_dim=self.attn_head_dim,
-                      attention=self.attention, name=name)(h, train)
+                      attention=self.attention, norm_kernel=self.norm_kernel,
+                      name=name)(h, train)
 
     # Down path; every intermediate output is a skip connection.
     h = nn.Conv(self.ch, (3, 3), padding="SAME", dtype=dt,
@@ -266,8 +272,8 @@ class UNet(nn.Module):
                      name=f"up_{level}_upsample")(h)
     assert not skips, "every skip connection must be consumed"
 
-    h = nn.silu(norm_layer(self.norm, self.num_groups, dt, "norm_out",
-                           train, eps=self.norm_eps)(h))
+    h = normalise(h, self.norm, self.num_groups, dt, "norm_out", train,
+                  eps=self.norm_eps, silu=True, kernel=self.norm_kernel)
     h = nn.Conv(out_ch, (3, 3), padding="SAME", dtype=dt,
                 kernel_init=zero_init, name="conv_out")(h)
     return h.astype(jnp.float32)

@@ -1,0 +1,144 @@
+"""Tests for model.norm_kernel="pallas" (ddx.models.fused_norm), in Pallas' interpreter.
+
+The kernel is checked against a NumPy transcription of GroupNorm (Wu & He
+2018: per image and group of C/G channels, subtract the mean over H, W and
+the group's channels, divide by sqrt(variance + eps), then a per-channel
+scale and shift) followed by SiLU x * sigmoid(x); against Flax's nn.GroupNorm
+for values and gradients; and inside the U-Net against the xla path with the
+same parameters.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddx import config as config_lib
+from ddx.models import UNet
+from ddx.models import fused_norm
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _np_group_norm(x, scale, bias, groups, eps, silu):
+  """GroupNorm then SiLU, float64, of [B, H, W, C] (the paper's definition)."""
+  x = np.asarray(x, np.float64)
+  b, h, w, c = x.shape
+  out = np.empty_like(x)
+  for i in range(b):
+    for g in range(groups):
+      sl = slice(g * c // groups, (g + 1) * c // groups)
+      block = x[i, :, :, sl]
+      out[i, :, :, sl] = (block - block.mean()) / np.sqrt(block.var() + eps)
+  out = out * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+  return out / (1 + np.exp(-out)) if silu else out
+
+
+def _case(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  c = shape[-1]
+  # Offset and spread per channel, so a wrong group boundary shows.
+  x = rng.standard_normal(shape) * rng.uniform(0.5, 3, c) + rng.uniform(-2, 2, c)
+  return (jnp.asarray(x, jnp.float32), jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
+          jnp.asarray(rng.normal(0, 0.5, c), jnp.float32))
+
+
+@pytest.mark.parametrize("shape,groups,blocks", [
+    ((2, 8, 8, 32), 8, 1),        # the digits U-Net's first level: one block per image
+    ((2, 32, 32, 64), 16, 4),     # CIFAR-sized: 1024 pixels x 16 channels per program
+])
+@pytest.mark.parametrize("silu", [True, False])
+def test_kernel_matches_numpy(shape, groups, blocks, silu):
+  x, scale, bias = _case(shape)
+  hw, c = shape[1] * shape[2], shape[3]
+  assert c // fused_norm.block_channels(hw, c, c // groups, "cpu") == blocks
+  out = fused_norm.group_norm(x, scale, bias, groups, 1e-6, silu, jnp.dtype(jnp.float32))
+  np.testing.assert_allclose(out, _np_group_norm(x, scale, bias, groups, 1e-6, silu),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_output_within_its_rounding():
+  """bf16 in and out, statistics in float32: within bf16's half ulp (2^-9
+  relative) of the float64 reference, plus the input's own rounding."""
+  x, scale, bias = _case((2, 8, 8, 32))
+  xb = x.astype(jnp.bfloat16)
+  out = fused_norm.group_norm(xb, scale, bias, 8, 1e-6, True, jnp.dtype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  ref = _np_group_norm(np.asarray(xb, np.float32), scale, bias, 8, 1e-6, True)
+  err = np.abs(np.asarray(out, np.float64) - ref)
+  assert np.all(err <= 2 ** -8 * np.abs(ref) + 1e-6), err.max()
+
+
+def test_values_and_gradients_equal_flax_group_norm():
+  import flax.linen as nn
+  x, scale, bias = _case((2, 8, 8, 32), seed=3)
+  params = {"params": {"scale": scale, "bias": bias}}
+  flax_gn = nn.GroupNorm(num_groups=8, epsilon=1e-6)
+  ours = fused_norm.GroupNorm(num_groups=8, epsilon=1e-6, silu=True)
+  assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x))
+          == jax.tree.map(jnp.shape, flax_gn.init(jax.random.key(0), x)))
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+  loss_ref = lambda p, x: jnp.sum(w * nn.silu(flax_gn.apply(p, x)))
+  loss = lambda p, x: jnp.sum(w * ours.apply(p, x))
+  np.testing.assert_allclose(loss(params, x), loss_ref(params, x), rtol=1e-5)
+  g_ref = jax.grad(loss_ref, argnums=(0, 1))(params, x)
+  g = jax.grad(loss, argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_block_channels_rules_and_the_fallback():
+  # Whole groups that divide C, within MAX_BLOCK_ELEMENTS.
+  assert fused_norm.block_channels(64, 256, 8, "cpu") == 256
+  assert fused_norm.block_channels(1024, 128, 4, "gpu") == 16
+  assert fused_norm.block_channels(256, 96, 3, "cpu") == 48    # 64 would split a group
+  # Triton wants power-of-two sides: 7x7 pixels run the reference on a GPU.
+  assert fused_norm.block_channels(49, 64, 2, "gpu") is None
+  assert fused_norm.block_channels(49, 64, 2, "cpu") == 64
+  # Mosaic (TPU) wants all channels or multiples of 128 lanes, and has more room.
+  assert fused_norm.block_channels(1024, 128, 4, "tpu") == 128
+  assert fused_norm.block_channels(1024, 512, 16, "tpu") == 256
+  # A group larger than the block budget: no block, the reference runs.
+  assert fused_norm.block_channels(4096, 64, 8, "cpu") is None
+  x, scale, bias = _case((1, 64, 64, 64))
+  out = fused_norm.group_norm(x, scale, bias, 8, 1e-6, False, jnp.dtype(jnp.float32))
+  np.testing.assert_allclose(out, _np_group_norm(x, scale, bias, 8, 1e-6, False),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_unet_with_the_kernel_equals_the_xla_path():
+  """Same parameters, same outputs (float32), and the kernel really runs:
+  one pallas_call per GroupNorm of the network."""
+  net = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+  t = jnp.array([3, 700], jnp.int32)
+  abstract = jax.eval_shape(net.init, jax.random.key(0), x, t)
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, jnp.float32),
+                        abstract)
+  fused = net.clone(norm_kernel="pallas")
+  assert jax.tree.map(jnp.shape, jax.eval_shape(fused.init, jax.random.key(0), x, t)) == \
+      jax.tree.map(jnp.shape, abstract)
+  ref = jax.jit(net.apply, compiler_options=_FAST_COMPILE)(params, x, t)
+  out = jax.jit(fused.apply, compiler_options=_FAST_COMPILE)(params, x, t)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+  jaxpr = str(jax.make_jaxpr(fused.apply)(params, x, t))
+  norms = jax.tree_util.tree_leaves_with_path(params)
+  n_norms = sum(1 for path, _ in norms
+                if "norm" in jax.tree_util.keystr(path) and path[-1].key == "scale")
+  assert jaxpr.count("pallas_call") == n_norms > 0
+  assert "pallas_call" not in str(jax.make_jaxpr(net.apply)(params, x, t))
+
+
+def test_config_names_what_the_kernel_fuses():
+  config = config_lib.base_config()
+  config.model.norm_kernel = "triton"
+  with pytest.raises(config_lib.ConfigError, match=r"^model.norm_kernel='triton' is unknown"):
+    config_lib.validate(config)
+  config.model.norm_kernel = "pallas"
+  config_lib.validate(config)
+  config.model.norm = "batch"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"model.norm_kernel='pallas' fuses the U-Net's GroupNorm; .*"
+                           r"norm='batch': use model.norm_kernel=xla$"):
+    config_lib.validate(config)
