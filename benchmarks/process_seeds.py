@@ -26,6 +26,8 @@ EDM's best Heun cell at <= 35 NFE against DDPM's best cell at <= 50 NFE
   --samplers     score only these samplers (e.g. heun first when time is short)
   --processes meanflow,consistency,shortcut   the few-step processes (issue #25):
                  the same seeds and budget, each at 1, 2 and 4 network evaluations
+  --set KEY=VALUE   a config override for every training command (repeatable),
+                 e.g. --set diffusion.mf_ratio=0.75; use its own --runs folder
 """
 import argparse
 import json
@@ -77,14 +79,14 @@ def is_trained(workdir: str, steps: int) -> bool:
   return os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
 
 
-def train(process: str, seed: int, workdir: str) -> dict:
+def train(process: str, seed: int, workdir: str, overrides=()) -> dict:
   """Trains (or resumes) one run in a subprocess, the README's command plus the
-  seed; returns {"seconds", "resumed"} as also written to workdir/train_wall.json."""
+  seed and any overrides ("KEY=VALUE" as --config.KEY=VALUE); returns {"seconds", "resumed"} as also written to workdir/train_wall.json."""
   os.makedirs(workdir, exist_ok=True)
   resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
   cmd = [sys.executable, "-m", "ddx.main", "--config",
          os.path.join(ROOT, "configs", CONFIGS[process]), "--workdir", workdir,
-         f"--config.training.seed={seed}"]
+         f"--config.training.seed={seed}"] + [f"--config.{o}" for o in overrides]
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   t0 = time.perf_counter()
   with open(os.path.join(workdir, "train.log"), "a") as log:
@@ -325,6 +327,8 @@ def main():
                   help="score only these samplers (comma list; default: all of SAMPLERS)")
   ap.add_argument("--train_only", action="store_true")
   ap.add_argument("--score_only", action="store_true")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="config override for training (repeatable)")
   args = ap.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   processes = args.processes.split(",")
@@ -335,7 +339,7 @@ def main():
         print(f"{wd}: trained", flush=True)
         continue
       print(f"{wd}: training ...", flush=True)
-      print(f"{wd}: {train(p, s, wd)}", flush=True)
+      print(f"{wd}: {train(p, s, wd, args.set)}", flush=True)
   if args.train_only:
     return
   score(args, runs)
