@@ -98,8 +98,9 @@ def _kernel(x_ref, scale_ref, bias_ref, o_ref, *, group_size: int, eps: float,
   """One image's [H*W, Cb] block: statistics, affine map and SiLU from one read."""
   x = x_ref[0].astype(jnp.float32)                        # [HW, Cb]
   cb = x.shape[1]
-  rows = jax.lax.broadcasted_iota(jnp.int32, (cb, cb), 0) // group_size
-  cols = jax.lax.broadcasted_iota(jnp.int32, (cb, cb), 1) // group_size
+  # lax.div, not //: floor division of signed ints adds ops Triton may not lower.
+  rows = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (cb, cb), 0), group_size)
+  cols = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (cb, cb), 1), group_size)
   same = (rows == cols).astype(jnp.float32)               # block-diagonal groups
   n = x.shape[0] * group_size
   dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST,
