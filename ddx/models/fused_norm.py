@@ -114,8 +114,12 @@ def _kernel(x_ref, scale_ref, bias_ref, o_ref, *, group_size: int, eps: float,
   o_ref[0] = y.astype(o_ref.dtype)
 
 
-def _pallas(x, scale, bias, num_groups, eps, silu, out_dtype, cb, interpret):
+def _pallas(x, scale, bias, num_groups, eps, silu, out_dtype, cb, backend):
   b, h, w, c = x.shape
+  params = None
+  if backend == "gpu":   # Triton (jax 0.10 would pick Mosaic GPU, whose copies are <= 256 wide)
+    from jax.experimental.pallas import triton as pltriton
+    params = pltriton.CompilerParams(num_warps=8)
   kernel = functools.partial(_kernel, group_size=c // num_groups, eps=eps, silu=silu)
   out = pl.pallas_call(
       kernel,
@@ -125,7 +129,8 @@ def _pallas(x, scale, bias, num_groups, eps, silu, out_dtype, cb, interpret):
                 pl.BlockSpec((1, cb), lambda i, j: (0, j)),
                 pl.BlockSpec((1, cb), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((1, h * w, cb), lambda i, j: (i, 0, j)),
-      interpret=interpret,
+      interpret=backend == "cpu",
+      compiler_params=params,
       name="group_norm_silu" if silu else "group_norm",
   )(x.reshape(b, h * w, c), scale.reshape(1, c).astype(jnp.float32),
     bias.reshape(1, c).astype(jnp.float32))
@@ -145,8 +150,7 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
   cb = block_channels(h * w, c, c // num_groups, backend)
   if cb is None:
     return reference(x, scale, bias, num_groups, eps, silu).astype(out_dtype)
-  return _pallas(x, scale, bias, num_groups, eps, silu, out_dtype, cb,
-                 interpret=backend == "cpu")
+  return _pallas(x, scale, bias, num_groups, eps, silu, out_dtype, cb, backend)
 
 
 def _fwd(x, scale, bias, num_groups, eps, silu, out_dtype):
