@@ -14,9 +14,10 @@ seconds have passed, so the most wanted numbers come first:
           dots and none;
   attn    the U-Net at batch 128 with model.attention=cudnn (its one 256-channel
           head may be beyond cuDNN's head sizes: the error is recorded);
-  norm    the U-Net at batch 128 with model.norm_kernel=pallas (GroupNorm+SiLU
-          in one Pallas kernel), and DDPM-1000 sampling with it after the xla
-          one (a kernel that fails to lower records its error);
+  norm    model.norm_kernel=pallas (each norm in one Pallas kernel): the U-Net
+          at batch 128 (GroupNorm+SiLU) and DiT-B/2 at batch 256 (LayerNorm +
+          adaLN), and DDPM-1000 sampling after the xla one (a kernel that
+          fails to compile records its error);
   sample  DDPM-1000 at batch 256 of the U-Net (bf16), and DiT-XL/2 with
           --dit_sample_steps DDPM steps and guidance 1.5 at batch 32;
   peer    diffusers' UNet2DModel (batch 128) and DiTTransformer2DModel (DiT-B/2,
@@ -178,7 +179,9 @@ def main():
   runs += [("dit", "dit_xl2", dit_xl2, dit_batch, remat, "xla") for remat in ("dots", "none")]
   runs += [("attn", "unet_cifar10", unet_cifar10, big[0], "none", "cudnn")]
   runs = [r + ("xla",) for r in runs]
-  runs += [("norm", "unet_cifar10", unet_cifar10, big[0], "none", "xla", "pallas")]
+  runs += [("norm", "unet_cifar10", unet_cifar10, big[0], "none", "xla", "pallas"),
+           ("norm", "dit_b2", lambda q: latent_dit(768, 12, 12, q), dit_batch, "none", "xla",
+            "pallas")]
   for part, model, make, b, remat, attention, norm in runs:
     if due(part, train_key(model, remat, attention, b, norm)):
       _train(save, model, make(q), b, steps, remat, attention, norm)

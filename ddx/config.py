@@ -91,8 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6          # GroupNorm epsilon (DDPM 1e-6; diffusers' default 1e-5)
   m.attention = "xla"        # xla | auto (jax.nn.dot_product_attention picks) | cudnn (NVIDIA
                              # GPU) | tpu_flash (Pallas TPU kernel); the same function
-  m.norm_kernel = "xla"      # U-Net GroupNorm(+SiLU): xla (two passes over memory) | pallas
-                             # (one Pallas kernel; interpreted, slowly, on CPU); same function
+  m.norm_kernel = "xla"      # U-Net GroupNorm+SiLU, DiT LayerNorm+adaLN: xla (two passes over
+                             # memory) | pallas (one Pallas kernel each; interpreted, slowly,
+                             # on CPU); the same function
   # How the process's time input enters the network (U-Net and DiT): positional (the
   # sinusoidal table) | fourier (fixed random 2π·N(0, 1) frequencies) | auto (the
   # process's: its Spec.time_embedding); time_scale multiplies the time input first:
@@ -288,9 +289,9 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   norm_kernel = m.get("norm_kernel", "xla")
   _require(norm_kernel in NORM_KERNELS,
            f"model.norm_kernel={norm_kernel!r} is unknown; use one of {NORM_KERNELS}")
-  _require(norm_kernel == "xla" or (m.get("name", "unet") == "unet" and m.norm == "group"),
-           f"model.norm_kernel={norm_kernel!r} fuses the U-Net's GroupNorm; this model is "
-           f"name={m.get('name', 'unet')!r}, norm={m.norm!r}: use model.norm_kernel=xla")
+  _require(norm_kernel == "xla" or m.get("name", "unet") == "dit" or m.norm == "group",
+           f"model.norm_kernel={norm_kernel!r} fuses the U-Net's GroupNorm (and DiT's "
+           f"LayerNorm); this U-Net has norm={m.norm!r}: use model.norm_kernel=xla")
   _check_process(config)
   _check_time_embedding(config)
   _check_latent(config)

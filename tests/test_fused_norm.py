@@ -1,11 +1,14 @@
 """Tests for model.norm_kernel="pallas" (ddx.models.fused_norm), in Pallas' interpreter.
 
-The kernel is checked against a NumPy transcription of GroupNorm (Wu & He
-2018: per image and group of C/G channels, subtract the mean over H, W and
-the group's channels, divide by sqrt(variance + eps), then a per-channel
-scale and shift) followed by SiLU x * sigmoid(x); against Flax's nn.GroupNorm
-for values and gradients; and inside the U-Net against the xla path with the
-same parameters.
+The GroupNorm kernel is checked against a NumPy transcription of GroupNorm
+(Wu & He 2018: per image and group of C/G channels, subtract the mean over H,
+W and the group's channels, divide by sqrt(variance + eps), then a
+per-channel scale and shift) followed by SiLU x * sigmoid(x); against Flax's
+nn.GroupNorm for values and gradients; and inside the U-Net against the xla
+path with the same parameters. The DiT kernel is checked against NumPy's
+LayerNorm of each token followed by adaLN's x * (1 + scale) + shift (DiT,
+Peebles & Xie 2023), with and without the masked lanes a GPU block has, and
+inside DiT against the xla path.
 """
 
 import jax
@@ -139,7 +142,7 @@ def test_config_names_what_the_kernel_fuses():
   config_lib.validate(config)
   config.model.norm = "batch"
   with pytest.raises(config_lib.ConfigError,
-                     match=r"model.norm_kernel='pallas' fuses the U-Net's GroupNorm; .*"
+                     match=r"model.norm_kernel='pallas' fuses the U-Net's GroupNorm .*"
                            r"norm='batch': use model.norm_kernel=xla$"):
     config_lib.validate(config)
 
@@ -162,3 +165,86 @@ def test_kernel_lowers_for_gpu_and_tpu_without_one(platform, backend, call):
       exp = export.export(f, platforms=(platform,), disabled_checks=[
           export.DisabledSafetyCheck.custom_call(call)])(x, s, s)
     assert exp.mlir_module().count(call) == 1, (platform, shape)
+
+
+def _np_ln_modulate(x, shift, scale, eps=1e-6):
+  """LayerNorm of each token (no affine), then x * (1 + scale) + shift, float64."""
+  x = np.asarray(x, np.float64)
+  y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+  return y * (1 + np.asarray(scale, np.float64)[:, None]) + np.asarray(shift, np.float64)[:, None]
+
+
+def _tokens(b, n, d, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((b, n, d)) * rng.uniform(0.5, 3, (b, n, 1)) + rng.uniform(-2, 2, (b, n, 1))
+  return (jnp.asarray(x, jnp.float32), jnp.asarray(rng.standard_normal((b, d)), jnp.float32),
+          jnp.asarray(rng.standard_normal((b, d)) * 0.3, jnp.float32))
+
+
+def test_layer_norm_modulate_matches_numpy_with_and_without_masked_lanes():
+  x, shift, scale = _tokens(2, 16, 48)
+  ref = _np_ln_modulate(x, shift, scale)
+  f32 = jnp.dtype(jnp.float32)
+  out = fused_norm.layer_norm_modulate(x, shift, scale, 1e-6, f32)   # CPU: 16 x 48 blocks
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # A GPU's block: 8 tokens x 64 lanes, 16 of them past D, masked out.
+  out = fused_norm._ln_pallas(x, shift, scale, 1e-6, f32, 8, 64, "cpu")
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  out = fused_norm.layer_norm_modulate(x, shift, scale, 1e-6, jnp.dtype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=2 ** -8, atol=1e-2)
+
+
+def test_token_block_rules():
+  assert fused_norm.token_block(256, 768, "gpu") == (16, 1024)     # DiT-B/2
+  assert fused_norm.token_block(256, 1152, "gpu") == (8, 2048)     # DiT-XL/2
+  assert fused_norm.token_block(256, 1152, "tpu") == (128, 1152)    # 256 x 1152 > 2^18
+  assert fused_norm.token_block(16, 40, "tpu") is None             # 40 lanes: not a multiple of 128
+  assert fused_norm.token_block(20, 48, "cpu") == (20, 48)
+
+
+def test_dit_with_the_kernel_equals_the_xla_path():
+  from ddx.models import DiT
+  net = DiT(patch_size=2, hidden_size=32, depth=2, num_heads=4, mlp_ratio=2.0)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+  t = jnp.array([3, 700], jnp.int32)
+  abstract = jax.eval_shape(net.init, jax.random.key(0), x, t)
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, jnp.float32),
+                        abstract)
+  fused = net.clone(norm_kernel="pallas")
+  ref = jax.jit(net.apply, compiler_options=_FAST_COMPILE)(params, x, t)
+  out = jax.jit(fused.apply, compiler_options=_FAST_COMPILE)(params, x, t)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+  # Two norms per block and the final layer's.
+  assert str(jax.make_jaxpr(fused.apply)(params, x, t)).count("pallas_call") == 2 * 2 + 1
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x, t)))
+  g, g_ref = jax.grad(loss(fused))(params), jax.grad(loss(net))(params)
+  scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_ref))
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("platform,backend,call", [
+    ("cuda", "gpu", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
+def test_dit_kernel_lowers_for_gpu_and_tpu_without_one(platform, backend, call):
+  """DiT-B/2 and DiT-XL/2 token widths (768, 1152; 256 tokens), bf16 out."""
+  from unittest import mock
+  from jax import export
+  for d in (768, 1152):
+    x = jax.ShapeDtypeStruct((4, 256, d), jnp.float32)
+    m = jax.ShapeDtypeStruct((4, d), jnp.float32)
+    f = jax.jit(lambda x, a, b: fused_norm.layer_norm_modulate(x, a, b, 1e-6,
+                                                               jnp.dtype(jnp.bfloat16)))
+    with mock.patch.object(jax, "default_backend", lambda: backend):
+      exp = export.export(f, platforms=(platform,), disabled_checks=[
+          export.DisabledSafetyCheck.custom_call(call)])(x, m, m)
+    assert exp.mlir_module().count(call) == 1, (platform, d)
+
+
+def test_dit_accepts_the_kernel_in_the_config():
+  config = config_lib.base_config()
+  config.model.name = "dit"
+  config.model.norm = "batch"     # a U-Net key; DiT has LayerNorms whatever it says
+  config.model.norm_kernel = "pallas"
+  config_lib.validate(config)

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx.models import attention as attention_lib
+from ddx.models import fused_norm
 from ddx.models.layers import (TIME_EMBEDDINGS, fourier_embedding, rematerialised,
                                scaled_time, sow_logvar, split_time)
 
@@ -210,6 +211,15 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Any,
+                  kernel: str = "xla") -> jax.Array:
+  """modulate(layer_norm(x), shift, scale) cast to dtype; kernel="pallas" runs it
+  as one Pallas kernel (`fused_norm.layer_norm_modulate`, the same function)."""
+  if kernel == "pallas":
+    return fused_norm.layer_norm_modulate(x, shift, scale, _LN_EPSILON, jnp.dtype(dtype))
+  return modulate(layer_norm(x), shift, scale).astype(dtype)
+
+
 def _dense(features: int, dtype: Any, name: str, kernel_init=_xavier) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, kernel_init=kernel_init,
                   bias_init=_zeros, name=name)
@@ -279,11 +289,13 @@ class DiTBlock(nn.Module):
     mlp_ratio: MLP hidden width / D.
     dtype: computation dtype of the dense layers and attention.
     attention: the attention implementation (see `Attention`).
+    norm_kernel: "xla" | "pallas" (`norm_modulate`).
   """
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   attention: str = "xla"
+  norm_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -301,10 +313,10 @@ class DiTBlock(nn.Module):
                  kernel_init=_zeros)(nn.silu(c)).astype(jnp.float32)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         jnp.split(mod, 6, axis=-1))
-    h = modulate(layer_norm(x), shift_msa, scale_msa).astype(self.dtype)
+    h = norm_modulate(x, shift_msa, scale_msa, self.dtype, self.norm_kernel)
     h = Attention(self.num_heads, self.dtype, self.attention, name="attn")(h)
     x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
-    h = modulate(layer_norm(x), shift_mlp, scale_mlp).astype(self.dtype)
+    h = norm_modulate(x, shift_mlp, scale_mlp, self.dtype, self.norm_kernel)
     h = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(h)
     return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
 
@@ -351,9 +363,11 @@ class FinalLayer(nn.Module):
   Attributes:
     out_features: p * p * C_out.
     dtype: computation dtype.
+    norm_kernel: "xla" | "pallas" (`norm_modulate`).
   """
   out_features: int
   dtype: Any = jnp.float32
+  norm_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -362,7 +376,7 @@ class FinalLayer(nn.Module):
     mod = _dense(2 * d, self.dtype, "adaLN_modulation_1",
                  kernel_init=_zeros)(nn.silu(c)).astype(jnp.float32)
     shift, scale = jnp.split(mod, 2, axis=-1)
-    h = modulate(layer_norm(x), shift, scale).astype(self.dtype)
+    h = norm_modulate(x, shift, scale, self.dtype, self.norm_kernel)
     return _dense(self.out_features, self.dtype, "linear", _zeros)(h)
 
 
@@ -385,6 +399,8 @@ class DiT(nn.Module):
       config, or a jnp dtype); parameters stay float32.
     attention: attention implementation, "xla" | "auto" | "cudnn" |
       "tpu_flash" (`ddx.models.attention`); the same function either way.
+    norm_kernel: "xla", or "pallas" for each LayerNorm + adaLN modulation as
+      one Pallas kernel (`ddx.models.fused_norm`); the same function.
     remat: what the backward pass recomputes in each DiT block, "none" |
       "dots" | "full" (`ddx.models.layers.rematerialised`; the trainer sets
       it from training.remat). Changes memory and time, not the gradients.
@@ -405,6 +421,7 @@ class DiT(nn.Module):
   time_scale: float = 1.0
   dtype: Any = jnp.float32
   attention: str = "xla"
+  norm_kernel: str = "xla"
   remat: str = "none"
   second_time: bool = False
   logvar: bool = False
@@ -481,6 +498,6 @@ class DiT(nn.Module):
     block_cls = rematerialised(DiTBlock, self.remat)
     for i in range(self.depth):
       tokens = block_cls(self.num_heads, self.mlp_ratio, dt, self.attention,
-                         name=f"blocks_{i}")(tokens, c)
-    out = FinalLayer(p * p * out_ch, dt, name="final_layer")(tokens, c)
+                         self.norm_kernel, name=f"blocks_{i}")(tokens, c)
+    out = FinalLayer(p * p * out_ch, dt, self.norm_kernel, name="final_layer")(tokens, c)
     return unpatchify(out, p, hgt, wid, out_ch).astype(jnp.float32)

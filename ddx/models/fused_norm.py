@@ -1,4 +1,7 @@
-"""GroupNorm (+ SiLU) in one pass over memory: a Pallas kernel, `model.norm_kernel`.
+"""Normalisations in one pass over memory: Pallas kernels, `model.norm_kernel`.
+
+Two kernels: the U-Net's GroupNorm (+ SiLU), and DiT's LayerNorm followed by
+its adaLN modulation (`layer_norm_modulate`, below `GroupNorm`).
 
 XLA computes a GroupNorm as two programs over the activations: a reduction
 that reads them for the group statistics, then an element-wise program that
@@ -188,3 +191,107 @@ class GroupNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu,
                       jnp.dtype(self.dtype))
+
+
+# DiT: LayerNorm (no affine parameters) then x * (1 + scale) + shift per example.
+#
+# XLA runs it as a row reduction and an element-wise pass over the float32
+# residual stream. The kernel gives each program Tb whole tokens of one example
+# and writes the modulated, cast result from one read. DiT's widths (768,
+# 1152) are not powers of two, which Triton's blocks must be, so on GPU the
+# block is as wide as the next power of two and the lanes past D are masked
+# out of the statistics (Pallas masks the loads and stores past the array).
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << (n - 1).bit_length()
+
+
+def token_block(n: int, d: int, backend: str) -> Optional[tuple[int, int]]:
+  """(tokens per program Tb, block width) for [B, N, D] tokens, or None.
+
+  Tb divides N and the block fits the budget; on GPU Tb and the width are
+  powers of two (the width >= D), on TPU Tb is a multiple of 8 (sublanes) or
+  N, and D must be a multiple of 128 (lanes).
+  """
+  width = _next_pow2(d) if backend == "gpu" else d
+  budget = MAX_BLOCK_ELEMENTS_TPU if backend == "tpu" else MAX_BLOCK_ELEMENTS
+  if backend == "tpu" and d % 128:
+    return None
+  for tb in range(n, 0, -1):
+    if (n % tb or tb * width > budget or (backend == "gpu" and not _is_pow2(tb))
+        or (backend == "tpu" and tb != n and tb % 8)):
+      continue
+    return tb, width
+  return None
+
+
+def layer_norm_modulate_reference(x: jax.Array, shift: jax.Array, scale: jax.Array,
+                                  eps: float) -> jax.Array:
+  """LayerNorm over the last axis of [B, N, D] (float32), then * (1 + scale) + shift
+  with [B, D] modulation; float32."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(axis=-1, keepdims=True)
+  var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps)
+  return y * (1 + scale[:, None, :].astype(jnp.float32)) + shift[:, None, :].astype(jnp.float32)
+
+
+def _ln_kernel(x_ref, shift_ref, scale_ref, o_ref, *, d: int, eps: float):
+  """Tb tokens of one example: statistics over the first d lanes, modulation, cast."""
+  x = x_ref[0].astype(jnp.float32)                        # [Tb, width]
+  valid = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) < d
+  x = jnp.where(valid, x, 0.0)
+  mean = jnp.sum(x, axis=1, keepdims=True) / d
+  dev = jnp.where(valid, x - mean, 0.0)
+  var = jnp.sum(dev * dev, axis=1, keepdims=True) / d
+  y = dev * jax.lax.rsqrt(var + eps) * (1 + scale_ref[0]) + shift_ref[0]
+  o_ref[0] = y.astype(o_ref.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: float,
+                        out_dtype: Any) -> jax.Array:
+  """DiT's modulate(layer_norm(x), shift, scale) of [B, N, D] tokens, in out_dtype.
+
+  The Pallas kernel where a block fits (`token_block`), else the reference;
+  interpreted on CPU; the backward pass is XLA's gradient of the reference.
+  """
+  backend = jax.default_backend()
+  blk = token_block(x.shape[1], x.shape[2], backend)
+  if blk is None:
+    return layer_norm_modulate_reference(x, shift, scale, eps).astype(out_dtype)
+  return _ln_pallas(x, shift, scale, eps, out_dtype, *blk, backend)
+
+
+def _ln_pallas(x, shift, scale, eps, out_dtype, tb, width, backend):
+  """The kernel with Tb tokens per program in blocks `width` lanes wide (>= D)."""
+  b, n, d = x.shape
+  params = None
+  if backend == "gpu":
+    from jax.experimental.pallas import triton as pltriton
+    params = pltriton.CompilerParams(num_warps=8)
+  mod = lambda a: a.astype(jnp.float32).reshape(b, 1, d)
+  return pl.pallas_call(
+      functools.partial(_ln_kernel, d=d, eps=eps),
+      out_shape=jax.ShapeDtypeStruct((b, n, d), out_dtype),
+      grid=(b, n // tb),
+      in_specs=[pl.BlockSpec((1, tb, width), lambda i, j: (i, j, 0)),
+                pl.BlockSpec((1, 1, width), lambda i, j: (i, 0, 0)),
+                pl.BlockSpec((1, 1, width), lambda i, j: (i, 0, 0))],
+      out_specs=pl.BlockSpec((1, tb, width), lambda i, j: (i, j, 0)),
+      interpret=backend == "cpu", compiler_params=params, name="layer_norm_modulate",
+  )(x, mod(shift), mod(scale))
+
+
+def _ln_fwd(x, shift, scale, eps, out_dtype):
+  return layer_norm_modulate(x, shift, scale, eps, out_dtype), (x, shift, scale)
+
+
+def _ln_bwd(eps, out_dtype, saved, g):
+  _, vjp = jax.vjp(
+      lambda *a: layer_norm_modulate_reference(*a, eps).astype(out_dtype), *saved)
+  return vjp(g)
+
+
+layer_norm_modulate.defvjp(_ln_fwd, _ln_bwd)
