@@ -109,10 +109,10 @@ def test_block_channels_rules_and_the_fallback():
                              rtol=1e-5, atol=1e-5)
 
 
-def test_unet_with_the_kernel_equals_the_xla_path():
-  """Same parameters, same outputs (float32), and the kernel really runs:
-  one pallas_call per GroupNorm of the network."""
-  net = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
+def _both_paths(net):
+  """Checks that `net` with norm_kernel="pallas" has the same parameter shapes
+  and (float32) outputs as `net` at random NumPy parameters; returns (params,
+  x, t, the kernel network)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
   t = jnp.array([3, 700], jnp.int32)
@@ -125,6 +125,14 @@ def test_unet_with_the_kernel_equals_the_xla_path():
   ref = jax.jit(net.apply, compiler_options=_FAST_COMPILE)(params, x, t)
   out = jax.jit(fused.apply, compiler_options=_FAST_COMPILE)(params, x, t)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+  return params, x, t, fused
+
+
+def test_unet_with_the_kernel_equals_the_xla_path():
+  """Same parameters, same outputs (float32), and the kernel really runs:
+  one pallas_call per GroupNorm of the network."""
+  net = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
+  params, x, t, fused = _both_paths(net)
   jaxpr = str(jax.make_jaxpr(fused.apply)(params, x, t))
   norms = jax.tree_util.tree_leaves_with_path(params)
   n_norms = sum(1 for path, _ in norms
@@ -206,16 +214,7 @@ def test_token_block_rules():
 def test_dit_with_the_kernel_equals_the_xla_path():
   from ddx.models import DiT
   net = DiT(patch_size=2, hidden_size=32, depth=2, num_heads=4, mlp_ratio=2.0)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
-  t = jnp.array([3, 700], jnp.int32)
-  abstract = jax.eval_shape(net.init, jax.random.key(0), x, t)
-  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, jnp.float32),
-                        abstract)
-  fused = net.clone(norm_kernel="pallas")
-  ref = jax.jit(net.apply, compiler_options=_FAST_COMPILE)(params, x, t)
-  out = jax.jit(fused.apply, compiler_options=_FAST_COMPILE)(params, x, t)
-  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+  params, x, t, fused = _both_paths(net)
   # Two norms per block and the final layer's.
   assert str(jax.make_jaxpr(fused.apply)(params, x, t)).count("pallas_call") == 2 * 2 + 1
   loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x, t)))
