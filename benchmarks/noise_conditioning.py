@@ -18,7 +18,10 @@ cells). Prints mean ± std over seeds per setting and NFE as Markdown and
 writes every row to --out. A run whose final checkpoint exists is scored
 without training (so finished runs of other benchmarks can be linked in);
 --no_baseline leaves the DDPM row out, and --merge A.json,B.json only prints
-the table of rows already written by several invocations.
+the table of rows already written by several invocations (and by
+process_seeds.py, PATH@PROCESS=LABEL), with each EDM setting's best Heun cell
+paired per seed against the first setting's and DDPM's best, and writes them
+to --out.
 """
 import argparse
 import json
@@ -90,30 +93,84 @@ def table(rows: list, seeds, nfes, num_samples: int) -> None:
   """Prints mean ± std over seeds per (setting, sampler) and NFE as Markdown."""
   print(f"\nFD of {num_samples} samples (digits metric), mean ± std over seeds "
         f"{seeds}\n")
-  print("| setting | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
-  print("|---|---|" + "---|" * len(nfes))
+  lines = []
   for key in dict.fromkeys((r["run"], r["sampler"]) for r in rows):
     cells = []
-    for nfe in dict.fromkeys(r["nfe"] for r in rows if (r["run"], r["sampler"]) == key):
+    for nfe in sorted({r["nfe"] for r in rows if (r["run"], r["sampler"]) == key}):
       fds = [r["fd"] for r in rows if (r["run"], r["sampler"], r["nfe"]) == key + (nfe,)]
       sd = statistics.stdev(fds) if len(fds) > 1 else 0.0
       cells.append(f"{statistics.mean(fds):.2f} ± {sd:.2f} ({nfe})")
-    print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+  width = max((line.count(" | ") - 1 for line in lines), default=len(nfes))
+  print("| setting | sampler | " + " | ".join(["FD (NFE)"] * width) + " |")
+  print("|---|---|" + "---|" * width)
+  print("\n".join(lines))
 
 
-def merge(paths: list) -> None:
-  """Prints the table of the rows of several --out files (equal num_samples)."""
-  docs = []
-  for p in paths:
-    with open(p) as f:
-      docs.append(json.load(f))
-  sizes = {d["num_samples"] for d in docs}
+def _rows_of(spec: str) -> tuple[int, list]:
+  """(num_samples, rows labelled by setting) of one --merge entry.
+
+  PATH is this script's --out; PATH@PROCESS=LABEL takes the rows of one
+  process from a benchmarks/process_seeds.py --out file (its runs of the
+  same configs, e.g. the default EDM and the DDPM baseline), labelled LABEL,
+  with their NFE as used (Heun 2N - 1), as this script counts them.
+  """
+  path, _, pick = spec.partition("@")
+  with open(path) as f:
+    doc = json.load(f)
+  if not pick:
+    return doc["num_samples"], doc["rows"]
+  process, _, label = pick.partition("=")
+  rows = [dict(r, run=label, nfe=r.get("nfe_used", r["nfe"]))
+          for r in doc["rows"] if r.get("process") == process]
+  if not rows:
+    raise SystemExit(f"--merge: {path} has no rows of process {process!r}")
+  return doc["num_samples"], rows
+
+
+def merge(specs: list, out: str = "") -> None:
+  """Prints the table of several files' rows (equal num_samples), then each EDM
+  setting's best Heun cell at <= 35 NFE paired per seed against the first EDM
+  setting's and against the ddpm rows' best cell at <= 50 NFE."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from process_seeds import aggregate, best_cell, paired
+  sizes, rows = set(), []
+  for spec in specs:
+    n, rs = _rows_of(spec)
+    sizes.add(n)
+    rows += rs
   if len(sizes) != 1:
     raise SystemExit(f"--merge: the files score different sample counts {sorted(sizes)}; "
                      "FD values compare only at equal counts")
-  rows = [r for d in docs for r in d["rows"]]
+  num_samples = sizes.pop()
   table(rows, sorted({r["seed"] for r in rows}), sorted({r["nfe"] for r in rows}),
-        sizes.pop())
+        num_samples)
+  rows = [dict(r, process=r["run"]) for r in rows]
+  agg = aggregate(rows)
+  names = list(dict.fromkeys(r["run"] for r in rows))
+  edm = [n for n in names if n.startswith("edm")]
+  comparisons = []
+  if edm:
+    print("\nBest Heun cell at <= 35 NFE per setting, paired per seed (negative: better)\n")
+    print("| setting | best Heun | − first EDM setting | − DDPM's best <= 50 NFE |")
+    print("|---|---|---|---|")
+    ref = best_cell(agg, edm[0], 35, "heun")
+    ddpm = best_cell(agg, "ddpm", 50) if "ddpm" in names else None
+    for name in edm:
+      cell = best_cell(agg, name, 35, "heun")
+      vs_ref = paired(rows, cell, ref)
+      vs_ddpm = paired(rows, cell, ddpm) if ddpm else None
+      fmt = lambda p: "-" if p is None or not p["diffs"] else (
+          f"{p['mean']:+.2f} ± {p['std']:.2f} ({p['sds']:+.2f} std)")
+      print(f"| {name} | {cell['mean']:.2f} ± {cell['std']:.2f} ({cell['nfe']}) | "
+            f"{fmt(vs_ref)} | {fmt(vs_ddpm)} |")
+      comparisons.append({"setting": name, "best_heun": cell, "vs_first_edm": vs_ref,
+                          "vs_ddpm_best": vs_ddpm})
+  if out:
+    with open(out, "w") as f:
+      json.dump({"num_samples": num_samples, "merged": specs, "rows": rows,
+                 "aggregate": agg, "comparisons": comparisons}, f, indent=1)
+    print(f"wrote {out}")
 
 
 def main():
@@ -133,10 +190,11 @@ def main():
   ap.add_argument("--no_baseline", action="store_true",
                   help="leave out the DDPM baseline row")
   ap.add_argument("--merge", default="",
-                  help="comma-separated --out files: print their table, train nothing")
+                  help="comma-separated --out files (or process_seeds.py files as "
+                  "PATH@PROCESS=LABEL): print their table and comparisons, train nothing")
   args = ap.parse_args()
   if args.merge:
-    merge(args.merge.split(","))
+    merge(args.merge.split(","), args.out)
     return
   seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
   nfes = NFES[:1] if args.quick else NFES
