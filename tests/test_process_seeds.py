@@ -69,3 +69,28 @@ def test_few_step_processes_are_scored_at_one_two_and_four_evaluations():
     c = config_lib.from_file(os.path.join(process_seeds.ROOT, "configs", process_seeds.CONFIGS[p]))
     assert c.diffusion.process == p and c.sampling.sampler == process_seeds.SAMPLERS[p][0]
   assert process_seeds.MULTI_STEP == ("ddpm", "edm", "flow")
+
+
+def test_noise_conditioning_merges_process_seeds_rows(tmp_path, capsys):
+  """--merge relabels a process_seeds file's rows (NFE as used) and pairs each
+  EDM setting's best Heun cell with the first setting's and DDPM's best."""
+  import json
+  import noise_conditioning
+  seeds_file, sweep_file, out = (tmp_path / n for n in ("seeds.json", "sweep.json", "o.json"))
+  seeds_file.write_text(json.dumps({"num_samples": 100, "rows": [
+      dict(r, nfe_used=r["nfe"] - (r["sampler"] == "heun")) for r in ROWS]}))
+  sweep_file.write_text(json.dumps({"num_samples": 100, "rows": [
+      {"run": "edm new", "sampler": "heun", "nfe": 35, "seed": s, "fd": fd}
+      for s, fd in enumerate((2.2, 2.3, 2.3))]}))
+  noise_conditioning.merge([f"{seeds_file}@ddpm=ddpm", f"{seeds_file}@edm=edm old",
+                            str(sweep_file)], str(out))
+  comp = {c["setting"]: c for c in json.loads(out.read_text())["comparisons"]}
+  # edm old's best Heun <= 35: the 35-NFE cell (2.5, 2.7, 2.6), used NFE 34.
+  assert comp["edm old"]["best_heun"]["nfe"] == 34
+  assert comp["edm new"]["vs_first_edm"]["diffs"] == pytest.approx([-0.3, -0.4, -0.3])
+  # DDPM's best <= 50: dpm_solver_pp 20 (mean 3.13) beats ddim 50 (3.2).
+  assert comp["edm new"]["vs_ddpm_best"]["diffs"] == pytest.approx([-0.9, -1.0, -0.7])
+  assert "| edm new | heun | 2.27 ± 0.06 (35) |" in capsys.readouterr().out
+  sweep_file.write_text(json.dumps({"num_samples": 200, "rows": []}))
+  with pytest.raises(SystemExit, match="different sample counts"):
+    noise_conditioning.merge([f"{seeds_file}@ddpm=ddpm", str(sweep_file)])
