@@ -125,6 +125,11 @@ def _both_paths(net):
   ref = jax.jit(net.apply, compiler_options=_FAST_COMPILE)(params, x, t)
   out = jax.jit(fused.apply, compiler_options=_FAST_COMPILE)(params, x, t)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+  # bfloat16: the kernel applies SiLU before rounding to bf16, Flax's path after,
+  # so they differ by bf16 rounding (measured 1.2% of the largest U-Net output).
+  ref, out = (jax.jit(m.clone(dtype="bfloat16").apply, compiler_options=_FAST_COMPILE)(
+      params, x, t) for m in (net, fused))
+  assert float(jnp.abs(out - ref).max() / jnp.abs(ref).max()) < 3e-2
   return params, x, t, fused
 
 
