@@ -117,12 +117,17 @@ def _kernel(x_ref, scale_ref, bias_ref, o_ref, *, group_size: int, eps: float,
   o_ref[0] = y.astype(o_ref.dtype)
 
 
+def _compiler_params(backend: str):
+  """Triton's on GPU (jax 0.10 would pick Mosaic GPU, whose copies are <= 256
+  wide); the backend's default elsewhere."""
+  if backend != "gpu":
+    return None
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.CompilerParams(num_warps=8)
+
+
 def _pallas(x, scale, bias, num_groups, eps, silu, out_dtype, cb, backend):
   b, h, w, c = x.shape
-  params = None
-  if backend == "gpu":   # Triton (jax 0.10 would pick Mosaic GPU, whose copies are <= 256 wide)
-    from jax.experimental.pallas import triton as pltriton
-    params = pltriton.CompilerParams(num_warps=8)
   kernel = functools.partial(_kernel, group_size=c // num_groups, eps=eps, silu=silu)
   out = pl.pallas_call(
       kernel,
@@ -133,7 +138,7 @@ def _pallas(x, scale, bias, num_groups, eps, silu, out_dtype, cb, backend):
                 pl.BlockSpec((1, cb), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((1, h * w, cb), lambda i, j: (i, 0, j)),
       interpret=backend == "cpu",
-      compiler_params=params,
+      compiler_params=_compiler_params(backend),
       name="group_norm_silu" if silu else "group_norm",
   )(x.reshape(b, h * w, c), scale.reshape(1, c).astype(jnp.float32),
     bias.reshape(1, c).astype(jnp.float32))
@@ -229,7 +234,8 @@ def token_block(n: int, d: int, backend: str) -> Optional[tuple[int, int]]:
 def layer_norm_modulate_reference(x: jax.Array, shift: jax.Array, scale: jax.Array,
                                   eps: float) -> jax.Array:
   """LayerNorm over the last axis of [B, N, D] (float32), then * (1 + scale) + shift
-  with [B, D] modulation; float32."""
+  with [B, D] modulation; float32. DiT's xla path (`dit.norm_modulate`) and the
+  kernel's backward pass."""
   x = x.astype(jnp.float32)
   mean = x.mean(axis=-1, keepdims=True)
   var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
@@ -267,10 +273,6 @@ def layer_norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, eps: f
 def _ln_pallas(x, shift, scale, eps, out_dtype, tb, width, backend):
   """The kernel with Tb tokens per program in blocks `width` lanes wide (>= D)."""
   b, n, d = x.shape
-  params = None
-  if backend == "gpu":
-    from jax.experimental.pallas import triton as pltriton
-    params = pltriton.CompilerParams(num_warps=8)
   mod = lambda a: a.astype(jnp.float32).reshape(b, 1, d)
   return pl.pallas_call(
       functools.partial(_ln_kernel, d=d, eps=eps),
@@ -280,7 +282,8 @@ def _ln_pallas(x, shift, scale, eps, out_dtype, tb, width, backend):
                 pl.BlockSpec((1, 1, width), lambda i, j: (i, 0, 0)),
                 pl.BlockSpec((1, 1, width), lambda i, j: (i, 0, 0))],
       out_specs=pl.BlockSpec((1, tb, width), lambda i, j: (i, j, 0)),
-      interpret=backend == "cpu", compiler_params=params, name="layer_norm_modulate",
+      interpret=backend == "cpu", compiler_params=_compiler_params(backend),
+      name="layer_norm_modulate",
   )(x, mod(shift), mod(scale))
 
 
