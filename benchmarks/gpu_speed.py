@@ -71,7 +71,7 @@ def _train(save, model, config, batch, steps, remat="none", attention="xla", nor
   try:
     s, flops, need = train_rate(config, batch, steps)
   except Exception as e:   # out of memory, or an attention the backend lacks
-    entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    entry["error"] = _error(e)
     if _oom(e):
       entry["fits"] = False
     save(train_key(model, remat, attention, batch, norm), entry)
@@ -82,6 +82,21 @@ def _train(save, model, config, batch, steps, remat="none", attention="xla", nor
     entry.update(steps_per_s=1 / s, images_per_s=batch / s, xla_flops_per_step=flops,
                  bytes_needed=need)
   save(train_key(model, remat, attention, batch, norm), entry)
+
+
+def _error(e: Exception) -> str:
+  """An exception as one short line for the JSON."""
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
+def _ddpm_sample(q: bool, batch: int, steps: int, norm: str = "xla") -> dict:
+  """DDPM sampling of the CIFAR-10 U-Net (bf16) with model.norm_kernel=norm."""
+  config = unet_cifar10(q)
+  config.model.norm_kernel = norm
+  model = speed.ddx_model(config)
+  compile_s, mem, run_s = speed.ddx_sampler(model, batch, steps, 1, sampler="ddpm")
+  return {"batch": batch, "steps": steps, "seconds": run_s, "compile_s": compile_s,
+          "memory_bytes": mem}
 
 
 def train_key(model, remat, attention, batch, norm="xla"):
@@ -188,24 +203,12 @@ def main():
   add_mfu(out, args.peak_tflops)
   # 4. Sampling.
   if due("sample", "sample_unet_ddpm1000"):
-    model = speed.ddx_model(unet_cifar10(q))
-    compile_s, mem, run_s = speed.ddx_sampler(model, sample_batch, ddpm_steps, 1,
-                                              sampler="ddpm")
-    save("sample_unet_ddpm1000", {"batch": sample_batch, "steps": ddpm_steps,
-                                  "seconds": run_s, "compile_s": compile_s,
-                                  "memory_bytes": mem})
-    del model
+    save("sample_unet_ddpm1000", _ddpm_sample(q, sample_batch, ddpm_steps))
   if "sample" in parts and due("norm", "sample_unet_ddpm1000_normpallas"):
-    config = unet_cifar10(q)
-    config.model.norm_kernel = "pallas"
     try:
-      model = speed.ddx_model(config)
-      compile_s, mem, run_s = speed.ddx_sampler(model, sample_batch, ddpm_steps, 1,
-                                                sampler="ddpm")
-      entry = {"batch": sample_batch, "steps": ddpm_steps, "seconds": run_s,
-               "compile_s": compile_s, "memory_bytes": mem}
+      entry = _ddpm_sample(q, sample_batch, ddpm_steps, norm="pallas")
     except Exception as e:   # the kernel failed to lower on this backend
-      entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+      entry = {"error": _error(e)}
     save("sample_unet_ddpm1000_normpallas", entry)
   if due("sample", "sample_dit_xl2"):
     save("sample_dit_xl2", sample_rate(q, 2 if q else 32, 3 if q else args.dit_sample_steps))

@@ -34,6 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fd_nfe  # noqa: E402  (the FD cells: steps per NFE, sampler options, scoring)
+from process_seeds import aggregate, best_cell, is_trained, paired  # noqa: E402
 
 from ddx import parallel  # noqa: E402
 
@@ -84,11 +85,6 @@ def _slug(name: str) -> str:
   return "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in name)
 
 
-def is_trained(workdir: str, steps: int) -> bool:
-  """Whether the run's final checkpoint (orbax step folder `steps`) exists."""
-  return os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
-
-
 def table(rows: list, seeds, nfes, num_samples: int) -> None:
   """Prints mean ± std over seeds per (setting, sampler) and NFE as Markdown."""
   print(f"\nFD of {num_samples} samples (digits metric), mean ± std over seeds "
@@ -132,8 +128,6 @@ def merge(specs: list, out: str = "") -> None:
   """Prints the table of several files' rows (equal num_samples), then each EDM
   setting's best Heun cell at <= 35 NFE paired per seed against the first EDM
   setting's and against the ddpm rows' best cell at <= 50 NFE."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from process_seeds import aggregate, best_cell, paired
   sizes, rows = set(), []
   for spec in specs:
     n, rs = _rows_of(spec)
