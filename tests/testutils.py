@@ -64,6 +64,25 @@ def jaxpr_eqns(jaxpr):
           yield from jaxpr_eqns(sub)
 
 
+# The custom call a Pallas kernel becomes, per jax.export platform.
+PALLAS_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+def exported_calls(fn, args, platform: str) -> int:
+  """How many Pallas custom calls `fn(*args)` lowers to for `platform` ("cuda" |
+  "tpu"), through jax.export on this device-less machine; jax.default_backend()
+  reads as that platform's backend while tracing, so ddx picks its kernels."""
+  from unittest import mock
+  import jax
+  from jax import export
+  call = PALLAS_CALLS[platform]
+  backend = "gpu" if platform == "cuda" else platform
+  with mock.patch.object(jax, "default_backend", lambda: backend):
+    exp = export.export(jax.jit(fn), platforms=(platform,), disabled_checks=[
+        export.DisabledSafetyCheck.custom_call(call)])(*args)
+  return exp.mlir_module().count(call)
+
+
 def gaussian_data(seed: int, shape, std_range=(0.3, 1.5)):
   """(rng, mean, std) of per-pixel Gaussian data x ~ N(mean, std²) of `shape`
   (one image, float32): the data whose flows have closed forms."""
