@@ -16,7 +16,10 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddx-test-jax-cache-")
+  # ddx's locked cache (ddx/compile_cache.py): workers and subprocesses share
+  # it without reading an entry another one is writing.
+  from ddx import compile_cache
+  os.environ.update(compile_cache.environment(tempfile.mkdtemp(prefix="ddx-test-jax-cache-")))
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
