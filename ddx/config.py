@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import warnings
 
@@ -694,12 +695,41 @@ def _check_guidance(config: ml_collections.ConfigDict, group: str) -> None:
            f"--config.{group}.guidance_scale=1 or train with label_dropout > 0")
 
 
+def guidance_interval_ends(interval) -> tuple:
+  """The interval as () or (lo, hi) floats; hi may be inf (no upper end).
+
+  Besides numbers it takes what the command line can write: "inf" as an end
+  (`"(0.28, 'inf')"`), and the unquoted `"(0.28, inf)"`, which ml_collections
+  cannot read as a tuple and passes on as one string. Values that are not
+  numbers at all (traced ends inside jit) are returned as they are.
+  """
+  if isinstance(interval, (tuple, list)) and len(interval) == 1 and isinstance(
+      interval[0], str):
+    text = interval[0].strip()
+    if text[:1] in "([" and text[-1:] in ")]":
+      text = text[1:-1]
+    interval = [v for v in text.split(",") if v.strip()]
+  if not isinstance(interval, (tuple, list)):
+    return interval
+  out = []
+  for v in interval:
+    if isinstance(v, str):
+      try:
+        v = float(v.strip())
+      except ValueError:
+        pass   # left for check_guidance_interval to name
+    out.append(v)
+  return tuple(out)
+
+
 def check_guidance_interval(interval, name: str = "sampling.guidance_interval") -> None:
   """Raises ConfigError unless `interval` is () (guide at every step) or (lo, hi)
-  of two numbers with 0 <= lo < hi (hi may be inf from Python; traced values
-  inside jit are not checked)."""
+  of two numbers with 0 <= lo < hi; hi = inf (written `inf` on the command line)
+  has no upper end and includes σ = ∞, where flow, MeanFlow, shortcut and
+  consistency sampling starts. Traced values inside jit are not checked."""
   fix = ("use () to guide at every step, or (lo, hi) with 0 <= lo < hi, e.g. "
-         "\"(0.28, 2.9)\" (a large hi such as 1e9 for no upper end)")
+         "\"(0.28, 2.9)\", or \"(0.28, inf)\" for no upper end")
+  interval = guidance_interval_ends(interval)
   _require(isinstance(interval, (tuple, list)) and len(interval) in (0, 2)
            and not any(isinstance(v, (str, bool)) for v in interval),
            f"{name}={interval!r} must be () or two numbers (lo, hi); {fix}")
@@ -707,7 +737,7 @@ def check_guidance_interval(interval, name: str = "sampling.guidance_interval") 
     ends = [float(v) for v in interval]
   except Exception:   # traced (inside jit): checked where it was made
     return
-  _require(not ends or 0.0 <= ends[0] < ends[1],
+  _require(not ends or (0.0 <= ends[0] < ends[1] and not math.isnan(ends[1])),
            f"{name}={tuple(interval)!r} needs 0 <= lo < hi; {fix}")
 
 

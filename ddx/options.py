@@ -135,7 +135,8 @@ def coerce(name: str, v):
     return float(v)
   if name == "guidance_interval":
     config_lib.check_guidance_interval(v, "guidance_interval")
-    return tuple(float(x) if isinstance(x, (int, float, np.number)) else x for x in v)
+    return tuple(float(x) if isinstance(x, (int, float, np.number)) else x
+                 for x in config_lib.guidance_interval_ends(v))
   return v
 
 

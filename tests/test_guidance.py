@@ -11,6 +11,8 @@ from ml_collections import config_flags
 import ddx
 from ddx import config as config_lib
 from ddx import eval_run
+from ddx import options as options_lib
+from ddx import processes
 from ddx import model as model_lib
 from testutils import ROOT, load_config, random_model
 
@@ -20,7 +22,8 @@ EMB = np.array([0.3, -0.7, 1.1, 0.05], np.float32)   # label 3 = the null label
 def _toy_apply(self, x, t, labels=None):
   """A linear stand-in network F(x, t, y) = 0.5·x + 0.1·t + EMB[y] (y None: null)."""
   y = jnp.full((x.shape[0],), 3, jnp.int32) if labels is None else labels
-  t = jnp.asarray(t, jnp.float32).reshape((-1, 1, 1, 1))
+  t = jnp.asarray(t, jnp.float32)
+  t = (t[:, 0] if t.ndim == 2 else t).reshape((-1, 1, 1, 1))   # (t, r) pairs: t
   return 0.5 * x + 0.1 * t + jnp.asarray(EMB)[y][:, None, None, None]
 
 
@@ -88,6 +91,46 @@ def test_interval_guides_only_inside_per_example_edm_and_flow(monkeypatch):
   t = np.array([0.1, 0.5, 0.9, 1.0], np.float32)
   np.testing.assert_allclose(flow.process.noise_level(jnp.asarray(t)),
                              np.array([1 / 9, 1.0, 9.0, np.inf]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("process", sorted(processes.names()))
+def test_an_interval_to_inf_guides_the_first_step(process, monkeypatch):
+  """hi = inf, as the command line writes it, includes σ = ∞, where flow, MeanFlow,
+  shortcut and consistency sampling evaluate first (t = 1, TrigFlow's π/2): a
+  1-step sample guided on (0, inf] is the sample guided at every step, not the
+  unguided one (a finite hi such as 1e9 leaves that first step unguided)."""
+  monkeypatch.setattr(model_lib.Model, "apply", _toy_apply)
+  spellings = ("(0.0, inf)", "(0.0, 'inf')", "(0.0,inf)")
+  for text in spellings:
+    cli = _parse(f"--config.sampling.guidance_interval={text}")
+    config_lib.validate(cli)
+    assert options_lib.resolve(cli=cli).guidance_interval == (0.0, float("inf")), text
+  model = model_lib.Model({}, config_lib.freeze(_conditional(process)))
+  steps = 1 if process in ("flow", "meanflow", "shortcut", "consistency") else 2
+  sampler = processes.spec(process).default_sampler
+  labels = jnp.asarray([0, 1, 2])
+  x_T = jax.random.normal(jax.random.key(1), (3,) + model.image_shape)
+  first = []   # the noise levels the sampler's first call sees
+
+  def run(w, interval=()):
+    fn = model_lib.denoiser(model, labels, jnp.float32(w), True, interval=interval)
+    def spy(x, t):
+      jax.debug.callback(lambda sigma: first.append(np.asarray(sigma)),
+                         model.process.noise_level(t), ordered=True)
+      return fn(x, t)
+    return np.asarray(ddx.sample(spy, model.process, jax.random.key(0), x_T.shape,
+                                 sampler=sampler, steps=steps, x_T=x_T, clip_x0=False))
+  everywhere = run(3.0)
+  sigma_first = np.asarray(first[0])
+  inf_interval = options_lib.resolve(cli=_parse(
+      "--config.sampling.guidance_interval=(0.0, inf)")).guidance_interval
+  np.testing.assert_array_equal(run(3.0, tuple(jnp.float32(v) for v in inf_interval)),
+                                everywhere)
+  plain = run(1.0)
+  assert not np.array_equal(everywhere, plain)
+  assert np.all(np.isinf(sigma_first)) == (steps == 1), sigma_first
+  if steps == 1:   # the first step is the only one
+    np.testing.assert_array_equal(run(3.0, (jnp.float32(0.0), jnp.float32(1e9))), plain)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +232,7 @@ def test_command_line_interval_and_guide_reach_mode_sample(tmp_path, monkeypatch
                "--config.sampling.guide_workdir=runs/guide")
   assert tuple(cli.sampling.guidance_interval) == (0.5, 20.0)
   config_lib.validate(cli)
-  for bad in ("(0.3, inf)", "(5.0, 1.0)", "(-1.0, 2.0)", "(1.0,)"):
+  for bad in ("(0.3, nan)", "(5.0, 1.0)", "(-1.0, 2.0)", "(1.0,)", "(0.3, infinite)"):
     with pytest.raises(config_lib.ConfigError, match="sampling.guidance_interval") as e:
       config_lib.validate(_parse(f"--config.sampling.guidance_interval={bad}"))
     assert "\n" not in str(e.value)
