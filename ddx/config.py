@@ -853,6 +853,31 @@ def with_defaults(d: dict) -> ml_collections.ConfigDict:
   return config
 
 
+# The groups that make a trained run what it is: --mode sample and eval take
+# them from the run's config.json, whatever --config says.
+RUN_GROUPS = ("diffusion", "model")
+
+
+def with_run(cli: ml_collections.ConfigDict, saved: dict):
+  """The command line's config with the run's own RUN_GROUPS (`saved`: its
+  config.json), so sampling options are checked against the process and
+  network the run trained, not the --config file's.
+
+  Returns:
+    (the config, ["diffusion.process: 'ddpm' -> 'meanflow'", ...] the keys
+    where --config differed from the run).
+  """
+  mine, run = to_dict(cli), to_dict(with_defaults(saved))
+  changed = []
+  for group in RUN_GROUPS:
+    for key in sorted(set(mine.get(group, {})) | set(run.get(group, {}))):
+      a, b = mine.get(group, {}).get(key), run.get(group, {}).get(key)
+      if a != b and a != processes.AUTO:
+        changed.append(f"{group}.{key}: {a!r} -> {b!r}")
+    mine[group] = run[group]
+  return from_dict(mine), changed
+
+
 def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
   """A hashable copy of the config (the static part of `ddx.Model`)."""
   return ml_collections.FrozenConfigDict(from_dict(to_dict(config)))

@@ -54,14 +54,55 @@ def _parse_flags(argv):
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections raises these for unknown keys and wrong types in
-    # --config.a.b=v overrides; its own text names the key.
-    _fail(f"bad config override: {str(e).splitlines()[0]} "
-          "(see configs/default.py for the keys and their types)")
+    # ml_collections raises these for a file without get_config, unknown keys
+    # and wrong types in --config.a.b=v overrides.
+    _fail(_override_error(e))
   except SyntaxError as e:   # the --config file itself does not parse
     _fail(f"config file {e.filename} line {e.lineno}: {e.msg}; fix the file")
   except Exception as e:     # the --config file raised while loading
     _config_load_failed(e)
+
+
+def _config_paths() -> list[str]:
+  """The --config file paths on the command line."""
+  argv = sys.argv
+  paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  return paths + [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+
+
+def _override_error(e: BaseException) -> str:
+  """One line for a --config that ml_collections could not load or override:
+  a file without get_config, or an override naming no key (with the nearest
+  real key), else ml_collections' own first line."""
+  import difflib
+  text = str(e).strip().strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+  paths = _config_paths()
+  if "has no attribute 'get_config'" in str(e):
+    return (f"--config {paths[-1] if paths else ''} has no get_config(); define "
+            "get_config() returning an ml_collections.ConfigDict (see configs/digits.py)")
+  from ddx import config as config_lib
+  try:
+    base = config_lib.from_file(paths[-1]) if paths else None
+  except Exception:
+    base = None
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in sys.argv[1:]
+               if a.startswith("--config.")]
+  for key in overrides if base is not None else ():
+    node, parts = base, key.split(".")
+    for i, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part in keys:
+        node = node[part]
+        continue
+      where = ".".join(parts[:i])
+      close = difflib.get_close_matches(part, keys, n=1, cutoff=0.5)
+      hint = (f"; did you mean --config.{where + '.' if where else ''}{close[0]}?"
+              if close else f"; {where or 'the config'} has {', '.join(sorted(keys))}"
+              if keys else "")
+      return (f"--config.{key}: {where + '.' if where else ''}{part} is not a config key"
+              f"{hint} (configs/default.py lists every key)")
+  return (f"bad config override: {text} "
+          "(see configs/default.py for the keys and their types)")
 
 
 def _config_load_failed(e: BaseException) -> None:
@@ -71,8 +112,7 @@ def _config_load_failed(e: BaseException) -> None:
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   why = next((l for l in lines if "Errno" in l), None) or (
       f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__)
-  paths = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")]
-  paths += [sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--config"]
+  paths = _config_paths()
   bad = [p for p in paths if not os.path.isfile(p)] or paths
   _fail(f"--config {bad[-1] if bad else ''} could not be loaded ({why}); pass an "
         "existing config file with get_config(), e.g. --config configs/digits.py")
@@ -92,6 +132,31 @@ def _check_writable(workdir: str) -> None:
   if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
     _fail(f"workdir {workdir} cannot be created or written ({existing} is not a "
           "writable directory); choose a writable --workdir")
+
+
+def _with_run(config, workdir: str):
+  """--mode sample / eval: the run's own diffusion.* and model.* (its
+  config.json) over the --config file's, with one note line when they differ;
+  the config unchanged when workdir holds no config.json (the load then says
+  what is missing)."""
+  import json
+  from etils import epath
+  from ddx import config as config_lib
+  path = epath.Path(workdir) / "config.json"
+  try:
+    saved = json.loads(path.read_text()) if path.exists() else None
+  except (OSError, ValueError) as e:
+    _fail(f"{path} does not read as a ddx config ({type(e).__name__}); is --workdir a "
+          "ddx run?")
+  if saved is None:
+    return config
+  config, changed = config_lib.with_run(config, saved)
+  if changed:
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    print(f"ddx: note: using the run's own {'/'.join(config_lib.RUN_GROUPS)} settings "
+          f"from {path} where --config differs ({'; '.join(changed[:3])}{more})",
+          file=sys.stderr, flush=True)
+  return config
 
 
 def _sample(config, workdir):
@@ -156,6 +221,9 @@ def main(argv):
     # ml_collections reports a config file that failed to load when the value
     # is first read.
     _config_load_failed(e)
+  if config is None and _config_paths():
+    _fail(f"--config {_config_paths()[-1]}: get_config() returned None; make it return "
+          "an ml_collections.ConfigDict (see configs/digits.py)")
   if config is None:
     _fail("--config is required, e.g. --config configs/digits.py")
   if not _WORKDIR.value:
@@ -179,6 +247,7 @@ def main(argv):
       _check_writable(workdir)
       train.train_and_evaluate(config, workdir)
     elif _MODE.value == "eval":
+      config = _with_run(config, workdir)
       config_lib.validate(config)
       eval_run.evaluate(config, workdir)
     elif _MODE.value == "encode":
@@ -187,6 +256,7 @@ def main(argv):
       from ddx import latents
       latents.encode_dataset(config)
     else:
+      config = _with_run(config, workdir)
       config_lib.validate(config)
       try:
         _sample(config, workdir)

@@ -359,7 +359,11 @@ def check_guide(model: Model, guide) -> None:
   if tp != tq or not all(np.array_equal(np.asarray(x), np.asarray(y))
                          for x, y in zip(lp, lq)):
     da, db = config_lib.to_dict(a.diffusion), config_lib.to_dict(b.diffusion)
-    key = next((k for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)), "process")
+    # The process first: another process's settings all differ, and naming one
+    # of them (e.g. prediction) hides the cause.
+    key = next((k for k in ["process"] + sorted(set(da) | set(db))
+                if da.get(k, "ddpm" if k == "process" else None)
+                != db.get(k, "ddpm" if k == "process" else None)), "process")
     raise ValueError(f"guide_model's diffusion.{key}={db.get(key)!r} differs from the "
                      f"model's {da.get(key)!r} (another process); {fix}")
   for name, x, y in (

@@ -260,6 +260,12 @@ def _check_resume(ck: ckpt_lib.Checkpointer, workdir: str, config, abstract) -> 
     saved = ck.saved_shapes(step)
   except Exception:
     return
+  if not any(k.split(".")[0] == "params" for k in saved):
+    # A post-hoc EMA export or an import (ddx.convert): EMA weights only.
+    raise config_lib.ConfigError(
+        f"workdir {workdir} holds EMA weights only (step {step}: a post-hoc EMA export "
+        "or an imported model), not a training state to resume; start a new run from "
+        f"them with --config.training.init_from={workdir} and a new --workdir")
   ignore = ("opt_state",) if reset else ()
   detail = ckpt_lib.structure_difference(saved, abstract, ignore=ignore)
   try:

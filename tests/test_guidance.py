@@ -199,6 +199,17 @@ def test_a_guide_that_disagrees_is_a_one_line_error(key, value, what):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("process", [p for p in sorted(processes.names()) if p != "ddpm"])
+def test_a_guide_of_another_process_is_named_as_such(process):
+  """Another process's settings differ too (here its prediction); the error names
+  the process, the cause, not the first differing key in sorted order."""
+  c = load_config()
+  model = model_lib.Model({}, config_lib.freeze(c))
+  c.diffusion.process, c.diffusion.prediction = process, "v"
+  with pytest.raises(ValueError, match=f"guide_model's diffusion.process='{process}'"):
+    model_lib.check_guide(model, model_lib.Model({}, config_lib.freeze(c)))
+
+
 @pytest.mark.parametrize("process,key,value", [("edm", "sigma_data", 0.3),
                                                ("flow", "shift", 3.0)])
 def test_a_guide_with_other_process_settings_is_refused(process, key, value):
