@@ -598,6 +598,20 @@ def _check_training(config, num_data_shards: int) -> None:
 MAX_SIGMA_REL = 12 ** -0.5
 
 
+def sigma_rel_problem(value: float) -> str | None:
+  """Why value is not a profile width ddx can track or reconstruct, or None.
+
+  The bound is printed with repr: rounded (0.2887), a value just above it
+  would read as inside it.
+  """
+  if not value > 0:
+    return f"{value!r} is not greater than 0"
+  if value > MAX_SIGMA_REL:
+    return (f"{value!r} is greater than the largest width {MAX_SIGMA_REL!r} "
+            "(1/sqrt(12), the uniform average of all steps)")
+  return None
+
+
 def _check_posthoc_ema(config: ml_collections.ConfigDict) -> None:
   """training.posthoc_ema: the snapshot interval and the tracked profiles."""
   p, k = config.training.posthoc_ema, config.training.steps_per_dispatch
@@ -613,10 +627,9 @@ def _check_posthoc_ema(config: ml_collections.ConfigDict) -> None:
                                   for r in rels),
            f"training.posthoc_ema.sigma_rels={p.sigma_rels!r} must be a tuple of numbers, "
            "e.g. (0.05, 0.10)")
-  bad = [r for r in rels if not 0 < r <= MAX_SIGMA_REL]
+  bad = [sigma_rel_problem(r) for r in rels if sigma_rel_problem(r)]
   _require(not bad,
-           f"training.posthoc_ema.sigma_rels has {bad[0] if bad else None}, outside "
-           f"(0, {MAX_SIGMA_REL:.4f}] (the widest is the uniform average); use values "
+           f"training.posthoc_ema.sigma_rels: {bad[0] if bad else None}; use values "
            "such as (0.05, 0.10)")
   _require(len(set(rels)) == len(rels),
            f"training.posthoc_ema.sigma_rels={rels} repeats a value; track distinct "

@@ -121,15 +121,13 @@ def _config_load_failed(e: BaseException) -> None:
 def _check_writable(workdir: str) -> None:
   """Fails unless workdir is a writable directory or can be created (local paths;
   a gs:// workdir is checked by its first write)."""
+  from ddx import outdir
   if "://" in workdir:
     return
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
     _fail(f"workdir {workdir} exists and is not a directory; choose another --workdir")
-  existing = path
-  while not os.path.exists(existing):   # nearest existing ancestor
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+  existing = outdir.blocked_by(workdir)
+  if existing:
     _fail(f"workdir {workdir} cannot be created or written ({existing} is not a "
           "writable directory); choose a writable --workdir")
 

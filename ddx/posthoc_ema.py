@@ -17,16 +17,20 @@ The math, with time t in training steps (update n happens at t = n):
   sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))).
 - The inner product of two profiles has a closed form (`profile_dot`);
   the snapshot weights x solve min || sum_i x_i p_i - p_target || (EDM2
-  App. C.2, Alg. 3), so sum_i x_i snapshot_i is the target profile's EMA up
-  to that least-squares residual.
+  App. C.2, Alg. 3) and are then divided by their sum, as EDM2's
+  `solve_posthoc_coefficients` does: every profile has mass 1, so weights
+  summing to 1 reconstruct a constant parameter as that constant. Then
+  sum_i x_i snapshot_i is the target profile's EMA up to the residual of
+  that fit; a fit too far off (MAX_RELATIVE_RESIDUAL) is refused.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import signal
 import sys
-import uuid
 from typing import Any, Optional, Sequence
 
 import jax
@@ -37,8 +41,18 @@ from etils import epath
 from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
 from ddx import model as model_lib
+from ddx import outdir
 
 SNAPSHOT_DIR = "posthoc_ema"   # workdir/posthoc_ema/<step>/: the snapshots (orbax)
+
+# The relative residual ||sum_i x_i p_i - p|| / ||p|| above which a
+# reconstruction is refused. 0.5 is about how far the profile of half or
+# twice the target's width is from it (0.47 to 0.89 for widths 0.025 to
+# 0.2): past it the fit is no longer the asked width in any useful sense.
+# Fits within the tracked widths' reach are far below it (0.005 for 0.08
+# from 0.05/0.10 with 12 snapshot steps, 0.11 for 0.25); sigma_rel 1e-6,
+# far narrower than any snapshot, gives ~1.0.
+MAX_RELATIVE_RESIDUAL = 0.5
 
 
 # --------------------------------------------------------------------------
@@ -61,9 +75,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
   Raises:
     ValueError: sigma_rel outside (0, config.MAX_SIGMA_REL] (gamma >= 0).
   """
-  if not 0 < sigma_rel <= config_lib.MAX_SIGMA_REL:
-    raise ValueError(f"sigma_rel={sigma_rel} is outside (0, "
-                     f"{config_lib.MAX_SIGMA_REL:.4f}]")
+  problem = config_lib.sigma_rel_problem(sigma_rel)
+  if problem:
+    raise ValueError(f"sigma_rel={problem}")
   s = float(sigma_rel) ** -2
   roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
   return max(0.0, float(roots[np.abs(roots.imag) < 1e-6 * (1 + np.abs(roots))].real.max()))
@@ -116,19 +130,29 @@ def profile_dot(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
 
 
 def solve_weights(steps, gammas, step, gamma) -> tuple[np.ndarray, float]:
-  """Least-squares weights of snapshots that make the profile (step, gamma).
+  """Weights of snapshots that make the profile (step, gamma), summing to 1.
+
+  The least-squares solution, divided by its sum (EDM2's
+  `solve_posthoc_coefficients`). Every profile integrates to 1, so the
+  reconstruction of a parameter that never changed is that constant times
+  sum_i x_i: only weights summing to 1 give the constant back. The
+  least-squares sum alone falls short where the snapshots cannot make the
+  target (0.97 for sigma_rel 0.25 from 12 snapshot steps of 0.05/0.10, 0.19
+  at 1e-6 from 2), and every parameter would be scaled by it.
 
   Args:
     steps: [K] the snapshots' times (training steps).
     gammas: [K] the snapshots' profile exponents.
     step, gamma: the target profile's time and exponent.
   Returns:
-    (x [K] float64, relative residual ||sum_i x_i p_i - p|| / ||p||).
+    (x [K] float64 with sum 1, relative residual ||sum_i x_i p_i - p|| / ||p||
+    of these weights).
   """
   steps, gammas = np.asarray(steps, np.float64), np.asarray(gammas, np.float64)
   gram = profile_dot(steps[:, None], gammas[:, None], steps[None, :], gammas[None, :])
   rhs = profile_dot(steps, gammas, step, gamma)
   x = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+  x = x / x.sum()
   target = float(profile_dot(step, gamma, step, gamma))
   sq = max(float(x @ gram @ x - 2 * x @ rhs + target), 0.0)
   return x, float(np.sqrt(sq / target))
@@ -245,7 +269,7 @@ def reconstruct(workdir, sigma_rels: Sequence[float], step: Optional[int] = None
   try:
     targets = [sigma_rel_to_gamma(r) for r in sigma_rels]
   except ValueError as e:
-    raise PosthocError(f"--sigma_rel: {e}; use e.g. 0.05 to 0.2") from None
+    raise PosthocError(f"--{e}; use e.g. 0.05 to 0.2") from None
   if not ckpt_lib.checkpoint_dir(workdir, SNAPSHOT_DIR).is_dir():
     raise PosthocError(
         f"no post-hoc EMA snapshots in {workdir} (looked for {workdir}/{SNAPSHOT_DIR}); "
@@ -264,6 +288,14 @@ def reconstruct(workdir, sigma_rels: Sequence[float], step: Optional[int] = None
   gammas = [sigma_rel_to_gamma(r) for r in rels]
   solved = [solve_weights(np.repeat(steps, len(rels)), np.tile(gammas, len(steps)),
                           step, g) for g in targets]
+  for r, (_, residual) in zip(sigma_rels, solved):
+    if residual > MAX_RELATIVE_RESIDUAL:
+      raise PosthocError(
+          f"--sigma_rel {r!r}: the {len(steps)} snapshot steps of sigma_rels {rels} up "
+          f"to step {step} make that profile only with relative residual {residual:.3g} "
+          f"(more than {MAX_RELATIVE_RESIDUAL}); choose a sigma_rel nearer the tracked "
+          "ones, or train with more snapshots (a smaller "
+          "training.posthoc_ema.snapshot_every)")
   abstract = jax.eval_shape(lambda k: model_lib.init_variables(config, k),
                             jax.random.key(0))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -298,29 +330,57 @@ def reconstruct(workdir, sigma_rels: Sequence[float], step: Optional[int] = None
   return config, results
 
 
+# Written into OUT first and removed last: OUT holding it is a reconstruction
+# that was killed, which the same command redoes (`ddx.outdir`).
+MARKER = ".ddx-posthoc-unfinished"
+# What write_workdir writes into a workdir.
+WORKDIR_NAMES = frozenset({"config.json", "posthoc_ema.json", "checkpoints"})
+
+
+def _kill_point(name: str) -> None:
+  """Test-only: kill -9 of this process at the point DDX_TEST_KILL_AT names.
+
+  tests/test_posthoc_ema.py kills a real reconstruction with it and reruns
+  the command; unset (always, outside that test) it does nothing.
+  """
+  if os.environ.get("DDX_TEST_KILL_AT") == name:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_workdir(out, variables: dict, config, step: int, info: dict) -> None:
   """Writes a workdir that `ddx.load`, --mode sample and --mode eval read.
 
-  OUT/config.json, OUT/checkpoints/<step>/ (state {"step", "ema_params",
-  "batch_stats"} and the config) and OUT/posthoc_ema.json (info). Written
-  into a temporary sibling directory and renamed to out when complete.
+  OUT/config.json, OUT/posthoc_ema.json (info) and OUT/checkpoints/<step>/
+  (state {"step", "ema_params", "batch_stats"} and the config; orbax writes
+  it under a temporary name and renames it when complete). Writes into out
+  as it is: `main` has claimed it (MARKER) before.
   """
   out = epath.Path(out)
-  local = "://" not in str(out)
-  tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}" if local else out
-  tmp.mkdir(parents=True, exist_ok=True)
-  (tmp / "config.json").write_text(
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.json").write_text(
       json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
-  (tmp / "posthoc_ema.json").write_text(json.dumps(info, indent=2))
-  ck = ckpt_lib.Checkpointer(tmp, keep=1)
+  (out / "posthoc_ema.json").write_text(json.dumps(info, indent=2))
+  _kill_point("config")
+  ck = ckpt_lib.Checkpointer(out, keep=1)
   state = {"step": np.asarray(step, np.int32), "ema_params": variables["params"],
            "batch_stats": variables.get("batch_stats", {})}
   ck.save(step, state, config)
   ck.close()
-  if local:
-    if out.exists():
-      out.rmdir()   # checked empty by the caller
-    tmp.rename(out)
+
+
+def _clear_stale_tmp(out: str) -> None:
+  """Removes the temporary siblings `.OUT.tmp-<8 hex>` that this command wrote
+  before it wrote OUT directly (ddx up to 2026-12): a killed run left one for
+  good. Only folders of that name holding only a workdir's names go."""
+  parent, name = os.path.split(os.path.abspath(out))
+  if "://" in out or not os.path.isdir(parent):
+    return
+  pattern = re.compile(rf"\.{re.escape(name)}\.tmp-[0-9a-f]{{8}}")
+  for entry in os.listdir(parent):
+    path = os.path.join(parent, entry)
+    if (pattern.fullmatch(entry) and os.path.isdir(path) and not os.path.islink(path)
+        and set(os.listdir(path)) <= WORKDIR_NAMES):
+      epath.Path(path).rmtree()
 
 
 # --------------------------------------------------------------------------
@@ -344,14 +404,59 @@ def _sigma_rels(text: str) -> list[float]:
     _fail(f"--sigma_rel={text!r} must be a number or comma-separated numbers, e.g. 0.08")
   if not values:
     _fail("--sigma_rel is empty; give e.g. --sigma_rel 0.08")
+  for v in values:
+    problem = config_lib.sigma_rel_problem(v)
+    if problem:
+      _fail(f"--sigma_rel {problem}; use e.g. 0.05 to 0.2")
+  names = [_folder(v) for v in values]
+  for i, (v, name) in enumerate(zip(values, names)):
+    if name in names[:i]:
+      w = values[names.index(name)]
+      _fail(f"--sigma_rel repeats {v:g}; give each width once" if v == w else
+            f"--sigma_rel {w!r} and {v!r} would both be written to OUT/{name}; "
+            "give widths that differ in their first 6 digits")
   return values
+
+
+def _folder(sigma_rel: float) -> str:
+  """The folder of one sigma_rel when the command writes several."""
+  return f"sigma_rel_{sigma_rel:g}"
+
+
+def _inside(path: str, folder: str) -> bool:
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_out(args, owned: set) -> None:
+  """Refuses an --out that would break the run, holds anything but this
+  command's unfinished output, or cannot be written; only reads."""
+  if "://" not in args.out and "://" not in args.workdir:
+    if _inside(args.workdir, args.out):
+      _fail(f"--out {args.out} is the run's --workdir or holds it; choose a new "
+            "directory outside it")
+    for sub in (SNAPSHOT_DIR, "checkpoints"):   # orbax would read OUT as a step
+      if _inside(args.out, str(ckpt_lib.checkpoint_dir(args.workdir, sub))):
+        _fail(f"--out {args.out} is inside the run's {sub}/ folder, where it would break "
+              "the run; choose a directory outside it")
+  try:
+    outdir.check(args.out, MARKER, owned, flag="--out", command="ddx.posthoc_ema",
+                 error=PosthocError)
+  except PosthocError as e:
+    _fail(str(e))
+  existing = outdir.blocked_by(args.out)
+  if existing:
+    _fail(f"--out {args.out} cannot be created or written ({existing} is not a "
+          "writable directory); choose a writable --out")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """python -m ddx.posthoc_ema --workdir RUN --sigma_rel S[,S2,...] --out OUT [--step N]
 
   One sigma_rel writes the workdir OUT; several write OUT/sigma_rel_<S>/ each.
-  Bad input prints one line and exits with code 2; OUT must not exist or be empty.
+  Bad input prints one line and exits with code 2, before anything is
+  written. OUT must not exist, be empty, or be one this command was killed
+  while writing (MARKER and only its own names): that one is redone.
   """
   ap = _Parser(prog="python -m ddx.posthoc_ema",
                description="Reconstruct the post-hoc EMA of a run for given sigma_rel.")
@@ -363,27 +468,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   ap.add_argument("--step", type=int, default=None, help="a snapshot step (default newest)")
   args = ap.parse_args(argv)
   values = _sigma_rels(args.sigma_rel)
-  for v in values:
-    if not 0 < v <= config_lib.MAX_SIGMA_REL:
-      _fail(f"--sigma_rel {v} is outside (0, {config_lib.MAX_SIGMA_REL:.4f}]; use e.g. "
-            "0.05 to 0.2")
   out = epath.Path(args.out)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    _fail(f"--out {args.out} exists and is not an empty directory; choose a new --out "
-          "(nothing was written)")
-  if os.path.abspath(args.out) == os.path.abspath(args.workdir):
-    _fail("--out is the run's --workdir; choose a new directory")
   targets = ([(values[0], out)] if len(values) == 1 else
-             [(v, out / f"sigma_rel_{v:g}") for v in values])
+             [(v, out / _folder(v)) for v in values])
+  owned = {MARKER} | (WORKDIR_NAMES if len(values) == 1 else {p.name for _, p in targets})
+  _check_out(args, owned)
   try:
     config, results = reconstruct(args.workdir, values, args.step)
   except (PosthocError, ckpt_lib.CheckpointError) as e:
     _fail(str(e).splitlines()[0])
-  for (v, path), (variables, info) in zip(targets, results):
+  _clear_stale_tmp(args.out)
+  outdir.begin(args.out, MARKER, owned, flag="--out", command="ddx.posthoc_ema",
+               error=PosthocError)
+  _kill_point("claimed")
+  for i, ((v, path), (variables, info)) in enumerate(zip(targets, results)):
     info["source"] = str(args.workdir)
     write_workdir(path, variables, config, info["step"], info)
+    _kill_point(f"wrote {i}")
     print(f"wrote sigma_rel={v:g} (step {info['step']}, relative residual "
           f"{info['relative_residual']:.2e}) to {path}", flush=True)
+  outdir.finish(args.out, MARKER)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from ddx import convert
 from ddx.convert import common, unet
 from ddx.models.layers import timestep_embedding
 
-from testutils import ROOT, load_config
+from testutils import ROOT, load_config, tree_digest
 
 # DDPM's layouts as in the google/ddpm-* configs, at small width.
 _DDPM = dict(flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
@@ -339,17 +339,6 @@ def test_bad_scheduler_is_one_line_exit_2(converted, tmp_path, capsys):
   assert "beta_schedule" in err and "scheduler_config.json" in err
 
 
-def _tree_digest(folder):
-  """{relative path: sha256} of every file under folder."""
-  import hashlib
-  out = {}
-  for base, _, files in os.walk(folder):
-    for f in files:
-      path = os.path.join(base, f)
-      out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-  return out
-
-
 def test_cli_refuses_a_folder_of_the_users(converted, tmp_path):
   """`python -m ddx.convert` as a user runs it, into a folder holding the user's
   own config.json, notes and samples (no checkpoints/): exit 2, one line
@@ -360,7 +349,7 @@ def test_cli_refuses_a_folder_of_the_users(converted, tmp_path):
   (out / "config.json").write_text('{"my": "experiment"}')
   (out / "notes.txt").write_text("do not lose")
   np.savez(out / "samples" / "keep.npz", x=np.arange(3))
-  before = _tree_digest(out)
+  before = tree_digest(out)
   p = subprocess.run([sys.executable, "-m", "ddx.convert", src, "--workdir", str(out)],
                      cwd=ROOT, capture_output=True, text=True)
   assert p.returncode == 2, p.stderr
@@ -368,7 +357,7 @@ def test_cli_refuses_a_folder_of_the_users(converted, tmp_path):
       f"ddx.convert: error: --workdir {out} is not empty (it holds config.json, "
       "notes.txt, samples); ddx.convert writes only into a new or empty folder: "
       "choose another --workdir"]
-  assert _tree_digest(out) == before
+  assert tree_digest(out) == before
 
 
 def test_refuses_a_file_and_a_converted_workdir(converted, tmp_path, capsys):
@@ -380,10 +369,10 @@ def test_refuses_a_file_and_a_converted_workdir(converted, tmp_path, capsys):
       f"ddx.convert: error: --workdir {plain} is a file, not a folder; pass the path "
       "of a new or empty folder"]
   assert plain.read_bytes() == b"user data"
-  before = _tree_digest(workdir)
+  before = tree_digest(workdir)
   code, err = _run_main(capsys, src, workdir)     # a finished import is not redone
   assert code == 2 and len(err.splitlines()) == 1 and "is not empty" in err
-  assert _tree_digest(workdir) == before
+  assert tree_digest(workdir) == before
 
 
 def test_interrupted_conversion_is_redone(converted, tmp_path, capsys):

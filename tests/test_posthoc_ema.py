@@ -2,6 +2,7 @@
 formulas and numerical integration, reconstruction against a directly tracked
 EMA, snapshots through training and resume, and the reconstruct command."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
 from ddx import posthoc_ema, train
 
-from testutils import ROOT, load_config, snapshot_leaves
+from testutils import ROOT, load_config, snapshot_leaves, tree_digest
 
 
 # --------------------------------------------------------------------------
@@ -64,9 +65,16 @@ def test_sigma_rel_and_gamma_match_the_paper_and_the_profile_std():
     std = np.sqrt(moment(2) - moment(1) ** 2)
     assert std / t == pytest.approx(sigma_rel, rel=1e-6)
     assert float(posthoc_ema.gamma_to_sigma_rel(g)) == pytest.approx(sigma_rel, rel=1e-9)
-  for bad in (0.0, -0.1, config_lib.MAX_SIGMA_REL * 1.001):
-    with pytest.raises(ValueError, match="outside"):
+  for bad in (0.0, -0.1):
+    with pytest.raises(ValueError, match=f"sigma_rel={bad!r} is not greater than 0"):
       posthoc_ema.sigma_rel_to_gamma(bad)
+  # Just above the bound: the message must not print a rounded bound (0.2887)
+  # that the value seems to be inside.
+  for bad in (config_lib.MAX_SIGMA_REL * 1.001, 0.2887):
+    with pytest.raises(ValueError) as e:
+      posthoc_ema.sigma_rel_to_gamma(bad)
+    assert str(e.value).startswith(f"sigma_rel={bad!r} is greater than the largest width "
+                                   f"{config_lib.MAX_SIGMA_REL!r} "), e.value
 
 
 def test_ema_weight_is_one_minus_the_papers_beta_and_keeps_precision():
@@ -101,6 +109,24 @@ def test_profile_dot_equals_numerical_integration():
   # Exponents of sigma_rel = 0.001 (gamma ~ 1e3) do not overflow.
   g = posthoc_ema.sigma_rel_to_gamma(0.001)
   assert np.isfinite(posthoc_ema.profile_dot(1e6, g, 2e6, g)) and g > 500
+
+
+@pytest.mark.parametrize("times,rels,target", [
+    (12, (0.05, 0.10), 0.08), (12, (0.05, 0.10), 0.25), (2, (0.05, 0.10), 0.20),
+    (3, (0.05, 0.10), 0.15), (5, (0.03, 0.10, 0.2), 0.05)])
+def test_solve_weights_sum_to_one(times, rels, target):
+  """Every profile has mass 1, so weights that do not sum to 1 scale every
+  reconstructed parameter (the least-squares sums are 0.76 to 1.02 here).
+  The normalised sum is 1 up to float64 rounding: dividing K terms by their
+  sum and adding them again errs by at most K eps sum|x|."""
+  g = [posthoc_ema.sigma_rel_to_gamma(r) for r in rels]
+  steps = np.arange(1, times + 1) * 100
+  x, residual = posthoc_ema.solve_weights(np.repeat(steps, len(rels)),
+                                          np.tile(g, times), steps[-1],
+                                          posthoc_ema.sigma_rel_to_gamma(target))
+  eps = np.finfo(np.float64).eps
+  assert abs(x.sum() - 1) <= len(x) * eps * np.abs(x).sum(), x.sum()
+  assert residual < posthoc_ema.MAX_RELATIVE_RESIDUAL
 
 
 def test_solve_weights_reproduces_a_stored_profile_exactly():
@@ -303,7 +329,9 @@ def test_command_writes_loadable_workdirs(posthoc_run, tmp_path):
     for a, b in zip(jax.tree.leaves(model.variables["params"]),
                     jax.tree.leaves(variables["params"])):
       np.testing.assert_array_equal(a, b)
-    assert info["step"] == 6 and 0.9 < sum(s["weight"] for s in info["snapshots"]) < 1.1
+    weights = [s["weight"] for s in info["snapshots"]]
+    assert info["step"] == 6 and abs(sum(weights) - 1) <= (
+        len(weights) * np.finfo(np.float64).eps * info["sum_abs_weights"])
   c = load_config()   # --mode eval on OUT (it samples, so --mode sample works too)
   c.eval.num_samples, c.eval.batch_size, c.eval.steps = 8, 8, 2
   metrics = eval_run.evaluate(c, str(out / "sigma_rel_0.08"))
@@ -311,29 +339,74 @@ def test_command_writes_loadable_workdirs(posthoc_run, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--sigma_rel", "0.5"], "--sigma_rel 0.5 is outside (0, 0.2887]"),
+    (["--sigma_rel", "0.5"], "--sigma_rel 0.5 is greater than the largest width "
+                             f"{config_lib.MAX_SIGMA_REL!r} "),
+    (["--sigma_rel", "0.2887"], "--sigma_rel 0.2887 is greater than the largest width "
+                                f"{config_lib.MAX_SIGMA_REL!r} "),
     (["--sigma_rel", "abc"], "--sigma_rel='abc' must be a number"),
-    (["--sigma_rel", "0.08", "--out", "NONEMPTY"], "exists and is not an empty directory"),
+    (["--sigma_rel", "0.1,0.10"], "--sigma_rel repeats 0.1; give each width once"),
+    (["--sigma_rel", "0.1,0.1000001"], "0.1 and 0.1000001 would both be written to "
+                                       "OUT/sigma_rel_0.1"),
+    # Far narrower than any snapshot: the fit is ~ nothing (relative residual ~1).
+    (["--sigma_rel", "1e-6"], "make that profile only with relative residual 1 (more "
+                              "than 0.5); choose a sigma_rel nearer the tracked ones"),
+    (["--sigma_rel", "0.08", "--out", "NONEMPTY"],
+     "--out NONEMPTY is not empty (it holds keep.txt); ddx.posthoc_ema writes only"),
+    (["--sigma_rel", "0.08", "--out", "FILE"], "--out FILE is a file, not a folder"),
+    (["--sigma_rel", "0.08", "--out", "FILE/sub"], "--out FILE/sub cannot be created or "
+                                                  "written (FILE is not a writable directory)"),
+    (["--sigma_rel", "0.08", "--out", "RUN"], "--out RUN is the run's --workdir"),
+    (["--sigma_rel", "0.08", "--out", "RUN/posthoc_ema/8"], "is inside the run's posthoc_ema/"),
+    (["--sigma_rel", "0.08,0.1", "--out", "RUN/posthoc_ema"], "is inside the run's posthoc_ema/"),
+    (["--sigma_rel", "0.08", "--out", "RUN/checkpoints/x"], "is inside the run's checkpoints/"),
+    (["--sigma_rel", "0.08", "--out", "LINK/9"], "is inside the run's posthoc_ema/"),
     (["--sigma_rel", "0.08", "--step", "5"], "no snapshot at step 5"),
     (["--sigma_rel", "0.08", "--workdir", "EMPTY"], "no post-hoc EMA snapshots in"),
     (["--sigma_rel", "0.08", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
 ])
 def test_command_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
+  """One line, exit 2, and not a byte of the run or of the user's folders
+  changed (nor OUT created)."""
   run = tmp_path / "run"
   _fake_snapshots(run, [2])
   full = tmp_path / "full"
   full.mkdir()
   (full / "keep.txt").write_text("user data")
+  (tmp_path / "file").write_text("user data")
   (tmp_path / "empty").mkdir()
+  os.symlink(run / "posthoc_ema", tmp_path / "link")
+  names = {"NONEMPTY": str(full), "EMPTY": str(tmp_path / "empty"),
+           "FILE": str(tmp_path / "file"), "RUN": str(run), "LINK": str(tmp_path / "link")}
+  expand = lambda a: re.sub(r"\b(NONEMPTY|EMPTY|FILE|RUN|LINK)\b",
+                            lambda m: names[m.group(0)], a)
   argv = ["--workdir", str(run), "--out", str(tmp_path / "out"), *args]
-  argv = [{"NONEMPTY": str(full), "EMPTY": str(tmp_path / "empty")}.get(a, a) for a in argv]
+  argv, needle = [expand(a) for a in argv], expand(needle)
+  before = tree_digest(tmp_path)
   with pytest.raises(SystemExit) as e:
     posthoc_ema.main(argv)
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("ddx: error:") and needle in err[0], err
   assert not (tmp_path / "out").exists()
-  assert sorted(os.listdir(full)) == ["keep.txt"]
+  assert tree_digest(tmp_path) == before
+  assert sorted(os.listdir(tmp_path)) == ["empty", "file", "full", "link", "run"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_command_refuses_a_read_only_out(tmp_path, capsys):
+  run, ro = tmp_path / "run", tmp_path / "ro"
+  _fake_snapshots(run, [2])
+  ro.mkdir()
+  ro.chmod(0o555)
+  try:
+    with pytest.raises(SystemExit) as e:
+      posthoc_ema.main(["--workdir", str(run), "--sigma_rel", "0.08",
+                        "--out", str(ro / "out")])
+  finally:
+    ro.chmod(0o755)
+  assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+      f"ddx: error: --out {ro / 'out'} cannot be created or written ({ro} is not a "
+      "writable directory); choose a writable --out"]
 
 
 def _fake_snapshots(workdir, steps):
@@ -372,8 +445,10 @@ def test_snapshots_of_other_profiles_are_refused(tmp_path):
 
 @pytest.mark.parametrize("key,value,needle", [
     ("snapshot_every", -1, "training.posthoc_ema.snapshot_every=-1 must be an integer >= 0"),
-    ("sigma_rels", (0.05, 0.3), "training.posthoc_ema.sigma_rels has 0.3, outside (0, 0.2887]"),
-    ("sigma_rels", (0.0,), "training.posthoc_ema.sigma_rels has 0.0, outside"),
+    ("sigma_rels", (0.05, 0.3), "training.posthoc_ema.sigma_rels: 0.3 is greater than the "
+                                f"largest width {config_lib.MAX_SIGMA_REL!r}"),
+    ("sigma_rels", (0.2887,), "sigma_rels: 0.2887 is greater than the largest width 0.2886751"),
+    ("sigma_rels", (0.0,), "training.posthoc_ema.sigma_rels: 0.0 is not greater than 0"),
     ("sigma_rels", (0.1, 0.1), "training.posthoc_ema.sigma_rels=(0.1, 0.1) repeats a value"),
     ("sigma_rels", ("a",), "must be a tuple of numbers"),
 ])
@@ -393,3 +468,138 @@ def test_snapshot_interval_must_be_a_multiple_of_steps_per_dispatch():
   with pytest.raises(config_lib.ConfigError,
                      match=r"^training\.posthoc_ema\.snapshot_every=3 is not a multiple"):
     config_lib.validate(config)
+
+
+# --------------------------------------------------------------------------
+# Reconstructions of snapshots with the network's structure (no training).
+
+
+def _model_snapshots(workdir, steps, fill):
+  """Snapshots of configs/test.py's parameter tree at steps, leaf values
+  fill(step, profile index, leaf index, shape) (float32)."""
+  config = _posthoc_config()
+  abstract = jax.eval_shape(lambda k: ddx.model.init_variables(config, k),
+                            jax.random.key(0))["params"]
+  leaves, treedef = jax.tree.flatten(abstract)
+  store = posthoc_ema.snapshots(str(workdir))
+  for s in steps:
+    emas = tuple(jax.tree.unflatten(treedef, [np.asarray(fill(s, k, i, a.shape), np.float32)
+                                              for i, a in enumerate(leaves)])
+                 for k in range(len(config.training.posthoc_ema.sigma_rels)))
+    store.save(s, {"emas": emas, "batch_stats": {}}, config)
+  store.close()
+
+
+def test_constant_parameters_reconstruct_the_constant(tmp_path):
+  """A parameter that never changed is that value in every snapshot, and its
+  EMA of any width is that value: weights summing to 1 give it back. In
+  float64 the sum errs by K eps sum|x| relative (~1e-14 here), far below
+  float32's half ulp, so the float32 result is the constant exactly."""
+  c = np.float32(0.3)
+  _model_snapshots(tmp_path, [2, 4, 6], lambda s, k, i, shape: np.full(shape, c))
+  _, results = posthoc_ema.reconstruct(str(tmp_path), [0.05, 0.08, 0.15, 0.2])
+  for variables, info in results:
+    eps = np.finfo(np.float64).eps
+    assert len(info["snapshots"]) * eps * info["sum_abs_weights"] < np.finfo(np.float32).eps / 4
+    for leaf in jax.tree.leaves(variables["params"]):
+      np.testing.assert_array_equal(leaf, np.full(leaf.shape, c), err_msg=info["sigma_rel"])
+
+
+def _varying(s, k, i, shape):
+  return np.random.default_rng([s, k, i]).normal(size=shape)
+
+
+def _same_workdirs(a, b):
+  """Equal outputs of two reconstructions: names, config.json and posthoc_ema.json
+  bytes, the checkpoint's arrays bit for bit."""
+  assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+  for name in ("config.json", "posthoc_ema.json"):
+    assert (a / name).read_bytes() == (b / name).read_bytes(), name
+  x, y = ddx.load(str(a)), ddx.load(str(b))
+  for u, v in zip(jax.tree.leaves(x.variables), jax.tree.leaves(y.variables), strict=True):
+    np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("sigma_rel,kill_at", [
+    ("0.08", "claimed"), ("0.08", "config"), ("0.08,0.15", "claimed"),
+    ("0.08,0.15", "config"), ("0.08,0.15", "wrote 0")])
+def test_interrupted_command_is_redone(tmp_path, monkeypatch, sigma_rel, kill_at):
+  """Stopped at each point between its writes (the subprocess test below kills
+  one for real): the same command then succeeds, equal to an uninterrupted
+  run; OUT of a finished run, or holding a file of the user's beside the
+  command's own, is refused untouched."""
+  run = tmp_path / "run"
+  _model_snapshots(run, [2, 4, 6], _varying)
+  command = lambda out: posthoc_ema.main(["--workdir", str(run), "--sigma_rel", sigma_rel,
+                                          "--out", str(out)])
+  command(tmp_path / "straight")
+  assert not (tmp_path / "straight" / posthoc_ema.MARKER).exists()
+
+  class Killed(BaseException):
+    pass
+
+  def stop(name):
+    if name == kill_at:
+      raise Killed
+  monkeypatch.setattr(posthoc_ema, "_kill_point", stop)
+  out = tmp_path / "out"
+  with pytest.raises(Killed):
+    command(out)
+  assert (out / posthoc_ema.MARKER).exists()
+  monkeypatch.undo()
+  command(out)
+  _check = (lambda: _same_workdirs(out, tmp_path / "straight")) if "," not in sigma_rel \
+      else (lambda: [_same_workdirs(out / n, tmp_path / "straight" / n)
+                     for n in ("sigma_rel_0.08", "sigma_rel_0.15")])
+  _check()
+  assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "straight"))
+  for extra in ([], ["notes.txt"]):   # finished; a user's file beside an unfinished run
+    if extra:
+      (out / posthoc_ema.MARKER).write_text("")
+      (out / "notes.txt").write_text("mine")
+    before = tree_digest(out)
+    with pytest.raises(SystemExit) as e:
+      command(out)
+    assert e.value.code == 2 and tree_digest(out) == before
+
+
+def test_a_killed_runs_temporary_sibling_is_cleared(tmp_path):
+  """ddx up to 2026-12 wrote OUT as .OUT.tmp-<8 hex> and renamed it; a kill left
+  that sibling for good. The next run removes it, and no other sibling."""
+  run = tmp_path / "run"
+  _model_snapshots(run, [2], _varying)
+  stale = tmp_path / ".out.tmp-0123abcd"
+  (stale / "checkpoints" / "2.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  (stale / "config.json").write_text("{")
+  mine = [tmp_path / ".out.tmp-0123abce", tmp_path / ".out.tmp-notours", tmp_path / ".out2.tmp-0123abcd"]
+  for p in mine:
+    p.mkdir()
+  (mine[0] / "notes.txt").write_text("mine")
+  (mine[1] / "config.json").write_text("{}")
+  (mine[2] / "config.json").write_text("{}")
+  before = {p.name: tree_digest(p) for p in mine}
+  posthoc_ema.main(["--workdir", str(run), "--sigma_rel", "0.1", "--out", str(tmp_path / "out")])
+  assert not stale.exists()
+  assert {p.name: tree_digest(p) for p in mine} == before
+
+
+@pytest.mark.slow
+def test_command_killed_with_sigkill_is_redone(tmp_path):
+  """kill -9 between the two folders of a two-width reconstruction (the
+  test-only DDX_TEST_KILL_AT hook), then the same command: equal, bit for
+  bit, to an uninterrupted run."""
+  run = tmp_path / "run"
+  _model_snapshots(run, [2, 4, 6], _varying)
+  posthoc_ema.main(["--workdir", str(run), "--sigma_rel", "0.08,0.15",
+                    "--out", str(tmp_path / "straight")])
+  argv = [sys.executable, "-m", "ddx.posthoc_ema", "--workdir", str(run),
+          "--sigma_rel", "0.08,0.15", "--out", str(tmp_path / "out")]
+  env = dict(os.environ, DDX_TEST_KILL_AT="wrote 0")
+  r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == -9, r.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "out")) == [posthoc_ema.MARKER, "sigma_rel_0.08"]
+  r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for n in ("sigma_rel_0.08", "sigma_rel_0.15"):
+    _same_workdirs(tmp_path / "out" / n, tmp_path / "straight" / n)
+  assert sorted(os.listdir(tmp_path / "out")) == ["sigma_rel_0.08", "sigma_rel_0.15"]

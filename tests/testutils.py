@@ -93,6 +93,18 @@ def gaussian_data(seed: int, shape, std_range=(0.3, 1.5)):
   return rng, mean, std
 
 
+def tree_digest(folder) -> dict:
+  """{relative path: sha256} of every file under folder: equal before and after
+  wherever a command must not change a byte."""
+  import hashlib
+  out = {}
+  for base, _, files in os.walk(folder):
+    for f in files:
+      path = os.path.join(base, f)
+      out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  return out
+
+
 def snapshot_leaves(workdir, config) -> dict:
   """{step: [leaves]} of every post-hoc EMA snapshot of a run of `config`,
   restored onto this process's first device (whatever device count saved it)."""

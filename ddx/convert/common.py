@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ddx import outdir
+
 EXIT_BAD_INPUT = 2
 
 # diffusers' save_pretrained names (UNet2DModel, AutoencoderKL, ...).
@@ -30,11 +32,7 @@ MARKER = ".ddx-convert-unfinished"
 # temporary names of the files it writes through a rename.
 OUTPUT_NAMES = frozenset({MARKER, "config.json", "config.json.tmp", "checkpoints",
                           "autoencoder.json", "autoencoder.json.tmp", "params"})
-
-
-def _listing(names: list[str]) -> str:
-  shown = ", ".join(names[:3])
-  return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+_OUTDIR = dict(flag="--workdir", command="ddx.convert", error=ConversionError)
 
 
 def check_output(workdir: str) -> None:
@@ -42,44 +40,22 @@ def check_output(workdir: str) -> None:
 
   ddx.convert writes only into a new or empty folder, or into one that an
   interrupted ddx.convert left (it holds MARKER and only OUTPUT_NAMES):
-  nothing of the user's is ever replaced. Only reads.
+  nothing of the user's is ever replaced. Only reads (`ddx.outdir.check`).
   Raises:
     ConversionError: the path is a file, or a folder holding other things.
   """
-  from etils import epath
-  root = epath.Path(workdir)
-  if not root.exists():
-    return
-  if not root.is_dir():
-    raise ConversionError(f"--workdir {workdir} is a file, not a folder; pass the "
-                          "path of a new or empty folder")
-  names = sorted(p.name for p in root.iterdir())
-  if not names or (MARKER in names and set(names) <= OUTPUT_NAMES):
-    return
-  foreign = [n for n in names if n not in OUTPUT_NAMES] if MARKER in names else names
-  raise ConversionError(
-      f"--workdir {workdir} is not empty (it holds {_listing(foreign)}); ddx.convert "
-      "writes only into a new or empty folder: choose another --workdir")
+  outdir.check(workdir, MARKER, OUTPUT_NAMES, **_OUTDIR)
 
 
 def begin_output(workdir: str) -> None:
   """Claims the output folder before the first write: checks it again, clears
   what an interrupted import left there, and writes MARKER."""
-  from etils import epath
-  check_output(workdir)
-  root = epath.Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
-  for p in root.iterdir():   # only OUTPUT_NAMES here (check_output)
-    if p.name != MARKER:
-      p.rmtree() if p.is_dir() else p.unlink()
-  (root / MARKER).write_text("ddx.convert started writing this folder and has not "
-                             "finished; rerun the same command to redo it\n")
+  outdir.begin(workdir, MARKER, OUTPUT_NAMES, **_OUTDIR)
 
 
 def finish_output(workdir: str) -> None:
   """Marks the output folder complete (removes MARKER)."""
-  from etils import epath
-  (epath.Path(workdir) / MARKER).unlink()
+  outdir.finish(workdir, MARKER)
 
 
 def require(cond: bool, msg: str) -> None:
