@@ -32,11 +32,6 @@ OUTPUT_NAMES = frozenset({MARKER, "config.json", "config.json.tmp", "checkpoints
                           "autoencoder.json", "autoencoder.json.tmp", "params"})
 
 
-def _listing(names: list[str]) -> str:
-  shown = ", ".join(names[:3])
-  return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
 def check_output(workdir: str) -> None:
   """Refuses an output folder that holds anything but an unfinished import.
 
@@ -46,19 +41,17 @@ def check_output(workdir: str) -> None:
   Raises:
     ConversionError: the path is a file, or a folder holding other things.
   """
-  from etils import epath
-  root = epath.Path(workdir)
-  if not root.exists():
-    return
-  if not root.is_dir():
+  from ddx import workdir as workdir_lib   # the folder rules training shares
+  try:
+    names = workdir_lib.folder_names(workdir)
+  except NotADirectoryError:
     raise ConversionError(f"--workdir {workdir} is a file, not a folder; pass the "
-                          "path of a new or empty folder")
-  names = sorted(p.name for p in root.iterdir())
+                          "path of a new or empty folder") from None
   if not names or (MARKER in names and set(names) <= OUTPUT_NAMES):
     return
   foreign = [n for n in names if n not in OUTPUT_NAMES] if MARKER in names else names
   raise ConversionError(
-      f"--workdir {workdir} is not empty (it holds {_listing(foreign)}); ddx.convert "
+      f"--workdir {workdir} is not empty (it holds {workdir_lib.listing(foreign)}); ddx.convert "
       "writes only into a new or empty folder: choose another --workdir")
 
 
