@@ -101,7 +101,7 @@ def structure_difference(saved: dict, target: Any, ignore: tuple = ()) -> Option
   return f"it has {extra[0]}, which this config does not ({len(extra)} extra leaves)"
 
 
-def _all_processes_agree(ok: bool) -> bool:
+def all_processes_agree(ok: bool) -> bool:
   """True only if `ok` on every process; one collective that all processes reach."""
   if jax.process_count() == 1:
     return ok
@@ -116,7 +116,7 @@ def has_checkpoints(workdir) -> bool:
   A collective: every process must call it at the same point, before any of
   them writes into the workdir (else one could see what another just made).
   """
-  return not _all_processes_agree(not checkpoint_dir(workdir).is_dir())
+  return not all_processes_agree(not checkpoint_dir(workdir).is_dir())
 
 
 class Checkpointer:
@@ -251,7 +251,7 @@ class Checkpointer:
         meta_ok = True
       except Exception:  # no readable metadata: the files are damaged
         meta_ok = False
-      if _all_processes_agree(meta_ok):
+      if all_processes_agree(meta_ok):
         self.check_structure(step, target, ignore)   # a mismatch stops here
         try:
           # Partial: the leaves were just checked to be target's, and a
@@ -260,7 +260,7 @@ class Checkpointer:
           ok, err = True, None
         except Exception as e:  # orbax/tensorstore raise many types for bad files
           ok, err = False, e
-        if _all_processes_agree(ok):
+        if all_processes_agree(ok):
           return state, step
       else:
         err = "its metadata does not read back"
@@ -324,6 +324,45 @@ def load(workdir, step: Optional[int] = None) -> model_lib.Model:
   Raises:
     CheckpointError: no checkpoint in workdir (the message says where it looked).
   """
+  return load_with_step(workdir, step)[1]
+
+
+def _why(e: BaseException) -> str:
+  """An exception in one short line (tensorstore's messages run to kilobytes)."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {text[:200]}" + ("..." if len(text) > 200 else "")
+
+
+class _Quiet:
+  """Silences orbax's and asyncio's loggers around a restore that may fail:
+  a failed read leaves async tasks whose errors ("Event loop is closed") would
+  otherwise print a traceback each; the caller reports the failure in one line."""
+
+  _NAMES = ("asyncio", "orbax", "orbax.checkpoint", "tensorstore")
+
+  def __enter__(self):
+    self._levels = [(py_logging.getLogger(n), py_logging.getLogger(n).level)
+                    for n in self._NAMES]
+    for log, _ in self._levels:
+      log.setLevel(py_logging.CRITICAL + 1)
+
+  def __exit__(self, *exc):
+    for log, level in self._levels:
+      log.setLevel(level)
+
+
+def load_with_step(workdir, step: Optional[int] = None) -> tuple[int, model_lib.Model]:
+  """`load`, and the step of the checkpoint it read.
+
+  Args:
+    workdir: the run's directory (the one given to `--workdir`), local or gs://.
+    step: which checkpoint; default the newest that reads back.
+  Returns:
+    (step, model): the checkpoint's step and `load`'s Model. Each checkpoint
+    that does not read back is skipped with one warning line naming it and why.
+  Raises:
+    CheckpointError: no checkpoint in workdir (the message says where it looked).
+  """
   ckdir = checkpoint_dir(workdir)
   if not ckdir.is_dir():
     raise CheckpointError(
@@ -340,23 +379,24 @@ def load(workdir, step: Optional[int] = None) -> model_lib.Model:
   last_err = None
   for s in candidates:
     try:
-      config = ck.restore_config(s)
-      abstract = jax.eval_shape(lambda k: model_lib.init_variables(config, k),
-                                jax.random.key(0))
-      # Only what sampling needs: the EMA weights (and BatchNorm statistics).
-      target = {"ema_params": abstract["params"]}
-      if "batch_stats" in abstract:
-        target["batch_stats"] = abstract["batch_stats"]
-      restored = jax.tree.map(jax.numpy.asarray, ck.restore(s, target, partial=True))
-      variables = {"params": restored["ema_params"]}
-      if "batch_stats" in target:
-        variables["batch_stats"] = restored["batch_stats"]
-      model = model_lib.Model(variables=variables, config=config_lib.freeze(config))
+      with _Quiet():
+        config = ck.restore_config(s)
+        abstract = jax.eval_shape(lambda k: model_lib.init_variables(config, k),
+                                  jax.random.key(0))
+        # Only what sampling needs: the EMA weights (and BatchNorm statistics).
+        target = {"ema_params": abstract["params"]}
+        if "batch_stats" in abstract:
+          target["batch_stats"] = abstract["batch_stats"]
+        restored = jax.tree.map(jax.numpy.asarray, ck.restore(s, target, partial=True))
+        variables = {"params": restored["ema_params"]}
+        if "batch_stats" in target:
+          variables["batch_stats"] = restored["batch_stats"]
+        model = model_lib.Model(variables=variables, config=config_lib.freeze(config))
     except Exception as e:
       last_err = e
-      logging.warning("checkpoint %d in %s could not be loaded: %s", s, ckdir, e)
+      logging.warning("skipped checkpoint %d in %s: it does not read back (%s)", s,
+                      ckdir, _why(e))
       continue
     # Outside the try: a missing autoencoder is its own error, not a bad checkpoint.
-    return model.replace(autoencoder=model_lib.load_autoencoder(config))
-  raise CheckpointError(f"no readable checkpoint in {ckdir}: "
-                        f"{str(last_err).splitlines()[0][:300]}")
+    return s, model.replace(autoencoder=model_lib.load_autoencoder(config))
+  raise CheckpointError(f"no readable checkpoint in {ckdir}: {_why(last_err)}")

@@ -648,20 +648,9 @@ class Evaluator:
 
 
 def _newest_model(workdir: str):
-  """(step, Model) of the newest checkpoint that reads back."""
+  """(step, Model) of the newest checkpoint that reads back (`ddx.checkpoint.load_with_step`)."""
   from ddx import checkpoint as ckpt_lib
-  steps = []
-  if os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
-    steps = ckpt_lib.Checkpointer(workdir, read_only=True).steps()
-  last = None
-  for step in reversed(steps):
-    try:
-      return step, ckpt_lib.load(workdir, step=step)
-    except ckpt_lib.CheckpointError as e:
-      last = e
-  if last is not None:
-    raise last
-  return None, ckpt_lib.load(workdir)   # raises the no-checkpoint error
+  return ckpt_lib.load_with_step(workdir)
 
 
 def evaluate(config, workdir: str) -> dict:

@@ -157,6 +157,23 @@ def _with_run(config, workdir: str):
   return config
 
 
+# What --mode sample and eval write in the workdir (they only read its checkpoints).
+_MODE_OUTPUTS = {"sample": ("samples",), "eval": ("eval", "metrics.jsonl")}
+
+
+def _check_outputs(mode: str, workdir: str) -> None:
+  """Fails unless --mode sample/eval can write what it writes in workdir (local
+  paths; gs:// is checked by the first write), before anything is sampled."""
+  from ddx import outdir
+  for name in _MODE_OUTPUTS.get(mode, ()):
+    path = os.path.join(os.path.abspath(workdir), name)
+    existing = outdir.blocked_by(path)
+    if existing and not (os.path.isfile(existing) and os.access(existing, os.W_OK)):
+      _fail(f"--mode {mode} writes {path}, but {existing} is not writable (a read-only "
+            "file system or folder?); make it writable, or copy the run to a writable "
+            "folder and pass that as --workdir")
+
+
 def _sample(config, workdir):
   import io
   import jax
@@ -165,8 +182,9 @@ def _sample(config, workdir):
   import ddx
   from ddx import eval_run
   from ddx import evaluation
+  from ddx import checkpoint
   from ddx import options as options_lib
-  model = ddx.load(workdir)
+  step, model = checkpoint.load_with_step(workdir)   # says which checkpoints it skipped
   # Every sampling option from the command line config over the run's saved one.
   options = options_lib.resolve(model.config, config)
   guide = eval_run.load_guide(model, config)   # sampling.guide_workdir: autoguidance
@@ -184,7 +202,8 @@ def _sample(config, workdir):
   npz.write_bytes(buf.getvalue())
   png = npz.with_suffix(".png")
   evaluation.save_grid(u8, png)
-  print(f"wrote {len(u8)} samples to {png} and {npz.name}")
+  print(f"wrote {len(u8)} samples of the checkpoint at step {step} to {png} and "
+        f"{npz.name}")
 
 
 def _new_file(folder, stem: str, suffix: str):
@@ -247,6 +266,7 @@ def main(argv):
     elif _MODE.value == "eval":
       config = _with_run(config, workdir)
       config_lib.validate(config)
+      _check_outputs("eval", workdir)
       eval_run.evaluate(config, workdir)
     elif _MODE.value == "encode":
       config_lib.validate(config)
@@ -256,6 +276,7 @@ def main(argv):
     else:
       config = _with_run(config, workdir)
       config_lib.validate(config)
+      _check_outputs("sample", workdir)
       try:
         _sample(config, workdir)
       except ValueError as e:   # sample_fn's input checks (labels, guidance, ...)

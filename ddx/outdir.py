@@ -29,7 +29,8 @@ def blocked_by(path: str) -> Optional[str]:
   return None
 
 
-def _listing(names: list[str]) -> str:
+def listing(names: list[str]) -> str:
+  """The first three names, and how many more."""
   shown = ", ".join(names[:3])
   return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
@@ -60,7 +61,7 @@ def check(path: str, marker: str, owned: Container[str], *, flag: str, command: 
   if not names or (marker in names and all(n in owned for n in names)):
     return
   foreign = [n for n in names if n not in owned] if marker in names else names
-  raise error(f"{flag} {path} is not empty (it holds {_listing(foreign)}); {command} "
+  raise error(f"{flag} {path} is not empty (it holds {listing(foreign)}); {command} "
               f"writes only into a new or empty folder: choose another {flag}")
 
 

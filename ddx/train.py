@@ -37,6 +37,7 @@ from ddx import parallel
 from ddx import posthoc_ema
 from ddx import processes
 from ddx import model as model_lib
+from ddx import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -317,7 +318,7 @@ def _write_config(workdir: str, config) -> None:
   tmp.replace(path)
 
 
-def resolve_auto(config, workdir: str, source) -> ml_collections.ConfigDict:
+def resolve_auto(config, workdir: Optional[str], source) -> ml_collections.ConfigDict:
   """The run config with its "auto" values made numbers, as config.json records them.
 
   diffusion.sigma_data = auto is measured on the training source
@@ -328,15 +329,19 @@ def resolve_auto(config, workdir: str, source) -> ml_collections.ConfigDict:
 
   Args:
     config: the validated run config (not changed).
-    workdir: the run's directory; its config.json may not exist yet.
+    workdir: the run's directory; its config.json may not exist yet. None:
+      measure afresh (a run with no checkpoint yet: an earlier start's
+      config.json is not kept, so a corrected rerun gets its own values).
     source: the training source (`ddx.latents.run_source`).
   Returns:
     a new ConfigDict without "auto" in those keys.
   """
   d = config_lib.to_dict(config)
-  path = epath.Path(workdir) / "config.json"
-  saved = (config_lib.to_dict(config_lib.with_defaults(json.loads(path.read_text())))
-           if path.exists() else None)
+  saved = None
+  if workdir is not None:
+    path = epath.Path(workdir) / "config.json"
+    if path.exists():
+      saved = config_lib.to_dict(config_lib.with_defaults(json.loads(path.read_text())))
 
   def pick(group: str, key: str, fresh: Callable[[], Any]) -> None:
     if d[group].get(key, "auto") != "auto":
@@ -366,6 +371,7 @@ class TrainSetup(NamedTuple):
   step: Callable         # step(state, global batch, rng) -> (state, metrics), donates state
   steps: Callable        # steps(state, [k, B, ...] batches, rng): k updates per call
   teacher: Any = None    # training.teacher's Model (replicated), or None
+  teacher_step: Optional[int] = None   # the teacher checkpoint's step
 
 
 class _WithTeacher:
@@ -382,8 +388,9 @@ class _WithTeacher:
     return self.fn.lower(state, batch, rng, self.teacher)
 
 
-def load_teacher(config, mesh) -> Optional[model_lib.Model]:
-  """training.teacher's EMA model, replicated over `mesh`; None when unset.
+def load_teacher(config, mesh) -> tuple[Optional[int], Optional[model_lib.Model]]:
+  """(step, model): training.teacher's newest readable checkpoint's step and EMA
+  model, replicated over `mesh`; (None, None) when unset.
 
   Raises:
     config_lib.ConfigError: the teacher is not a finished ddx run, or its
@@ -391,9 +398,9 @@ def load_teacher(config, mesh) -> Optional[model_lib.Model]:
   """
   path = config.training.get("teacher", "")
   if not path:
-    return None
+    return None, None
   try:
-    teacher = ckpt_lib.load(path)
+    step, teacher = ckpt_lib.load_with_step(path)
   except (ckpt_lib.CheckpointError, ValueError) as e:
     raise config_lib.ConfigError(f"training.teacher={path!r}: {e}") from None
   for what, mine, theirs in (
@@ -403,7 +410,7 @@ def load_teacher(config, mesh) -> Optional[model_lib.Model]:
       raise config_lib.ConfigError(
           f"training.teacher={path!r} has {what} {theirs}, this run {mine}; distil "
           "from a teacher trained on the same data and classes")
-  return parallel.replicate(teacher.replace(autoencoder=None), mesh)
+  return step, parallel.replicate(teacher.replace(autoencoder=None), mesh)
 
 
 def make_setup(config, mesh) -> TrainSetup:
@@ -428,7 +435,7 @@ def make_setup(config, mesh) -> TrainSetup:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       shapes, state_sharding)
   repl = parallel.replicated(mesh)
-  teacher = load_teacher(config, mesh)
+  teacher_step, teacher = load_teacher(config, mesh)
   static = dict(net=net, sched=sched, tx=tx, config=config)
   step_fn = jax.jit(
       functools.partial(train_step, **static),
@@ -445,7 +452,7 @@ def make_setup(config, mesh) -> TrainSetup:
       out_shardings=(state_sharding, repl), donate_argnums=(0,))
   return TrainSetup(mesh, net, sched, tx, abstract, state_sharding, init_fn,
                     _WithTeacher(step_fn, teacher), _WithTeacher(multi_fn, teacher),
-                    teacher)
+                    teacher, teacher_step)
 
 
 def step_flops(step_fn, state, batch, rng) -> float:
@@ -468,13 +475,14 @@ def step_flops(step_fn, state, batch, rng) -> float:
 
 
 def restore_or_init(setup: TrainSetup, ck: ckpt_lib.Checkpointer, config,
-                    rng: jax.Array) -> TrainState:
-  """The newest checkpoint's state (optimizer reset if asked), or a fresh one."""
+                    rng: jax.Array, source: Optional[model_lib.Model] = None) -> TrainState:
+  """The newest checkpoint's state (optimizer reset if asked), or a fresh one
+  (started from `source`, training.init_from's checked model, if given)."""
   keep = _keep_optimizer(ck, config)
   restored, step = ck.resume(setup.abstract, keep_optimizer=keep)
   if restored is None:
     logging.info("initialised a new run")
-    return init_from(setup.init(rng), config)
+    return init_from(setup.init(rng), config, source)
   if keep:
     logging.info("resumed from the checkpoint at step %d", step)
     return restored
@@ -484,12 +492,14 @@ def restore_or_init(setup: TrainSetup, ck: ckpt_lib.Checkpointer, config,
   return TrainState(opt_state=opt_init(restored["params"]), **restored)
 
 
-def init_from(state: TrainState, config) -> TrainState:
-  """A fresh state started from training.init_from's EMA weights (as params, EMA
-  and every post-hoc EMA profile; BatchNorm statistics too); unchanged when
-  the key is "". Parameters the source lacks (e.g. a second time's embedding,
-  zero-initialised) keep their initialisation; the optimizer starts fresh.
+def load_init_from(config, abstract) -> Optional[model_lib.Model]:
+  """training.init_from's model, checked against the state this config builds;
+  None when the key is "". Only reads: training calls it before writing
+  anything, so a bad source leaves the workdir as it was.
 
+  Args:
+    abstract: the TrainState (ShapeDtypeStructs, e.g. `TrainSetup.abstract`,
+      or arrays) whose params and batch_stats the source must fit.
   Raises:
     config_lib.ConfigError: the source is not a finished run, has another
       image shape or classes, or a parameter this network lacks or has in
@@ -497,7 +507,7 @@ def init_from(state: TrainState, config) -> TrainState:
   """
   path = config.training.get("init_from", "")
   if not path:
-    return state
+    return None
   where = f"training.init_from={path!r}"
   try:
     source = ckpt_lib.load(path)
@@ -511,24 +521,54 @@ def init_from(state: TrainState, config) -> TrainState:
         f"{tuple(config_lib.image_shape(config))} with {config.model.num_classes}; "
         "start from a run on the same data")
 
-  def merge(mine: dict, theirs: dict, group: str) -> dict:
-    dst = flax.traverse_util.flatten_dict(mine, sep="/")
+  def check(mine: dict, theirs: dict, group: str) -> None:
+    dst = flax.traverse_util.flatten_dict(dict(mine), sep="/")
     src = flax.traverse_util.flatten_dict(dict(theirs), sep="/")
     extra = sorted(set(src) - set(dst))
     if extra:
       raise config_lib.ConfigError(
           f"{where} has {group} {extra[0]} that this network lacks (another backbone "
           "or size): start from a run of the same model.* settings")
+    for k in sorted(set(dst) & set(src)):
+      if tuple(np.shape(src[k])) != tuple(dst[k].shape):
+        raise config_lib.ConfigError(
+            f"{where}: {group} {k} has shape {tuple(np.shape(src[k]))}, this network "
+            f"{tuple(dst[k].shape)}; start from a run of the same model.* settings")
+
+  check(abstract.params, source.variables["params"], "parameter")
+  if abstract.batch_stats:
+    check(abstract.batch_stats, source.variables.get("batch_stats", {}), "batch_stats")
+  return source
+
+
+def init_from(state: TrainState, config,
+              source: Optional[model_lib.Model] = None) -> TrainState:
+  """A fresh state started from training.init_from's EMA weights (as params, EMA
+  and every post-hoc EMA profile; BatchNorm statistics too); unchanged when
+  the key is "". Parameters the source lacks (e.g. a second time's embedding,
+  zero-initialised) keep their initialisation; the optimizer starts fresh.
+
+  Args:
+    source: `load_init_from(config, ...)`'s model, if already loaded.
+  Raises:
+    config_lib.ConfigError: as `load_init_from`.
+  """
+  path = config.training.get("init_from", "")
+  if not path:
+    return state
+  where = f"training.init_from={path!r}"
+  if source is None:
+    source = load_init_from(config, state)
+
+  def merge(mine: dict, theirs: dict, group: str) -> dict:
+    dst = flax.traverse_util.flatten_dict(mine, sep="/")
+    src = flax.traverse_util.flatten_dict(dict(theirs), sep="/")
     out = {}
     for k, x in dst.items():
       if k not in src:
         out[k] = x
         continue
-      host = np.asarray(src[k], x.dtype)
-      if host.shape != x.shape:
-        raise config_lib.ConfigError(
-            f"{where}: {group} {k} has shape {host.shape}, this network "
-            f"{tuple(x.shape)}; start from a run of the same model.* settings")
+      host = np.asarray(src[k], x.dtype)   # shapes checked by load_init_from
       out[k] = jax.make_array_from_callback(x.shape, x.sharding, lambda i, h=host: h[i])
     fresh = sorted(set(dst) - set(src))
     if fresh:
@@ -594,6 +634,52 @@ def save_samples(model: model_lib.Model, rng: jax.Array, path: str,
   return u8
 
 
+def _teacher_path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "teacher.json"
+
+
+def teacher_record(config, setup: TrainSetup) -> Optional[dict]:
+  """What identifies training.teacher's weights: {"teacher": path, "step",
+  "weights": a digest of its EMA weights}; None without a teacher. A
+  distillation writes it to workdir/teacher.json at its first start."""
+  if setup.teacher is None:
+    return None
+  return {"teacher": config.training.teacher, "step": setup.teacher_step,
+          "weights": eval_run.model_fingerprint(setup.teacher)}
+
+
+def check_teacher(workdir: str, record: Optional[dict]) -> None:
+  """Refuses to resume a distillation whose teacher's weights have changed since
+  its first start (teacher.json): the student would follow another teacher.
+
+  Raises:
+    config_lib.ConfigError: one line naming both steps.
+  """
+  path = _teacher_path(workdir)
+  if record is None or not path.exists():
+    return
+  try:
+    first = json.loads(path.read_text())
+  except ValueError:
+    return   # not ddx's JSON: nothing to compare with
+  if first.get("weights") == record["weights"]:
+    return
+  raise config_lib.ConfigError(
+      f"training.teacher is now the teacher's checkpoint at step {record['step']}, but "
+      f"the run in {workdir} started distilling from its step {first.get('step')} "
+      f"(other weights, {path}); point training.teacher at a copy that does not "
+      "change (the teacher as it was, or a post-hoc EMA export), or use a new --workdir")
+
+
+def _check_guide(config, abstract) -> None:
+  """sampling.guide_workdir loads and can guide this run (before anything is
+  written, not at the first sample grid)."""
+  if not config.sampling.get("guide_workdir", ""):
+    return
+  model = model_lib.Model({"params": abstract.params}, config_lib.freeze(config))
+  eval_run.load_guide(model)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the run in `workdir`; returns the final TrainState.
 
@@ -603,8 +689,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Every eval.every_steps it logs eval.metrics of the EMA model (eval/* in
   metrics.jsonl and TensorBoard; ddx/eval_run.py).
   SIGTERM (preemption) saves a checkpoint at the current step and returns.
+
+  Every input is checked before anything is written (`ddx.workdir`'s folder
+  rules, the config, a resumed run's structure, training.init_from,
+  training.teacher and sampling.guide_workdir); then process 0 takes the
+  workdir's lock (`ddx.workdir.lock`), held until this returns.
+  Raises:
+    config_lib.ConfigError: bad input, one line; `ddx.workdir.WorkdirError`
+      for a folder that is not ddx's or that another trainer holds.
   """
   config_lib.validate(config, jax.device_count())
+  workdir_lib.check_trainable(workdir)   # before config.json is even read
   if jax.device_count() % config.training.fsdp:
     raise config_lib.ConfigError(
         f"training.fsdp={config.training.fsdp} does not divide the {jax.device_count()} "
@@ -621,20 +716,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"model.num_classes={config.model.num_classes} is smaller than the dataset's "
         f"{source.num_classes} classes; set --config.model.num_classes={source.num_classes}")
   is_main = jax.process_index() == 0
-  config = resolve_auto(config, workdir, source)   # config.json keeps the numbers
-  setup = make_setup(config, mesh)
-  if ckpt_lib.has_checkpoints(workdir):   # nothing is written before these checks
+  # Nothing is written before these checks.
+  steps = (ckpt_lib.Checkpointer(workdir, read_only=True).steps()
+           if ckpt_lib.has_checkpoints(workdir) else [])
+  # config.json keeps the numbers of a run that has checkpoints.
+  config = resolve_auto(config, workdir if steps else None, source)
+  setup = make_setup(config, mesh)   # loads and checks training.teacher
+  if steps:
     _check_resume(ckpt_lib.Checkpointer(workdir, read_only=True), workdir, config,
                   setup.abstract)
   if config.training.posthoc_ema.snapshot_every:
     posthoc_ema.check_resume(workdir, config)
-  if is_main:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    _write_config(workdir, config)
+  source_model = None
+  if not steps:
+    source_model = load_init_from(config, setup.abstract)
+  elif config.training.get("init_from", ""):
+    path = config.training.init_from
+    exists = epath.Path(path).exists()
+    (logging.info if exists else logging.warning)(
+        "training.init_from=%r%s is ignored: the run resumes from its own checkpoint "
+        "(step %d)", path, "" if exists else " (which does not exist)", steps[-1])
+  teacher = teacher_record(config, setup)
+  if steps:
+    check_teacher(workdir, teacher)
+  _check_guide(config, setup.abstract)
+
+  lock, busy = None, None
+  if is_main:   # the hosts of one job are one run: process 0 holds the lock
+    try:
+      lock = workdir_lib.lock(workdir)
+    except workdir_lib.WorkdirError as e:
+      busy = e
+  if not ckpt_lib.all_processes_agree(busy is None):
+    raise busy or workdir_lib.WorkdirError(
+        f"workdir {workdir} is in use by another ddx process (process 0 could not "
+        "lock it); wait for it to finish or stop it, or use another --workdir")
+  try:
+    if is_main:
+      workdir_lib.mark(workdir)
+      if teacher is not None and not (steps and _teacher_path(workdir).exists()):
+        _teacher_path(workdir).write_text(json.dumps(teacher, indent=2) + "\n")
+      _write_config(workdir, config)
+    return _train(config, workdir, setup, source, autoencoder, mesh, source_model)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir: str, setup: TrainSetup, source, autoencoder, mesh,
+           source_model) -> TrainState:
+  """The loop of `train_and_evaluate`, once every input is checked and the
+  workdir is held."""
+  is_main = jax.process_index() == 0
   ck = ckpt_lib.Checkpointer(workdir, keep=config.training.keep_checkpoints)
   base = jax.random.key(config.training.seed)
   init_rng, train_rng, sample_rng = (jax.random.fold_in(base, i) for i in range(3))
-  state = restore_or_init(setup, ck, config, init_rng)
+  state = restore_or_init(setup, ck, config, init_rng, source_model)
   step = int(state.step)
   step_fn, multi_fn = setup.step, setup.steps
   snapshots = (posthoc_ema.SnapshotWriter(workdir, config, step, state)

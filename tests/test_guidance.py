@@ -251,7 +251,8 @@ def test_command_line_interval_and_guide_reach_mode_sample(tmp_path, monkeypatch
   c = load_config()
   c.model.ch_mult, c.model.attn_resolutions = (1,), ()
   model, guide = random_model(c), random_model(c, seed=1)
-  monkeypatch.setattr(ddx, "load", lambda workdir: model)
+  from ddx import checkpoint as ckpt_lib
+  monkeypatch.setattr(ckpt_lib, "load_with_step", lambda workdir: (7, model))  # _sample's
   monkeypatch.setattr(eval_run, "_newest_model",
                       lambda workdir: (5, guide) if workdir == "runs/guide" else 1 / 0)
 

@@ -407,3 +407,209 @@ def test_metric_writer_survives_a_full_disk(tmp_path, caplog):
   warnings = [r for r in caplog.records if "stopped writing" in r.getMessage()]
   assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
   assert not w.active
+
+
+# --------------------------------------------------------------------------
+# One run, one workdir (issue #32: 4-7, 10a, 11).
+
+
+def _hashes(path):
+  """Every file under path with a digest of its bytes (nothing may change)."""
+  import hashlib
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def _quick(**extra):
+  config = load_config()
+  config.training.sample_every = 0
+  for key, value in extra.items():
+    group, name = key.split(".")
+    config[group][name] = value
+  return config
+
+
+def test_training_refuses_a_folder_that_is_not_a_ddx_workdir(tmp_path):
+  """The user's own config.json (and notes) are not ddx's: one line, and not a
+  byte of the folder changes."""
+  user = tmp_path / "u"
+  user.mkdir()
+  (user / "config.json").write_text('{"lr": 0.1, "my": "experiment"}')
+  (user / "notes.txt").write_text("my notes")
+  before = _hashes(user)
+  with pytest.raises(config_lib.ConfigError, match="not a ddx workdir") as e:
+    train.train_and_evaluate(_quick(), str(user))
+  assert "\n" not in str(e.value) and "config.json, notes.txt" in str(e.value)
+  assert _hashes(user) == before and sorted(os.listdir(user)) == ["config.json", "notes.txt"]
+
+
+def test_what_makes_a_ddx_workdir(tmp_path):
+  """New, empty, the marker (a first run killed at any moment), or checkpoints/
+  beside a ddx config.json (ddx.convert's output, an older ddx's run)."""
+  from ddx import workdir as workdir_lib
+  ok = workdir_lib.check_trainable
+  ok(str(tmp_path / "new"))
+  (tmp_path / "empty").mkdir()
+  ok(str(tmp_path / "empty"))
+  killed = tmp_path / "killed"
+  killed.mkdir()
+  for name in (workdir_lib.MARKER, workdir_lib.LOCK, "config.json", "metrics.jsonl"):
+    (killed / name).write_text("{}")
+  ok(str(killed))
+  converted = tmp_path / "converted"
+  (converted / "checkpoints").mkdir(parents=True)
+  (converted / "config.json").write_text(json.dumps(config_lib.to_dict(load_config())))
+  ok(str(converted))
+  (converted / "config.json").write_text('{"model": 1, "mine": 2}')   # not ddx's
+  with pytest.raises(workdir_lib.WorkdirError, match="it holds checkpoints, config.json"):
+    ok(str(converted))
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(workdir_lib.WorkdirError, match="is not a directory"):
+    ok(str(tmp_path / "afile"))
+
+
+def test_a_held_workdir_refuses_a_second_trainer_and_a_dead_holder_does_not(
+    six_steps, tmp_path):
+  import shutil
+  from ddx import workdir as workdir_lib
+  wd = str(tmp_path / "wd")
+  shutil.copytree(six_steps[1], wd)
+  held = workdir_lib.lock(wd)
+  try:
+    before = _hashes(wd)
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"in use by another ddx process "
+                       rf"\(pid {os.getpid()} on host"):
+      train.train_and_evaluate(_quick(**{"training.num_steps": 7}), wd)
+    assert _hashes(wd) == before
+  finally:
+    held.release()
+  state = train.train_and_evaluate(_quick(**{"training.num_steps": 7}), wd)
+  assert int(state.step) == 7
+
+
+@pytest.mark.slow
+def test_two_trainers_and_a_sigkilled_holder(tmp_path):
+  """A first run (no checkpoint yet) holds the workdir: a second launch is one
+  line, exit 2, and changes nothing; the first is killed with SIGKILL before any
+  checkpoint; the same command then resumes (the lock died with the process)."""
+  wd = tmp_path / "wd"
+  args = ("--config.training.checkpoint_every=0", "--config.training.log_every=1")
+  first = subprocess.Popen(_main_cmd(wd, *args), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+  try:
+    assert _wait_for_step(first, 1) is not None
+    first.send_signal(signal.SIGSTOP)   # holds the lock; its files stand still
+    before = _hashes(wd)
+    r = subprocess.run(_main_cmd(wd, *args), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    after = _hashes(wd)
+    assert first.poll() is None   # still holding the workdir: the refusal was no race
+    first.kill()                  # SIGKILL: no checkpoint written yet
+    first.wait(timeout=30)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert r.returncode == 2, r.stderr[-3000:]
+  err = [l for l in r.stderr.splitlines() if l.startswith("ddx: error:")]
+  assert len(err) == 1 and f"in use by another ddx process (pid {first.pid}" in err[0], \
+      r.stderr[-3000:]
+  assert "Traceback" not in r.stderr and after == before
+  assert not os.path.isdir(wd / "checkpoints") or not os.listdir(wd / "checkpoints")
+  r = subprocess.run(_main_cmd(wd, *args), cwd=ROOT, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert ckpt_lib.Checkpointer(str(wd), read_only=True).steps() == [6]
+
+
+def test_bad_init_from_and_guide_are_refused_before_anything_is_written(six_steps, tmp_path):
+  wd = tmp_path / "wd"
+  cases = [({"training.init_from": str(tmp_path / "missing")}, "training.init_from="),
+           ({"training.init_from": six_steps[1], "model.ch": 16}, "has shape"),
+           ({"sampling.guide_workdir": str(tmp_path / "missing")},
+            "sampling.guide_workdir=")]
+  for extra, needle in cases:
+    with pytest.raises(config_lib.ConfigError, match=needle) as e:
+      train.train_and_evaluate(_quick(**extra), str(wd))
+    assert "\n" not in str(e.value)
+    assert not wd.exists(), extra   # no config.json to fix a corrected rerun's "auto"
+
+
+def test_resume_says_init_from_is_ignored(six_steps, tmp_path, caplog):
+  import shutil
+  wd = str(tmp_path / "wd")
+  shutil.copytree(six_steps[1], wd)
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(_quick(**{"training.init_from": str(tmp_path / "gone")}), wd)
+  said = [r.getMessage() for r in caplog.records if "init_from" in r.getMessage()]
+  assert len(said) == 1 and "ignored: the run resumes from its own checkpoint (step 6)" \
+      in said[0], said
+
+
+@pytest.mark.slow
+def test_distillation_refuses_a_teacher_trained_further(tmp_path):
+  """teacher.json records the teacher's step and weights at the first start; a
+  resume after the teacher moved on is one line naming both steps."""
+  def tiny(**extra):
+    c = _quick(**extra)
+    c.model.ch, c.model.ch_mult, c.model.attn_resolutions = 8, (1,), ()
+    return c
+  teacher, student = str(tmp_path / "teacher"), str(tmp_path / "student")
+  flow = {"diffusion.process": "flow", "training.checkpoint_every": 2}
+  train.train_and_evaluate(tiny(**flow, **{"training.num_steps": 2}), teacher)
+  distil = {"diffusion.process": "consistency", "diffusion.num_timesteps": 1000,
+            "training.teacher": teacher, "training.checkpoint_every": 2}
+  train.train_and_evaluate(tiny(**distil, **{"training.num_steps": 2}), student)
+  record = json.loads(open(os.path.join(student, "teacher.json")).read())
+  assert record["step"] == 2 and record["teacher"] == teacher
+  train.train_and_evaluate(tiny(**flow, **{"training.num_steps": 4}), teacher)
+  before = _hashes(student)
+  with pytest.raises(config_lib.ConfigError, match=r"at step 4, but .* from its step 2"):
+    train.train_and_evaluate(tiny(**distil, **{"training.num_steps": 4}), student)
+  assert _hashes(student) == before
+
+
+@pytest.mark.parametrize("mode", ["sample", "eval"])
+def test_sample_and_eval_on_a_read_only_workdir(six_steps, tmp_path, mode):
+  import shutil
+  mnt = tmp_path / "ro"
+  mnt.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    wd = mnt / "wd"
+    shutil.copytree(six_steps[1], wd)
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    before = _hashes(wd)
+    r = subprocess.run(_main_cmd(wd, f"--mode={mode}", "--config.eval.num_samples=4"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = [l for l in r.stderr.splitlines() if l.startswith("ddx: error:")]
+    assert len(err) == 1 and f"--mode {mode} writes" in err[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and _hashes(wd) == before
+  finally:
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_sample_skips_a_corrupt_newest_checkpoint_in_one_line(six_steps, tmp_path):
+  import shutil
+  wd = tmp_path / "wd"
+  shutil.copytree(six_steps[1], wd)
+  for root, _, files in os.walk(wd / "checkpoints" / "6" / "state"):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "r+b") as fh:
+        fh.truncate(os.path.getsize(p) // 3)
+  r = subprocess.run(_main_cmd(wd, "--mode=sample"), cwd=ROOT, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "skipped checkpoint 6" in lines[0], r.stderr[-3000:]
+  assert len(lines[0]) < 600
+  assert "of the checkpoint at step 3" in r.stdout, r.stdout
