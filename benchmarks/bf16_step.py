@@ -23,7 +23,8 @@ def main():
   args = ap.parse_args()
   import jax
   import numpy as np
-  from ddx import config as config_lib, data, schedules, train
+  from ddx import config as config_lib, data, train
+  from ddx.processes.ddpm import schedules
   from ddx import models
 
   base = config_lib.from_file(args.config)

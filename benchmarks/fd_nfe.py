@@ -70,7 +70,7 @@ def main():
   args = ap.parse_args()
   parallel.split_cpu_into_devices(args.num_samples)
   import ddx
-  from ddx import sampling
+  from ddx import processes
   from ddx.evaluation import DigitsMetric
   metric = DigitsMetric()
   rows = []
@@ -87,11 +87,11 @@ def main():
     label = f"{os.path.basename(os.path.normpath(wd))} ({process})"
     if args.table == "spacing":
       for sampler in ("ddim", "dpm_solver_pp", "ddpm"):
-        for spacing in sampling.SPACINGS:
+        for spacing in processes.spec("ddpm").spacings:
           for steps in SPACING_STEPS:
             score(model, label, sampler=sampler, spacing=spacing, steps=steps)
     else:
-      for sampler in sampling.SAMPLERS_BY_PROCESS[process]:
+      for sampler in processes.spec(process).samplers:
         if sampler == "ddpm":
           continue                  # ancestral: many steps by design, not an ODE solver
         for nfe in NFES:

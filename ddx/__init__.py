@@ -1,11 +1,11 @@
 """ddx: diffusion models (DDPM, DDIM and after) in pure JAX.
 
 Public API (see README):
-  ddx.schedules.linear / cosine       DDPM noise schedules
-  ddx.edm, ddx.flow                   the EDM and flow-matching processes
+  ddx.schedules.linear / cosine       DDPM noise schedules (ddx/processes/ddpm/schedules.py)
+  ddx.edm, ddx.flow                   EDM's and flow matching's math (processes/<name>/core.py)
   ddx.processes                       the process protocol and registry (diffusion.process)
   ddx.models.build                    the network a config names (U-Net, DiT)
-  ddx.sampling                        the pure samplers
+  ddx.sampling                        the samplers several processes share
   ddx.q_sample, ddx.diffusion_loss    forward process and training loss
   ddx.sample                          any sampler as one lax.scan
   ddx.load, ddx.sample_fn, ddx.Model  a trained model, and sampling from it
@@ -22,9 +22,9 @@ base_config` in a config file loads ml_collections alone, not JAX.
 import importlib
 
 _API = {
-    "schedules": ("ddx.schedules", None),
-    "edm": ("ddx.edm", None),
-    "flow": ("ddx.flow", None),
+    "schedules": ("ddx.processes.ddpm.schedules", None),
+    "edm": ("ddx.processes.edm.core", None),
+    "flow": ("ddx.processes.flow.core", None),
     "processes": ("ddx.processes", None),
     "models": ("ddx.models", None),
     "sampling": ("ddx.sampling", None),
@@ -32,12 +32,12 @@ _API = {
     "autoencoder": ("ddx.autoencoder", None),
     "latents": ("ddx.latents", None),
     "load": ("ddx.checkpoint", "load"),
-    "diffusion_loss": ("ddx.diffusion", "diffusion_loss"),
-    "q_sample": ("ddx.diffusion", "q_sample"),
+    "diffusion_loss": ("ddx.processes.ddpm.core", "diffusion_loss"),
+    "q_sample": ("ddx.processes.ddpm.core", "q_sample"),
     "invert": ("ddx.inversion", "invert"),
     "invert_fn": ("ddx.inversion", "invert_fn"),
     "slerp": ("ddx.inversion", "slerp"),
-    "sample": ("ddx.sampling", "sample"),
+    "sample": ("ddx.processes.common", "sample"),
     "Model": ("ddx.model", "Model"),
     "sample_fn": ("ddx.model", "sample_fn"),
     "options": ("ddx.options", None),

@@ -20,7 +20,7 @@ Gaussian, evaluated at the dequantised image):
   prior N(0, σ_max² I) (the data's own variance is ignored next to σ_max²).
   The result is log p_{σ_min}(x): the data convolved with N(0, σ_min² I).
 * DDPM (its continuous limit): through EDM's VP mapping x̂ = x_t / √ᾱ,
-  σ = √((1 − ᾱ)/ᾱ) (`ddx.sampling.sigma.vp_denoiser`, index "interp": the
+  σ = √((1 − ᾱ)/ᾱ) (`ddx.processes.ddpm.vp.vp_denoiser`, index "interp": the
   network runs at the real-valued index whose interpolated log σ_i equals
   log σ), the same ODE in u = log σ from σ_0 to σ_{T−1} of the schedule.
   In x̂ the data side is x̂ = x_0 + σ_0 n, unscaled, so no Jacobian term is
@@ -48,9 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import likelihood
+from ddx.processes.ddpm import vlb
 from ddx import model as model_lib
 from ddx import processes
-from ddx.processes.flow import ODE_T_EPS as FLOW_T_EPS   # the flow ODE's data-side time
+from ddx.processes.flow.process import ODE_T_EPS as FLOW_T_EPS   # the flow ODE's data-side time
 
 ESTIMATORS = ("ode", "vlb", "both")   # = ddx.config.BPD_ESTIMATORS (tested)
 
@@ -190,7 +191,7 @@ def ode_bpd(model, images_u8, rng: jax.Array, *, labels=None,
 def _vlb_bpd_jit(model, images, rng, labels, *, num_terms, variance, clip_x0):
   x0 = model_lib.shard_batch(images.astype(jnp.float32) / 127.5 - 1.0)
   fn = model_lib.denoiser(model, labels)
-  out = likelihood.ddpm_vlb_terms(fn, model.schedule, x0, rng,
+  out = vlb.ddpm_vlb_terms(fn, model.schedule, x0, rng,
                                   prediction=model.process.prediction,
                                   variance=variance, num_terms=num_terms, clip_x0=clip_x0)
   return out["bpd"]
@@ -202,7 +203,7 @@ def vlb_bpd(model, images_u8, rng: jax.Array, *, labels=None,
   """Bits/dim of 8-bit images by the DDPM variational bound (Ho et al. 2020, Eq. 5).
 
   L_T + Σ L_{t−1} + L_0 on the images scaled as in training, k/127.5 − 1,
-  with the discretised Gaussian decoder for L_0 (`likelihood.ddpm_vlb_terms`):
+  with the discretised Gaussian decoder for L_0 (`ddx.processes.ddpm.vlb.ddpm_vlb_terms`):
   a bound on the discrete data's −log2 P(k)/D, no dequantisation.
 
   Args:

@@ -21,25 +21,13 @@ import warnings
 import ml_collections
 
 from ddx import processes
-from ddx.processes import ddpm_config, flow_config
-
-PREDICTIONS = ddpm_config.PREDICTIONS      # diffusion.prediction of ddpm
-SCHEDULES = ddpm_config.SCHEDULES          # diffusion.schedule (ddx.schedules)
 NORMS = ("group", "batch")                 # model.norm (ddx.models.layers)
 DTYPES = ("float32", "bfloat16")           # model.dtype: the network's compute dtype
-PROCESSES = processes.names()              # diffusion.process (the built-in ones)
-# sampling/eval.sampler by process (ddx.sampling.SAMPLERS_BY_PROCESS)
-SAMPLERS_BY_PROCESS = {n: processes.spec(n).samplers for n in PROCESSES}
-SAMPLERS = ddpm_config.DISCRETE_SAMPLERS   # the discrete DDPM samplers (ddx.sampling)
-FLOW_PREDICTIONS = flow_config.PREDICTIONS  # diffusion.prediction for process = flow
 MODELS = ("unet", "dit")                   # model.name (ddx.models.NAMES)
 ATTENTIONS = ("xla", "auto", "cudnn", "tpu_flash")   # model.attention (ddx.models.attention)
 NORM_KERNELS = ("xla", "pallas")            # model.norm_kernel (ddx.models.fused_norm)
 REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
 TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models.layers)
-SIGMA_INDICES = ddpm_config.SIGMA_INDICES  # sampling.sigma_index: a DDPM model on a σ grid
-SPACINGS = ddpm_config.SPACINGS            # ddx.sampling.SPACINGS
-DDPM_VARIANCES = ddpm_config.DDPM_VARIANCES  # sampling.ddpm_variance
 METRICS = ("digits", "fid", "kid", "is", "bpd")   # eval.metrics (ddx.evaluation)
 INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
 BPD_ESTIMATORS = ("ode", "vlb", "both")    # eval.bpd_estimator (ddx.bpd)
@@ -123,15 +111,11 @@ def base_config() -> ml_collections.ConfigDict:
   n.dtype = "float32"        # stored moments: float32 | float16 (half the disk)
 
   c.diffusion = f = ml_collections.ConfigDict()
-  f.process = "ddpm"         # ddpm (discrete VP) | edm (Karras et al.) | flow (rectified
-                             # flow); any process registered in ddx.processes
-  f.prediction = "auto"      # what the network predicts: ddpm eps | x0 | v; flow v | x0;
-                             # auto = the process's default (ddpm eps, flow v; edm: unused)
-  # Each process's own keys, with their defaults and meaning in
-  # ddx/processes/<process>_config.py: ddpm: schedule (linear | cosine),
-  # num_timesteps, beta_start, beta_end; edm: sigma_data, sigma_min, sigma_max,
-  # rho, p_mean, p_std (EDM's); flow: t_sampling (logit_normal | uniform),
-  # logit_mean, logit_std, shift, t_min. Every process's keys are range-checked.
+  f.process = processes.DEFAULT   # any process registered in ddx.processes (its folder)
+  f.prediction = "auto"      # what the network predicts, one of the process's
+                             # Spec.predictions; auto = its default_prediction
+  # Each registered process's own keys, with their defaults and meaning in
+  # ddx/processes/<process>/spec.py. Every process's keys are range-checked.
   for key, field in processes.fields().items():
     f[key] = field.default
   # σ_d may be "auto" (measured from the training data when training starts and
@@ -177,9 +161,8 @@ def base_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.0
 
   c.sampling = s = ml_collections.ConfigDict()
-  s.sampler = "auto"         # ddpm: ddpm | ddim | dpm_solver_pp | euler | heun | stochastic;
-                             # edm: euler | heun | stochastic | dpm_solver_pp; flow: euler |
-                             # heun; auto = the process's default (ddim, heun, euler)
+  s.sampler = "auto"         # one of the process's Spec.samplers (docs/samplers.md);
+                             # auto = its default_sampler
   s.steps = 100
   s.eta = 0.0
   s.num_samples = 64
@@ -189,7 +172,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.guidance_interval = ()   # () = guide at every step; (lo, hi) = guide only where the
                              # noise level σ is in (lo, hi], e.g. "(0.28, 2.9)"
   s.guide_workdir = ""       # autoguidance: a run whose newest checkpoint guides ("" = CFG)
-  s.ddpm_variance = "posterior"  # posterior (beta tilde) | beta
+  s.ddpm_variance = "posterior"  # DDPM's ddpm sampler: posterior (beta tilde) | beta
   s.spacing = "auto"         # uniform | trailing | quadratic | logsnr; auto = the
                              # sampler's default (README: Samplers)
   s.churn = 0.0              # EDM S_churn for the stochastic sampler (0 = deterministic)
@@ -425,7 +408,7 @@ def _check_process(config) -> None:
   range whichever process runs (its Spec.check); the prediction is one of the
   chosen process's; keys it does not read but that were changed are warned of."""
   f = config.diffusion
-  name = f.get("process", "ddpm")
+  name = f.get("process", processes.DEFAULT)
   _require(name in processes.names(),
            f"diffusion.process={name!r} is unknown; use one of {processes.names()}")
   for spec in processes.REGISTRY.values():
@@ -470,7 +453,7 @@ def _check_time_embedding(config) -> None:
   _require(scale == "auto" or (processes.base.is_finite(scale) and scale > 0),
            f"model.time_scale={scale!r} must be a number > 0 (it multiplies the network's "
            "time input) or auto")
-  process = config.diffusion.get("process", "ddpm")
+  process = config.diffusion.get("process", processes.DEFAULT)
   spec = processes.spec(process)
   kind = spec.time_embedding if kind == "auto" else kind
   _require(scale != "auto" or kind in spec.time_scales,
@@ -487,7 +470,7 @@ def time_embedding(config) -> tuple[str, float]:
     kind in TIME_EMBEDDINGS and the float factor on the network's time input.
   """
   m = config.model
-  process = config.diffusion.get("process", "ddpm")
+  process = config.diffusion.get("process", processes.DEFAULT)
   kind, scale = m.get("time_embedding", "auto"), m.get("time_scale", "auto")
   spec = processes.spec(process)
   kind = spec.time_embedding if kind == "auto" else kind
@@ -538,10 +521,10 @@ def _check_training(config, num_data_shards: int) -> None:
     v = t.get(key, "")
     _require(isinstance(v, str),
              f"training.{key}={v!r} must be a workdir path (a string; \"\" = none)")
-  spec = processes.REGISTRY.get(config.diffusion.get("process", "ddpm"))
+  spec = processes.REGISTRY.get(config.diffusion.get("process", processes.DEFAULT))
   _require(not t.get("teacher", "") or spec is None or "teacher" in spec.loss_inputs,
            f"training.teacher is set but diffusion.process="
-           f"{config.diffusion.get('process', 'ddpm')!r} does not distil; drop "
+           f"{config.diffusion.get('process', processes.DEFAULT)!r} does not distil; drop "
            "training.teacher, or use a process that takes one (consistency)")
 
   _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
@@ -549,25 +532,23 @@ def _check_training(config, num_data_shards: int) -> None:
   _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
   _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay} must be in [0, 1)")
 
+  _require(s.churn >= 0, f"sampling.churn={s.churn} must be >= 0 (0 = deterministic)")
   _check_sampler(config, "sampling")
   _require(isinstance(s.num_samples, int) and s.num_samples >= 1,
            f"sampling.num_samples={s.num_samples!r} must be a positive integer")
-  _require(s.ddpm_variance in DDPM_VARIANCES,
-           f"sampling.ddpm_variance={s.ddpm_variance!r} must be one of {DDPM_VARIANCES}")
   _check_guidance(config, "sampling")
   check_guidance_interval(s.guidance_interval, "sampling.guidance_interval")
   _require(isinstance(s.guide_workdir, str),
            f"sampling.guide_workdir={s.guide_workdir!r} must be a workdir path (a string; "
            "\"\" = no guide model)")
-  _require(s.churn >= 0, f"sampling.churn={s.churn} must be >= 0 (0 = deterministic)")
-  _require(s.churn == 0 or s.sampler == "stochastic",
-           f"sampling.churn={s.churn} applies to the stochastic sampler only; set "
-           "--config.sampling.sampler=stochastic or churn=0")
   _require(s.s_noise > 0 and s.s_tmin >= 0 and s.s_tmax >= s.s_tmin,
            f"sampling.s_noise={s.s_noise}, s_tmin={s.s_tmin}, s_tmax={s.s_tmax}: need "
            "s_noise > 0 and 0 <= s_tmin <= s_tmax")
-  _require(s.sigma_index in SIGMA_INDICES,
-           f"sampling.sigma_index={s.sigma_index!r} is unknown; use one of {SIGMA_INDICES}")
+  try:   # the options only the process's samplers read (DDPM: ddpm_variance, sigma_index)
+    processes.spec(config.diffusion.get("process", processes.DEFAULT)).check_sampling(
+        s, "sampling")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
   e = config.eval
   _require(isinstance(e.every_steps, int) and e.every_steps >= 0,
@@ -639,7 +620,7 @@ def _check_posthoc_ema(config: ml_collections.ConfigDict) -> None:
 def _check_bpd(config: ml_collections.ConfigDict) -> None:
   """The eval.bpd_* keys (checked whether or not eval.metrics has bpd)."""
   e = config.eval
-  process = config.diffusion.get("process", "ddpm")
+  process = config.diffusion.get("process", processes.DEFAULT)
   estimators = processes.spec(process).bpd_estimators
   for key, valid in (("bpd_estimator", BPD_ESTIMATORS), ("bpd_trace", BPD_TRACES),
                      ("bpd_probe", BPD_PROBES), ("bpd_solver", BPD_SOLVERS)):
@@ -671,30 +652,25 @@ def _check_bpd(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
-  """The sampler, steps and eta of a group that samples (sampling, eval)."""
+  """The sampler, steps, eta, spacing and churn of a group that samples
+  (sampling, eval), asked of the process's Spec as `ddx.sample` asks it."""
   g, f = config[group], config.diffusion
-  spec = processes.spec(f.get("process", "ddpm"))
-  process, valid = spec.name, spec.samplers
-  sampler = spec.default_sampler if g.sampler == processes.AUTO else g.sampler
-  _require(sampler in valid,
-           f"{group}.sampler={g.sampler!r} is not a sampler of diffusion.process="
-           f"{process}; use one of {valid}, or auto ({spec.default_sampler})")
-  discrete = sampler in spec.spaced_samplers
+  spec = processes.spec(f.get("process", processes.DEFAULT))
+  churn = g.get("churn", 0.0)
+  try:
+    sampler = spec.check_sampler(g.sampler, spacing=g.get("spacing", "auto"),
+                                 churn=bool(churn), group=group)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   top = spec.max_steps(f, sampler)
   _require(isinstance(g.steps, int) and 1 <= g.steps <= top,
            f"{group}.steps={g.steps!r} must be an integer in [1, "
-           f"{'T=' if discrete else ''}{top}]")
+           f"{'T=' if sampler in spec.spaced_samplers else ''}{top}]")
   try:
     spec.check_steps(f, sampler, g.steps, f"{group}.steps")
   except ValueError as e:
     raise ConfigError(str(e)) from None
   _require(g.eta >= 0, f"{group}.eta={g.eta} must be >= 0")
-  spacing = g.get("spacing", "auto")
-  _require(spacing == "auto" or spacing in SPACINGS,
-           f"{group}.spacing={spacing!r} is unknown; use auto or one of {SPACINGS}")
-  _require(spacing == "auto" or discrete,
-           f"{group}.spacing={spacing} applies to the samplers {spec.spaced_samplers} of "
-           f"diffusion.process={process} only; {sampler} uses its own grid: set it to auto")
 
 
 def _check_guidance(config: ml_collections.ConfigDict, group: str) -> None:

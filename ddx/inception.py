@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddx import weight_files
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
@@ -493,8 +495,8 @@ def convert(pth_path: str, npz_path: str) -> None:
   try:
     state = torch.load(pth_path, map_location="cpu", weights_only=True)
   except Exception as e:
-    from ddx.convert.common import unreadable
-    raise InceptionWeightsError(str(unreadable(pth_path, e, "pytorch-fid weight file"))) from None
+    raise InceptionWeightsError(
+        weight_files.unreadable_reason(pth_path, e, "pytorch-fid weight file")) from None
   if isinstance(state, dict) and "state_dict" in state:
     state = state["state_dict"]
   arrays = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items()

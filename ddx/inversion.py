@@ -8,7 +8,7 @@ step to ᾱ_next is
 
 i.e. x_next = √ᾱ_next x̂_0 + √(1-ᾱ_next) ε̂ with x̂_0 = (x - √(1-ᾱ_cur) ε̂)/√ᾱ_cur.
 `sample(..., sampler="ddim", eta=0)` walks the descending index sequence
-i_S > ... > i_1 = 0 (`sampling.timesteps`) and then steps to ᾱ = 1.
+i_S > ... > i_1 = 0 (`discrete.timesteps`) and then steps to ᾱ = 1.
 `invert` walks the same points backwards: from x_0 (ᾱ = 1) to index i_1 = 0,
 then i_1 -> i_2 -> ... -> i_S, with the same update run towards more noise.
 
@@ -36,13 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx import diffusion
+from ddx.processes.ddpm import core as diffusion
 from ddx import model as model_lib
 from ddx import options as options_lib
-from ddx import sampling
+from ddx.processes.ddpm import sampling as discrete
 from ddx.model import Model
 from ddx.sampling import DenoiseFn
-from ddx.schedules import Schedule
+from ddx.processes.ddpm.schedules import Schedule
 
 
 def invert(denoise_fn: DenoiseFn, sched: Schedule, x0: jnp.ndarray,
@@ -65,7 +65,7 @@ def invert(denoise_fn: DenoiseFn, sched: Schedule, x0: jnp.ndarray,
     steps: network evaluations S, 1 <= S <= T (static); use the same number
       when sampling back.
     prediction: what denoise_fn returns: eps | x0 | v.
-    spacing: one of `ddx.sampling.SPACINGS`; sample back with the same one
+    spacing: one of `ddx.processes.ddpm.sampling.SPACINGS`; sample back with the same one
       (`ddx.sample_fn` defaults DDIM to "trailing": pass spacing="uniform").
     return_trajectory: also return the state after every step, [S, B, ...],
       in ascending noise order: trajectory[j] is x at index seq[S-1-j] of the
@@ -77,7 +77,7 @@ def invert(denoise_fn: DenoiseFn, sched: Schedule, x0: jnp.ndarray,
     raise ValueError(
         f"prediction={prediction!r} is unknown; use one of {diffusion.PREDICTIONS}")
   x = jnp.asarray(x0, jnp.float32)
-  up = sampling.timesteps(sched.num_timesteps, steps, spacing, sched)[::-1].copy()
+  up = discrete.timesteps(sched.num_timesteps, steps, spacing, sched)[::-1].copy()
   # Step j leaves the point at ᾱ_cur (x_0 itself for j = 0) and lands on up[j];
   # the network is evaluated at the index being left, index 0 for x_0.
   eval_idx = np.concatenate([[0], up[:-1]]).astype(np.int32)

@@ -22,7 +22,8 @@ from ddx import options as options_lib
 from ddx import parallel
 from ddx import processes
 from ddx import sampling
-from ddx.schedules import Schedule
+from ddx.processes import common as process_common
+from ddx.processes.ddpm.schedules import Schedule
 
 
 def process_from_config(diffusion_config) -> processes.Process:
@@ -152,9 +153,9 @@ def denoiser(model: Model, labels=None, guidance_scale=1.0, guided: bool = False
              interval=(), guide: Optional[Model] = None) -> sampling.DenoiseFn:
   """The model as what `ddx.sample` takes for its process, guided if `guided`.
 
-  Guidance mixes at the process's own level, after its wrapper (ddpm: the
-  raw output in diffusion.prediction; edm: D(x; σ); flow: the velocity):
-  every conversion between them is affine in the network output for a fixed
+  Guidance mixes at the process's own level, after its wrapper
+  (`process.denoiser`; e.g. DDPM's raw output in diffusion.prediction, EDM's
+  D(x; σ), flow's velocity): every conversion between them is affine in the network output for a fixed
   x_t, so mixing there is mixing the raw outputs, and there the time is the
   process's own, which `interval` needs.
     classifier-free (guide None): out = u + w·(c - u), c conditioned on
@@ -215,9 +216,8 @@ def denoiser(model: Model, labels=None, guidance_scale=1.0, guided: bool = False
 
 def process_denoiser(model: Model, fn):
   """The raw (guided) network `fn(x, time)` as what `ddx.sample` takes for the
-  model's process (`process.denoiser`): ddpm: unchanged (the output in
-  diffusion.prediction); edm: D(x; σ) with EDM's preconditioning; flow: the
-  velocity at t (the network sees time 1000·t)."""
+  model's process (`process.denoiser`, each process's own: e.g. DDPM's output
+  unchanged, EDM's D(x; σ) with its preconditioning, flow's velocity at t)."""
   return model.process.denoiser(fn)
 
 
@@ -261,7 +261,7 @@ def sample_jit(model, rng, labels, x_T, options: options_lib.SampleOptions, *,
   if sampler == "stochastic":
     extra = dict(churn=f32(o.churn), s_tmin=f32(o.s_tmin), s_tmax=f32(o.s_tmax),
                  s_noise=f32(o.s_noise))
-  res = sampling.sample(fn, model.process, rng, shape,
+  res = process_common.sample(fn, model.process, rng, shape,
                         sampler=sampler, steps=steps, eta=eta, x_T=shard_batch(x_T),
                         clip_x0=clip_x0, ddpm_variance=ddpm_variance, spacing=spacing,
                         return_trajectory=return_trajectory, sigma_index=o.sigma_index,
@@ -403,10 +403,8 @@ def sample_fn(model: Model, rng: jax.Array, steps: Optional[int] = None, *,
     steps: network evaluations (default config.sampling.steps).
     num_samples: batch size N (default len(labels), or x_T.shape[0], or
       config.sampling.num_samples).
-    sampler: one of the process's samplers (ddx.sampling.SAMPLERS_BY_PROCESS):
-      ddpm: ddpm | ddim | dpm_solver_pp | euler | heun | stochastic;
-      edm: euler | heun | stochastic | dpm_solver_pp; flow: euler | heun;
-      consistency: consistency; meanflow: meanflow; shortcut: shortcut | euler.
+    sampler: one of the process's samplers, `ddx.processes.spec(name).samplers`
+      (docs/samplers.md lists each process's); default its default_sampler.
     eta: DDIM η.
     labels: int [N] class labels in [0, num_classes) for a class-conditional
       model; None draws classes 0, 1, ..., num_classes-1, 0, 1, ...

@@ -56,7 +56,7 @@ class SampleOptions:
   `resolve`; change one with `.replace(field=value)`.
 
   Fields (config.sampling has the same keys):
-    sampler: the sampler name (ddx.sampling.SAMPLERS_BY_PROCESS).
+    sampler: the sampler name (one of ddx.processes.spec(name).samplers).
     steps: sampler steps N.
     eta: DDIM η.
     clip_x0: clip x̂_0 to [-1, 1] at every step.

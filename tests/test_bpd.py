@@ -22,12 +22,12 @@ import pytest
 
 from ddx import bpd
 from ddx import config as config_lib
-from ddx import edm
+from ddx.processes.edm import core as edm
 from ddx import eval_run
-from ddx import flow
+from ddx.processes.flow import core as flow
 from ddx import likelihood
 from ddx import model as model_lib
-from ddx import schedules
+from ddx.processes.ddpm import schedules
 from testutils import load_config, random_model
 
 D = 16

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddx import consistency
+from ddx.processes.consistency import core as consistency
 
 from testutils import gaussian_data
 
@@ -137,7 +137,7 @@ def test_distillation_from_the_exact_teacher_learns_the_one_step_map():
   from the exact Gaussian denoiser D(y; σ), on a per-pixel affine model
   F = a(t)·x/σ_d + b(t) (a, b cubic in t), maps noise to data in one step:
   −σ_d·F(z, π/2) ≈ mean + std·z after 300 Adam steps."""
-  from ddx.processes.consistency import ConsistencyProcess
+  from ddx.processes.consistency.process import ConsistencyProcess
   rng, mean, std = _gaussian(4)
   basis = lambda t: jnp.stack([t ** k for k in range(4)], -1)      # [B, 4]
   per_unit = consistency.time_input(consistency.T_MAX) / consistency.T_MAX

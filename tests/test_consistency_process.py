@@ -9,8 +9,9 @@ import pytest
 
 import ddx
 from ddx import config as config_lib
-from ddx import consistency, train
-from ddx.processes.consistency import ConsistencyProcess
+from ddx import train
+from ddx.processes.consistency import core as consistency
+from ddx.processes.consistency.process import ConsistencyProcess
 
 from testutils import load_config, random_model, train_and_resume
 
@@ -106,7 +107,7 @@ def test_trains_resumes_bitwise_loads_and_samples(tmp_path):
   F = model.process.denoiser(lambda x, s: model.apply(x, s))
   want = -SD * F(x_T, jnp.full((2,), consistency.T_MAX))
   np.testing.assert_allclose(one, np.clip(want, -1, 1), rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="sampler='euler' does not exist for the consistency"):
+  with pytest.raises(ValueError, match="sampler='euler' is not a sampler of diffusion.process=consistency"):
     ddx.sample_fn(model, jax.random.key(0), steps=2, sampler="euler")
 
 

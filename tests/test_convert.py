@@ -158,12 +158,12 @@ def test_ddim_matches_diffusers_pipeline(converted, layout, clip):
 
 def test_ddim_visits_diffusers_leading_timesteps():
   """DDIMScheduler(leading, steps_offset 0) visits ddx's uniform indices."""
-  from ddx import sampling
+  from ddx.processes.ddpm import sampling as discrete
   for T, steps in ((1000, 10), (1000, 50), (1000, 1000), (100, 7)):
     s = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing="leading",
                                 steps_offset=0, set_alpha_to_one=True)
     s.set_timesteps(steps)
-    np.testing.assert_array_equal(s.timesteps.numpy(), sampling.timesteps(T, steps))
+    np.testing.assert_array_equal(s.timesteps.numpy(), discrete.timesteps(T, steps))
 
 
 def test_config_read_from_diffusers(converted):
@@ -210,7 +210,8 @@ def test_schedule_betas_match_diffusers(name, kw):
   sched = _scheduler(num_train_timesteps=500, **kw)
   keys = unet.schedule_keys(dict(sched.config))
   assert keys["diffusion"]["schedule"] == name
-  from ddx import schedules, config as config_lib
+  from ddx import config as config_lib
+  from ddx.processes.ddpm import schedules
   d = config_lib.base_config().diffusion
   d.update(keys["diffusion"])
   ours = schedules.from_config(d)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import ddx
-from ddx import diffusion, schedules
+from ddx.processes.ddpm import core as diffusion
+from ddx.processes.ddpm import schedules
 
 SCHED = schedules.linear(1000)
 

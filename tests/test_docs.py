@@ -20,6 +20,7 @@ import re
 import shlex
 import sys
 
+import numpy as np
 import pytest
 
 from testutils import ROOT, load_config
@@ -219,6 +220,10 @@ def _check_python(code, scope):
     assert scope["imgs"].shape == (load_config("digits").sampling.num_samples, 8, 8, 1)
   if "invert_fn" in code:      # 8 interpolants of two digits
     assert scope["imgs"].shape == (8, 8, 8, 1)
+  if "processes.register(SPEC)" in code:   # docs/adding.md: a process trained and sampled
+    from ddx import processes
+    assert int(scope["state"].step) == 2 and scope["images"].shape == (2, 8, 8, 1)
+    assert bool(np.all(np.isfinite(scope["images"]))) and "ve" not in processes.REGISTRY
   if "ddx.bpd" in code:        # finite, positive bits/dim per image
     assert scope["bpd"].shape == (4,) and bool((scope["bpd"] > 0).all())
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from ddx import edm
+from ddx.processes.edm import core as edm
+from ddx.sampling import sigma
 
 SIGMAS = np.array([0.002, 0.05, 0.5, 1.0, 7.3, 80.0])
 
@@ -34,20 +35,20 @@ def test_loss_weight_and_unit_effective_weight():
 def test_karras_grid_is_eq5():
   for smin, smax, rho, n in [(0.002, 80.0, 7.0, 18), (0.01, 10.0, 3.0, 5),
                              (0.002, 80.0, 1.0, 4)]:
-    g = edm.karras_sigmas(smin, smax, rho, n)
+    g = sigma.karras_sigmas(smin, smax, rho, n)
     ref = [(smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
            for i in range(n)] + [0.0]
     assert g.dtype == np.float64 and g.shape == (n + 1,)
     np.testing.assert_allclose(g, ref, rtol=1e-12)
     assert g[0] == pytest.approx(smax) and g[-2] == pytest.approx(smin) and g[-1] == 0
-  np.testing.assert_allclose(edm.karras_sigmas(0.002, 80.0, 7.0, 4)[1:3],
+  np.testing.assert_allclose(sigma.karras_sigmas(0.002, 80.0, 7.0, 4)[1:3],
                              [(80 ** (1 / 7) + k / 3 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
                               for k in (1, 2)])
   # ρ = 1 is evenly spaced in σ; one step goes straight from σ_max to 0
-  np.testing.assert_allclose(np.diff(edm.karras_sigmas(1.0, 4.0, 1.0, 4)[:-1]), -1.0)
-  np.testing.assert_array_equal(edm.karras_sigmas(0.002, 80.0, 7.0, 1), [80.0, 0.0])
+  np.testing.assert_allclose(np.diff(sigma.karras_sigmas(1.0, 4.0, 1.0, 4)[:-1]), -1.0)
+  np.testing.assert_array_equal(sigma.karras_sigmas(0.002, 80.0, 7.0, 1), [80.0, 0.0])
   with pytest.raises(ValueError, match="steps"):
-    edm.karras_sigmas(0.002, 80.0, 7.0, 0)
+    sigma.karras_sigmas(0.002, 80.0, 7.0, 0)
 
 
 def test_sigma_draws_are_lognormal():

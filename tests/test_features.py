@@ -13,7 +13,8 @@ from PIL import Image
 
 import ddx
 from ddx import config as config_lib
-from ddx import data, sampling, schedules, train
+from ddx import data, sampling, train
+from ddx.processes.ddpm import schedules
 
 from testutils import ROOT, load_config
 

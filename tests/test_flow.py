@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import norm
 
 import ddx
-from ddx import flow
+from ddx.processes.flow import core as flow
 from ddx.sampling import flow as flow_sampling
 
 MU, S = 0.3, 0.5

@@ -6,7 +6,8 @@ import pytest
 
 import ddx
 from ddx import config as config_lib
-from ddx import inversion, schedules
+from ddx import inversion
+from ddx.processes.ddpm import schedules
 from testutils import as_prediction, gaussian_denoiser
 
 

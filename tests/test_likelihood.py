@@ -18,7 +18,8 @@ import pytest
 from scipy import special, stats
 
 from ddx import likelihood as lk
-from ddx import schedules
+from ddx.processes.ddpm import vlb
+from ddx.processes.ddpm import schedules
 import testutils
 
 # --- Gaussian data in D = 16 dimensions, shaped [B, 2, 2, 4] ---------------
@@ -308,7 +309,7 @@ def test_ddpm_vlb_matches_numpy_sum(variance, prediction):
   rng = jax.random.key(7)
   denoise = testutils.as_prediction(testutils.gaussian_denoiser(sched, mu, s), sched,
                                     prediction)
-  out = jax.jit(lambda x, r: lk.ddpm_vlb_terms(
+  out = jax.jit(lambda x, r: vlb.ddpm_vlb_terms(
       denoise, sched, x, r, prediction=prediction, variance=variance))(
           jnp.asarray(x0, jnp.float32), rng)
   # The documented noise of index i: normal(fold_in(rng, i), x0.shape).
@@ -330,8 +331,8 @@ def test_ddpm_vlb_subset_estimate_is_unbiased():
   x0 = jnp.broadcast_to(jnp.asarray(
       _gaussian_8bit_data(np.random.default_rng(2), 1, 4, mu, s), jnp.float32), (n, 4))
   denoise = testutils.gaussian_denoiser(sched, mu, s)
-  full = lk.ddpm_vlb_terms(denoise, sched, x0, jax.random.key(0))["total"]
-  sub = lk.ddpm_vlb_terms(denoise, sched, x0, jax.random.key(1), num_terms=10)
+  full = vlb.ddpm_vlb_terms(denoise, sched, x0, jax.random.key(0))["total"]
+  sub = vlb.ddpm_vlb_terms(denoise, sched, x0, jax.random.key(1), num_terms=10)
   full, est = np.asarray(full, np.float64), np.asarray(sub["total"], np.float64)
   se = math.sqrt(full.var() / n + est.var() / n)
   assert abs(est.mean() - full.mean()) < 3 * se, (est.mean(), full.mean(), se)
@@ -348,5 +349,5 @@ def test_ddpm_vlb_bad_arguments():
                    "prediction"), ({"num_terms": 0}, "num_terms"),
                    ({"num_terms": 11}, "num_terms")]:
     with pytest.raises(ValueError, match=name) as e:
-      lk.ddpm_vlb_terms(den, sched, x0, jax.random.key(0), **kw)
+      vlb.ddpm_vlb_terms(den, sched, x0, jax.random.key(0), **kw)
     assert "\n" not in str(e.value)

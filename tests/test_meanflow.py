@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ddx
-from ddx import meanflow
+from ddx.processes.meanflow import core as meanflow
 
 from testutils import gaussian_data, train_and_resume
 
@@ -159,7 +159,7 @@ def test_time_sampling():
 # The process (ddx.processes.meanflow): its loss path, guidance, sampler, config.
 
 def _process(**kw):
-  from ddx.processes.meanflow import MeanFlowProcess
+  from ddx.processes.meanflow.process import MeanFlowProcess
   return MeanFlowProcess(**kw)
 
 
@@ -235,16 +235,15 @@ def test_process_samples_gaussian_data_exactly():
   net = _exact_network(mean, std)
   denoise = p.denoiser(lambda x, time: net(None, x, time))
   eps = rng.normal(size=SHAPE).astype(np.float32)
-  from ddx import sampling
   for steps in (1, 2):
-    x = sampling.sample(denoise, p, jax.random.key(0), SHAPE, steps=steps, x_T=eps)
+    x = ddx.sample(denoise, p, jax.random.key(0), SHAPE, steps=steps, x_T=eps)
     np.testing.assert_allclose(np.asarray(x), mean + std * eps, rtol=1e-5, atol=1e-5)
-  x = sampling.sample(denoise, p, jax.random.key(0), SHAPE, steps=1, x_T=3 * eps,
+  x = ddx.sample(denoise, p, jax.random.key(0), SHAPE, steps=1, x_T=3 * eps,
                       clip_x0=True)
   np.testing.assert_allclose(np.asarray(x), np.clip(mean + 3 * std * eps, -1, 1),
                              rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="sampler='euler' does not exist for the meanflow"):
-    sampling.sample(denoise, p, jax.random.key(0), SHAPE, sampler="euler", steps=1)
+  with pytest.raises(ValueError, match="sampler='euler' is not a sampler of diffusion.process=meanflow"):
+    ddx.sample(denoise, p, jax.random.key(0), SHAPE, sampler="euler", steps=1)
   time = np.array([[0.5, 0.2], [0.75, 0.0]], np.float32)
   np.testing.assert_allclose(np.asarray(p.noise_level(time)), [1.0, 3.0], rtol=1e-6)
 
@@ -378,7 +377,7 @@ def test_unet_jvp_matches_central_differences():
 
 
 def pair(t, r):
-  from ddx.processes.meanflow import pair as pair_
+  from ddx.processes.meanflow.process import pair as pair_
   return pair_(jnp.asarray(t, jnp.float32), jnp.asarray(r, jnp.float32))
 
 

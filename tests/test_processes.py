@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 import ddx
-from ddx import bpd, diffusion, processes, sampling, train
+from ddx.processes import common
+from ddx import bpd, processes, train
 from ddx import config as config_lib
 from ddx.processes import base
-from ddx.processes.edm import sigma_ode
+from ddx.likelihood import sigma_ode
 from ddx.sampling import sigma as sigma_sampling
 
 from testutils import load_config, train_and_resume
@@ -60,7 +61,7 @@ def test_process_trains_resumes_bitwise_and_samples(case, tmp_path):
   model = ddx.load(straight_dir)
   assert model.process.spec.name == config.diffusion.process
   x_T = jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
-  for sampler in sampling.SAMPLERS_BY_PROCESS[config.diffusion.process]:
+  for sampler in processes.spec(config.diffusion.process).samplers:
     kw = {"churn": 5.0} if sampler == "stochastic" else {}
     imgs = ddx.sample_fn(model, jax.random.key(0), steps=2, sampler=sampler, x_T=x_T,
                          **kw)
@@ -133,12 +134,12 @@ class _ToyProcess:
     s_rng, n_rng = jax.random.split(rng)
     u = jax.random.uniform(s_rng, (x0.shape[0],))
     sig = _TOY_SIGMA_MIN * (self.sigma_max / _TOY_SIGMA_MIN) ** u
-    x = x0 + diffusion.bcast(sig, x0) * jax.random.normal(n_rng, x0.shape)
+    x = x0 + common.bcast(sig, x0) * jax.random.normal(n_rng, x0.shape)
     out = apply_fn(params, x, jnp.log(sig))
     out, aux = out if has_aux else (out, None)
     per_ex = jnp.mean(jnp.square(out.astype(jnp.float32) - x0), axis=(1, 2, 3))
     q = jnp.clip(jnp.floor(u * 4).astype(jnp.int32), 0, 3)
-    return jnp.mean(per_ex), diffusion.loss_metrics(jnp.mean(per_ex), per_ex, q, aux)
+    return jnp.mean(per_ex), common.loss_metrics(jnp.mean(per_ex), per_ex, q, aux)
 
   def denoiser(self, net_fn):
     return lambda x, sig: net_fn(x, jnp.log(sig))
@@ -194,7 +195,7 @@ def test_a_registered_process_trains_samples_and_scores(monkeypatch):
   for sampler in ("euler", "heun"):
     imgs = ddx.sample_fn(model, jax.random.key(0), steps=2, sampler=sampler, x_T=x_T)
     assert imgs.shape == (2, 8, 8, 1) and bool(np.all(np.isfinite(imgs))), sampler
-  with pytest.raises(ValueError, match=r"sampler='ddim' does not exist for the toy_ve"):
+  with pytest.raises(ValueError, match=r"sampler='ddim' is not a sampler of diffusion.process=toy_ve"):
     ddx.sample_fn(model, jax.random.key(0), steps=2, sampler="ddim")
   u8 = np.zeros((2, 8, 8, 1), np.uint8)
   b, _ = bpd.ode_bpd(model, u8, jax.random.key(4), steps=2, solver="euler")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import ddx
-from ddx import sampling, schedules
+from ddx.processes.ddpm import sampling as discrete
+from ddx.processes.ddpm import schedules
 from testutils import as_prediction, gaussian_denoiser
 
 
@@ -20,13 +21,13 @@ def _sched(T):
 
 
 def test_timesteps_follow_ddim():
-  np.testing.assert_array_equal(sampling.timesteps(1000, 50), np.arange(980, -1, -20))
-  np.testing.assert_array_equal(sampling.timesteps(10, 10), np.arange(9, -1, -1))
-  seq = sampling.timesteps(1000, 30)   # k = 33: starts at 29*33 = 957
+  np.testing.assert_array_equal(discrete.timesteps(1000, 50), np.arange(980, -1, -20))
+  np.testing.assert_array_equal(discrete.timesteps(10, 10), np.arange(9, -1, -1))
+  seq = discrete.timesteps(1000, 30)   # k = 33: starts at 29*33 = 957
   assert len(seq) == 30 and seq[0] == 957 and seq[-1] == 0
   for bad in (0, 1001, 2.5):
     with pytest.raises(ValueError, match="steps"):
-      sampling.timesteps(1000, bad)
+      discrete.timesteps(1000, bad)
 
 
 @pytest.mark.parametrize("steps", [10, 25])
@@ -149,7 +150,7 @@ def test_dpm_solver_pp_matches_numpy_reference():
   denoiser, over the same log-SNR index sequence."""
   sched = schedules.linear(1000)
   ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
-  seq = sampling.timesteps(1000, 8, "logsnr", sched)
+  seq = discrete.timesteps(1000, 8, "logsnr", sched)
   lam = lambda a: 0.5 * np.log(a / (1 - a))
   x0_of = lambda x, a: 0.3 * np.sqrt(a) * x      # any linear x̂_0(x_t)
   x, prev, h_prev = np.array([1.0, -0.5]), None, None
@@ -174,11 +175,11 @@ def test_dpm_solver_pp_matches_numpy_reference():
 
 def test_logsnr_spacing():
   sched = schedules.linear(1000)
-  assert list(sampling.timesteps(1000, 1, "logsnr", sched)) == [999]
+  assert list(discrete.timesteps(1000, 1, "logsnr", sched)) == [999]
   for steps in (2, 10, 100, 1000):
-    seq = sampling.timesteps(1000, steps, "logsnr", sched)
+    seq = discrete.timesteps(1000, steps, "logsnr", sched)
     assert len(seq) == steps and seq[-1] == 0 and np.all(np.diff(seq) < 0)
-  seq = sampling.timesteps(1000, 10, "logsnr", sched)
+  seq = discrete.timesteps(1000, 10, "logsnr", sched)
   assert seq[0] == 999
   a = np.asarray(sched.alphas_cumprod, np.float64)[seq]
   lam = 0.5 * np.log(a / (1 - a))
@@ -243,19 +244,19 @@ def test_bad_sampler_arguments():
 def test_trailing_and_quadratic_spacings_follow_their_papers():
   # Lin et al. (2024), Table 2, "trailing": round(arange(T, 0, -T/S)) - 1.
   want = np.round(np.arange(1000, 0, -1000 / 10)).astype(int) - 1
-  np.testing.assert_array_equal(sampling.timesteps(1000, 10, "trailing"), want)
-  assert list(sampling.timesteps(1000, 1, "trailing")) == [999]
-  np.testing.assert_array_equal(sampling.timesteps(10, 10, "trailing"), np.arange(9, -1, -1))
+  np.testing.assert_array_equal(discrete.timesteps(1000, 10, "trailing"), want)
+  assert list(discrete.timesteps(1000, 1, "trailing")) == [999]
+  np.testing.assert_array_equal(discrete.timesteps(10, 10, "trailing"), np.arange(9, -1, -1))
   # DDIM's CIFAR-10 code: int(c**2) for c in linspace(0, sqrt(0.8 T), S), ascending.
   ddim = [int(c ** 2) for c in np.linspace(0, np.sqrt(1000 * 0.8), 10)]
-  np.testing.assert_array_equal(sampling.timesteps(1000, 10, "quadratic"), ddim[::-1])
+  np.testing.assert_array_equal(discrete.timesteps(1000, 10, "quadratic"), ddim[::-1])
   # From S = 100 DDIM's code repeats 0, 0, 0, 0, 1, ...: ddx keeps them distinct.
-  q = sampling.timesteps(1000, 100, "quadratic")
+  q = discrete.timesteps(1000, 100, "quadratic")
   assert np.all(np.diff(q) < 0) and q[0] == 800 and q[-1] == 0
   with pytest.raises(ValueError, match="spacing='logsnr' needs the schedule"):
-    sampling.timesteps(1000, 10, "logsnr")
+    discrete.timesteps(1000, 10, "logsnr")
   with pytest.raises(ValueError, match="spacing='cubic' is unknown"):
-    sampling.timesteps(1000, 10, "cubic")
+    discrete.timesteps(1000, 10, "cubic")
 
 
 def test_one_step_from_pure_noise_only_with_trailing():

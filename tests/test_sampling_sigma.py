@@ -7,8 +7,12 @@ import pytest
 from scipy.stats import norm
 
 import ddx
-from ddx import edm, flow, schedules
-from ddx.sampling import SAMPLERS_BY_PROCESS, sigma
+from ddx.processes.ddpm import vp
+from ddx.processes.edm import core as edm
+from ddx.processes.flow import core as flow
+from ddx.processes.ddpm import schedules
+from ddx import processes
+from ddx.sampling import sigma
 from testutils import gaussian_denoiser
 
 MU, S = 0.3, 0.5
@@ -52,7 +56,7 @@ def _alg1_np(x, grid, heun=True):
 
 @pytest.mark.parametrize("sampler", ["heun", "euler"])
 def test_heun_and_euler_match_edm_alg1(sampler):
-  grid = edm.karras_sigmas(0.02, 20.0, 7.0, 5)
+  grid = sigma.karras_sigmas(0.02, 20.0, 7.0, 5)
   x_T = np.random.default_rng(0).normal(size=(3, 2, 2, 1))
   ref = _alg1_np(grid[0] * x_T, grid, heun=sampler == "heun")
   out, traj = sigma.sample(_jax_d, grid, jax.random.key(0), x_T.shape, sampler,
@@ -77,7 +81,7 @@ def test_heun_single_step_to_positive_sigma_is_corrected():
 def test_stochastic_matches_edm_alg2():
   """EDM Alg. 2 in NumPy with the sampler's own noise draws."""
   n, churn, s_tmin, s_tmax, s_noise = 6, 2.0, 0.1, 5.0, 1.007
-  grid = edm.karras_sigmas(0.02, 20.0, 7.0, n)
+  grid = sigma.karras_sigmas(0.02, 20.0, 7.0, n)
   shape = (4, 3)
   rng = jax.random.key(3)
   x_T = np.asarray(ddx.sampling.initial_noise(rng, shape), np.float64)
@@ -114,7 +118,7 @@ def test_stochastic_matches_edm_alg2():
 
 def test_dpm_solver_pp_matches_numpy_2m():
   """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) with α = 1, σ_t = σ, λ = −log σ."""
-  grid = edm.karras_sigmas(0.02, 20.0, 7.0, 6)
+  grid = sigma.karras_sigmas(0.02, 20.0, 7.0, 6)
   x_T = np.random.default_rng(1).normal(size=(5, 1))
   x, prev, h_prev, ref = grid[0] * x_T, None, None, []
   for i in range(6):
@@ -139,7 +143,7 @@ def _edm_errors(sampler, ks, n=257):
   z = _grid_noise(n)
   errs = []
   for k in ks:
-    g = edm.karras_sigmas(0.002, 80.0, 7.0, k)
+    g = sigma.karras_sigmas(0.002, 80.0, 7.0, k)
     exact = MU + S * (g[0] * z - MU) / np.sqrt(S ** 2 + g[0] ** 2)
     x = sigma.sample(_exact_d, g, jax.random.key(0), (n, 1), sampler,
                      x_T=jnp.asarray(z[:, None], jnp.float32))
@@ -189,7 +193,7 @@ def test_start_is_sigma_max_times_the_ddpm_noise():
   shape = (3, 2)
   _, traj = ddx.sample(lambda x, sg: jnp.zeros_like(x), p, jax.random.key(4), shape,
                        "euler", 3, return_trajectory=True)
-  g = edm.karras_sigmas(p.sigma_min, p.sigma_max, p.rho, 3)
+  g = sigma.karras_sigmas(p.sigma_min, p.sigma_max, p.rho, 3)
   z = np.asarray(ddx.sampling.initial_noise(jax.random.key(4), shape))
   # D = 0: each Euler step multiplies x by σ_{i+1}/σ_i, so x_1 = σ_1·z.
   np.testing.assert_allclose(traj[0], g[1] * z, rtol=1e-5)
@@ -200,7 +204,7 @@ def test_start_is_sigma_max_times_the_ddpm_noise():
 def _fractional_eps(sched):
   """The exact ε for Gaussian data at a fractional index i: σ(i) by linear
   interpolation of log σ_i in i (the inverse of sigma_index="interp")."""
-  log_sig = jnp.asarray(np.log(sigma.vp_sigmas(sched)), jnp.float32)
+  log_sig = jnp.asarray(np.log(vp.vp_sigmas(sched)), jnp.float32)
 
   def fn(x, i):
     assert i.dtype == jnp.float32
@@ -231,12 +235,12 @@ def test_ddpm_model_sampled_with_heun_on_a_sigma_grid(index):
 
 def test_vp_grid_and_indices():
   sched = schedules.linear(1000)
-  s = sigma.vp_sigmas(sched)
+  s = vp.vp_sigmas(sched)
   a = np.asarray(sched.alphas_cumprod, np.float64)
   np.testing.assert_allclose(s, np.sqrt((1 - a) / a))
-  g = sigma.vp_grid(sched, 10, "interp")
-  np.testing.assert_allclose(g, edm.karras_sigmas(s[0], s[-1], 7.0, 10))
-  gn = sigma.vp_grid(sched, 10, "nearest")
+  g = vp.vp_grid(sched, 10, "interp")
+  np.testing.assert_allclose(g, sigma.karras_sigmas(s[0], s[-1], 7.0, 10))
+  gn = vp.vp_grid(sched, 10, "nearest")
   assert gn[-1] == 0 and np.all(np.isin(gn[:-1], s))
   assert gn[0] == s[-1] and gn[-2] == s[0]
   np.testing.assert_array_less(np.abs(gn[:-1] - g[:-1]),
@@ -246,11 +250,11 @@ def test_vp_grid_and_indices():
   for index, sg, want in [
       ("nearest", [s[10] * 1.001, s[500] * 0.999], [10, 500]),
       ("interp", [np.sqrt(s[10] * s[11]), s[700]], [10.5, 700.0])]:
-    D = sigma.vp_denoiser(idx_fn, sched, "x0", index)
+    D = vp.vp_denoiser(idx_fn, sched, "x0", index)
     out = D(jnp.ones((2, 1)), jnp.asarray(sg, jnp.float32))
     np.testing.assert_allclose(out[:, 0], want, rtol=1e-4)
   # the network sees x_t = x/√(1 + σ²); an x0-net returning x_t gives that back
-  D = sigma.vp_denoiser(lambda x, i: x, sched, "x0", "interp")
+  D = vp.vp_denoiser(lambda x, i: x, sched, "x0", "interp")
   sg = jnp.asarray([0.5, 3.0])
   np.testing.assert_allclose(D(jnp.full((2, 1), 2.0), sg)[:, 0],
                              2.0 / np.sqrt(1 + np.asarray(sg) ** 2), rtol=1e-6)
@@ -274,19 +278,17 @@ def test_edm_clip_x0():
 
 
 def test_samplers_by_process_and_errors():
-  assert SAMPLERS_BY_PROCESS == {
-      "ddpm": ("ddpm", "ddim", "dpm_solver_pp", "euler", "heun", "stochastic"),
-      "edm": ("euler", "heun", "stochastic", "dpm_solver_pp"),
-      "flow": ("euler", "heun"),
-      "shortcut": ("shortcut", "euler"), "consistency": ("consistency",),
-      "meanflow": ("meanflow",)}
+  for name in processes.names():   # every registered process's sampler list is coherent
+    s = processes.spec(name)
+    assert s.default_sampler in s.samplers, name
+    assert set(s.spaced_samplers) <= set(s.samplers), name
   d = lambda x, s: x
   key = jax.random.key(0)
   for process, bad in [(edm.EDM(), "ddim"), (edm.EDM(), "ddpm"),
                        (flow.Flow(), "stochastic"), (flow.Flow(), "dpm_solver_pp"),
                        (schedules.linear(10), "rk4")]:
-    with pytest.raises(ValueError, match=r"sampler=.* does not exist for the \w+ "
-                       r"process; use one of \(") as e:
+    with pytest.raises(ValueError, match=r"sampler=.* is not a sampler of diffusion.process=\w+; "
+                       r"use one of \(") as e:
       ddx.sample(d, process, key, (1, 1), bad)
     assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match="churn"):
@@ -347,14 +349,14 @@ def test_vp_grid_nearest_has_no_repeats(name):
   σ_i where the schedule is sparse (150 steps on linear(1000): 3 repeats;
   cosine: from 10 steps on); vp_grid drops them, so they cost nothing."""
   sched = getattr(schedules, name)(1000)
-  s = sigma.vp_sigmas(sched)
+  s = vp.vp_sigmas(sched)
   for steps in (10, 150):
-    g = sigma.vp_grid(sched, steps, "nearest")
+    g = vp.vp_grid(sched, steps, "nearest")
     assert np.all(np.diff(g) < 0) and g[-1] == 0 and np.all(np.isin(g[:-1], s))
-    karras = edm.karras_sigmas(s[0], s[-1], 7.0, steps)[:-1]
+    karras = sigma.karras_sigmas(s[0], s[-1], 7.0, steps)[:-1]
     want = np.unique(s[np.argmin(np.abs(karras[:, None] - s[None, :]), axis=1)])[::-1]
     np.testing.assert_array_equal(g[:-1], want)
-  g = sigma.vp_grid(schedules.linear(1000), 150, "nearest")
+  g = vp.vp_grid(schedules.linear(1000), 150, "nearest")
   assert len(g) == 151 - 3
   x = sigma.sample(_jax_d, g, jax.random.key(0), (4, 1), "dpm_solver_pp")
   assert np.all(np.isfinite(x))
@@ -370,7 +372,7 @@ def test_stochastic_sigma_hat_is_one_the_network_knows(index):
   The ε-network ε = c·x_t makes D(x; σ) = x·(1 − c·σ/√(1 + σ²)) (EDM Table 1,
   VP: x_t = x/√(1 + σ²), D = (x_t − √(1 − ᾱ)·ε)/√ᾱ)."""
   sched, c, churn, s_noise = schedules.linear(100), 0.5, 10.0, 1.0
-  s = sigma.vp_sigmas(sched)
+  s = vp.vp_sigmas(sched)
   seen = []
   record = lambda i: seen.append(np.asarray(i)[0])
 
@@ -381,7 +383,7 @@ def test_stochastic_sigma_hat_is_one_the_network_knows(index):
   shape, rng = (3, 2), jax.random.key(1)
   _, traj = ddx.sample(eps_fn, sched, rng, shape, "stochastic", 8, churn=churn,
                        s_noise=s_noise, sigma_index=index, return_trajectory=True)
-  grid = sigma.vp_grid(sched, 8, index)
+  grid = vp.vp_grid(sched, 8, index)
   n = len(grid) - 1
   d_np = lambda x, sg: x * (1 - c * sg / np.sqrt(1 + sg ** 2))
   keys = jax.random.split(jax.random.split(rng)[1], n)

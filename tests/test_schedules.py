@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from ddx import schedules
+from ddx.processes.ddpm import schedules
 
 
 def _reference(betas):

@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddx import meanflow, shortcut
+from ddx.processes.meanflow import core as meanflow
+
+from ddx.processes.shortcut import core as shortcut
 
 SHAPE = (4, 2, 2, 1)
 

@@ -13,7 +13,7 @@ import ddx
 from ddx import config as config_lib
 from ddx import model as model_lib
 from ddx import processes
-from ddx.processes.shortcut import ShortcutProcess
+from ddx.processes.shortcut.process import ShortcutProcess
 
 from testutils import load_config, train_and_resume
 

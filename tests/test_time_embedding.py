@@ -148,7 +148,7 @@ def test_auto_is_todays_network_bit_for_bit_for_every_process(backbone):
   variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1,
                                                  jnp.float32), shapes)
   nets = {}
-  for process in config_lib.PROCESSES:
+  for process in processes.names():
     if processes.spec(process).second_time or processes.spec(process).logvar:   # other networks: tests/test_two_times.py
       continue
     c.diffusion.process = process

@@ -11,7 +11,8 @@ import pytest
 
 import ddx
 from ddx import config as config_lib
-from ddx import data, schedules, train
+from ddx import data, train
+from ddx.processes.ddpm import schedules
 
 from testutils import ROOT, load_config
 

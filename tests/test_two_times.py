@@ -8,8 +8,10 @@ import pytest
 
 import ddx
 from ddx import config as config_lib
-from ddx import meanflow, parallel, train
-from ddx.processes import edm_config, flow_config
+from ddx import parallel, train
+from ddx.processes.meanflow import core as meanflow
+from ddx.processes.edm import spec as edm_config
+from ddx.processes.flow import spec as flow_config
 
 from testutils import load_config, random_model
 
@@ -103,8 +105,8 @@ def test_flow_and_edm_sigma_denoisers_are_the_exact_posterior_mean():
   """Gaussian data N(μ, s²): E[x_0 | x_0 + σn] = μ + s²/(s² + σ²)·(y − μ). Flow's
   D(y; σ) built from the exact flow velocity (MeanFlow's closed form at r = t)
   and EDM's identity both give it."""
-  from ddx.processes.edm import EDMProcess
-  from ddx.processes.flow import FlowProcess
+  from ddx.processes.edm.process import EDMProcess
+  from ddx.processes.flow.process import FlowProcess
   mu, s = _gaussian()
   y = jax.random.normal(jax.random.key(0), (5, 4)) * 2
   sigma = jnp.array([0.01, 0.3, 1.0, 5.0, 80.0])

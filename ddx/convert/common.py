@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ddx import outdir
+from ddx.weight_files import unreadable_reason
 
 EXIT_BAD_INPUT = 2
 
@@ -108,20 +109,9 @@ def torch_module():
 
 
 def unreadable(path: str, error: BaseException, what: str) -> ConversionError:
-  """The one-line error for a weight file that torch/safetensors cannot read.
-
-  Says what the file is not, never torch's advice to load it unsafely: a
-  pickle that holds anything but tensors (and the few plain containers
-  allowed) is refused, since unpickling it could run arbitrary code.
-  """
-  text = str(error)
-  if "weights_only" in text or "Unsupported global" in text:
-    why = "it holds Python objects besides tensors; ddx never unpickles those"
-  else:
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    why = f"{type(error).__name__}: {first[:100]}" if first else type(error).__name__
-  return ConversionError(f"{path} is not a readable {what} ({why}); re-download it, "
-                         "or re-save it as a plain state_dict of tensors")
+  """The one-line error for a weight file that torch/safetensors cannot read
+  (`ddx.weight_files.unreadable_reason`)."""
+  return ConversionError(unreadable_reason(path, error, what))
 
 
 def read_state_dict(paths: list[str]) -> dict[str, np.ndarray]:
@@ -153,13 +143,13 @@ def abstract_train_state(config) -> Any:
   """The shapes of the TrainState that training creates for `config`.
 
   Returns:
-    `ddx.train.create_state`'s result with jax.ShapeDtypeStruct leaves
+    `ddx.state_lib.create_state`'s result with jax.ShapeDtypeStruct leaves
     (traced only; no random init is computed).
   """
   import jax
-  from ddx import train
-  tx = train.make_optimizer(config.optim)
-  return jax.eval_shape(lambda: train.create_state(
+  from ddx import state as state_lib
+  tx = state_lib.make_optimizer(config.optim)
+  return jax.eval_shape(lambda: state_lib.create_state(
       config, tx, jax.random.key(config.training.seed)))
 
 
@@ -171,7 +161,7 @@ def write_workdir(workdir: str, config, params: Any,
                   abstract_state: Any = None) -> None:
   """Writes config.json and a step-0 checkpoint (params = EMA params = `params`).
 
-  The TrainState has the structure `ddx.train.create_state` gives, so
+  The TrainState has the structure `ddx.state_lib.create_state` gives, so
   `--mode train` resumes from it (with a fresh optimizer state, Adam's zeros).
 
   Args:
@@ -184,7 +174,7 @@ def write_workdir(workdir: str, config, params: Any,
   from etils import epath
   from ddx import checkpoint as ckpt_lib
   from ddx import config as config_lib
-  from ddx import train
+  from ddx import state as state_lib
   from ddx import processes
   processes.resolve_defaults(config)   # config.json holds what runs, as training's
   root = epath.Path(workdir)
@@ -192,7 +182,7 @@ def write_workdir(workdir: str, config, params: Any,
   tmp = root / "config.json.tmp"    # as training writes it
   tmp.write_text(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
   tmp.replace(root / "config.json")
-  tx = train.make_optimizer(config.optim)
+  tx = state_lib.make_optimizer(config.optim)
   state = abstract_state if abstract_state is not None else abstract_train_state(config)
   params = jax.tree.map(jax.numpy.asarray, params)
   # Only the shapes of create_state's result are used: its fields are filled

@@ -1,20 +1,27 @@
 """Diffusion processes behind one interface, picked by name (config.diffusion.process).
 
-A process is two modules and one line in `REGISTRY` below:
+A process is one folder, `ddx/processes/<name>/`, and one line in `REGISTRY`
+below:
 
-  <name>_config.py   a `Spec` (ddx.processes.base), plain Python: the
-                     diffusion.* keys it owns with their defaults and range
-                     checks, its predictions and samplers and their defaults.
-                     `ddx.config` validates through it, so checking a config
-                     never imports JAX.
-  <name>.py          the JAX half, a class implementing `Process` (below),
-                     named by Spec.implementation.
+  spec.py      a `Spec` (ddx.processes.base), plain Python: the diffusion.*
+               keys it owns with their defaults and range checks, its
+               predictions and samplers and their defaults. `ddx.config`
+               validates through it, so checking a config never imports JAX
+               (the folder's __init__.py is a docstring for the same reason).
+  core.py      its math: the losses, targets and time draws, and the
+               samplers only it uses (DDPM's are in sampling.py).
+  process.py   the JAX class implementing `Process` (below), named by
+               Spec.implementation.
 
-Nothing outside these modules branches on the process: the trainer calls
-`process.loss`, `ddx.model` wraps the network with `process.denoiser`,
-`ddx.sample` runs `process.sample`, `ddx.bpd` integrates `process.ode`.
-A process registered at run time (`register`, or a test's
-`monkeypatch.setitem(REGISTRY, ...)`) goes through the same paths.
+What several processes share is below them: `ddx.processes.common` (the
+static field, broadcasting, the loss metrics, and `sample`, which runs any
+process's sampler) and `ddx.sampling` (the σ-grid and t-grid samplers and
+their steps), which imports no process. Nothing outside the folders branches
+on the process: the trainer calls `process.loss`, `ddx.model` wraps the
+network with `process.denoiser`, `ddx.sample` runs `process.sample`,
+`ddx.bpd` integrates `process.ode`. A process registered at run time
+(`register`, or a test's `monkeypatch.setitem(REGISTRY, ...)`) goes through
+the same paths.
 
 "auto" values: diffusion.prediction, sampling.sampler and eval.sampler
 default to "auto", which `resolve_defaults` turns into the process's
@@ -27,28 +34,34 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional, Protocol
 
-from ddx.processes import (consistency_config, ddpm_config, edm_config, flow_config,
-                           meanflow_config, shortcut_config)
 from ddx.processes.base import AUTO, Field, Spec
+from ddx.processes.consistency import spec as consistency_spec
+from ddx.processes.ddpm import spec as ddpm_spec
+from ddx.processes.edm import spec as edm_spec
+from ddx.processes.flow import spec as flow_spec
+from ddx.processes.meanflow import spec as meanflow_spec
+from ddx.processes.shortcut import spec as shortcut_spec
 
-# diffusion.process -> its Spec. A new process: one entry here.
+DEFAULT = "ddpm"   # diffusion.process of a config (or an older run's) that names none
+
+# diffusion.process -> its Spec. A new process: its folder, and one entry here.
 REGISTRY: dict[str, Spec] = {
-    "ddpm": ddpm_config.SPEC,
-    "edm": edm_config.SPEC,
-    "flow": flow_config.SPEC,
-    "shortcut": shortcut_config.SPEC,
-    "consistency": consistency_config.SPEC,
-    "meanflow": meanflow_config.SPEC,
+    "ddpm": ddpm_spec.SPEC,
+    "edm": edm_spec.SPEC,
+    "flow": flow_spec.SPEC,
+    "shortcut": shortcut_spec.SPEC,
+    "consistency": consistency_spec.SPEC,
+    "meanflow": meanflow_spec.SPEC,
 }
 
-__all__ = ["AUTO", "Field", "Spec", "Process", "REGISTRY", "register", "names", "spec",
+__all__ = ["AUTO", "DEFAULT", "Field", "Spec", "Process", "REGISTRY", "register", "names", "spec",
            "implementation", "from_config", "as_process", "fields", "resolve_defaults"]
 
 
 class Process(Protocol):
   """The JAX half of a process: one object holding its (static) settings.
 
-  `ddx.Model.process` and `ddx.processes.from_config` return one. Times:
+  `ddx.Model.process` and `ddx.processes.from.spec` return one. Times:
   each process has its own (DDPM: int32 index i in [0, T); EDM: σ; flow:
   t in [0, 1]; consistency: TrigFlow t in [0, π/2]; meanflow and shortcut:
   [B, 2], (t, r) and (t, d)); `denoise_fn(x, time)` below is the process-native denoiser
@@ -103,7 +116,7 @@ class Process(Protocol):
   # Optional, where a mapping exists: to_sigma(denoise_fn, steps, sigma_index)
   # -> (σ grid [steps + 1], D(x; σ)), the process in EDM's σ form x = y + σn
   # (DDPM: the VP mapping; EDM: itself), which the σ-grid samplers and the
-  # σ-form ODE (`ddx.processes.edm.sigma_ode`) run on.
+  # σ-form ODE (`ddx.likelihood.sigma_ode`) run on.
 
 
 def register(spec: Spec) -> None:
@@ -134,7 +147,7 @@ def implementation(name: str):
 
 def from_config(f) -> Process:
   """The process that config.diffusion `f` names, e.g. `Model.process`."""
-  return implementation(f.get("process", "ddpm")).from_config(f)
+  return implementation(f.get("process", DEFAULT)).from_config(f)
 
 
 def as_process(obj, prediction: Optional[str] = None) -> Process:
@@ -173,7 +186,7 @@ def resolve_defaults(config) -> None:
   (left "auto" for a process that does not use it), sampling.sampler and
   eval.sampler. An unknown process is left for validation to report."""
   f = config.diffusion
-  s = REGISTRY.get(f.get("process", "ddpm"))
+  s = REGISTRY.get(f.get("process", DEFAULT))
   if s is None:
     return
   if f.get("prediction", AUTO) == AUTO and s.default_prediction is not None:

@@ -39,6 +39,7 @@ class Spec:
     default_sampler: what sampler "auto" (or None in `ddx.sample`) becomes.
     spaced_samplers: the samplers that take sampling.spacing (the others
       walk the process's own grid, and spacing must be "auto").
+    spacings: the sampling.spacing values its spaced samplers take.
     bpd_estimators: valid eval.bpd_estimator values for this process.
     time_embedding, time_scales: what model.time_embedding / time_scale
       "auto" become for this process.
@@ -64,6 +65,7 @@ class Spec:
   samplers: tuple[str, ...] = ()
   default_sampler: str = ""
   spaced_samplers: tuple[str, ...] = ()
+  spacings: tuple[str, ...] = ()
   bpd_estimators: tuple[str, ...] = ("ode",)
   implementation: Any = ""
   second_time: bool = False
@@ -86,6 +88,42 @@ class Spec:
   def check_run(self, config) -> None:
     """Checks that involve other config groups (e.g. model.num_classes), for
     the process that runs; ValueError (one line) like `check`."""
+
+  def check_sampler(self, sampler: Any, *, spacing: Any = None, churn: bool = False,
+                    group: str = "") -> str:
+    """The sampler that `sampler` names on this process (None or "auto": its
+    default), checked with the options that depend on it: `spacing` (None or
+    "auto" = the sampler's own grid) only for spaced_samplers and one of
+    `spacings`; a nonzero churn (`churn` True) only for "stochastic".
+    `ddx.config` (group "sampling" or "eval") and `ddx.sample` both ask here.
+
+    Raises:
+      ValueError: one line naming `{group}.<key>` and what to use instead.
+    """
+    p = f"{group}." if group else ""
+    name = self.default_sampler if sampler in (None, AUTO) else sampler
+    if name not in self.samplers:
+      raise ValueError(f"{p}sampler={sampler!r} is not a sampler of diffusion.process="
+                       f"{self.name}; use one of {self.samplers}, or auto "
+                       f"({self.default_sampler})")
+    spaced = name in self.spaced_samplers
+    if spacing not in (None, AUTO) and spaced and spacing not in self.spacings:
+      raise ValueError(f"{p}spacing={spacing!r} is unknown; use auto or one of "
+                       f"{self.spacings}")
+    if spacing not in (None, AUTO) and not spaced:
+      raise ValueError(f"{p}spacing={spacing} applies to the samplers "
+                       f"{self.spaced_samplers} of diffusion.process={self.name} only; "
+                       f"{name} uses its own grid: set it to auto")
+    if churn and name != "stochastic":
+      raise ValueError(f"{p}churn applies to the stochastic sampler only; set "
+                       f"{p}sampler=stochastic or {p}churn=0")
+    return name
+
+  def check_sampling(self, g: Mapping[str, Any], group: str) -> None:
+    """Checks the sampling options only this process's samplers read, in the
+    sampling.* (or eval.*) group `g`; ValueError (one line naming
+    `{group}.<key>`) like `check`. By default there are none."""
+    del g, group
 
   def max_steps(self, f: Mapping[str, Any], sampler: str) -> int:
     """The most sampler steps `sampler` can take on this process."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx.sampling.discrete import initial_noise
+from ddx.sampling.steps import initial_noise
 from ddx.sampling.steps import integrate
 
 VelocityFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -32,7 +32,7 @@ def sample(velocity_fn: VelocityFn, times, rng: jax.Array, shape,
            clip_x0: bool = False, return_trajectory: bool = False):
   """Integrates the flow ODE from x = noise at times[0] (= 1) down the grid.
 
-  Pure and jit-composable, as `ddx.sampling.discrete.sample`.
+  Pure and jit-composable, as every sampler.
 
   Args:
     velocity_fn: `velocity_fn(x_t [B, ...], t float32 [B]) -> v̂ [B, ...]`.
@@ -60,10 +60,19 @@ def sample(velocity_fn: VelocityFn, times, rng: jax.Array, shape,
 
   def deriv(x, t):
     v = velocity_fn(x, jnp.full((shape[0],), t, jnp.float32)).astype(jnp.float32)
-    if clip_x0:
-      # No evaluation happens at t = 0, so dividing by t is safe here.
-      v = (x - jnp.clip(x - t * v, -1.0, 1.0)) / t
-    return v
+    # No evaluation happens at t = 0, so dividing by t is safe here.
+    return clipped_velocity(x, v, t) if clip_x0 else v
 
   return integrate(deriv, jnp.asarray(times, jnp.float32), x, sampler,
                    return_trajectory)
+
+
+def clipped_velocity(x: jnp.ndarray, v: jnp.ndarray, t) -> jnp.ndarray:
+  """The velocity towards the clipped x̂_0: with x̂_0 = x_t − t·v̂ clipped to
+  [-1, 1], the v that points from x_t at it, (x_t − clip(x̂_0)) / t.
+
+  Args:
+    x: x_t [B, ...]; v: v̂ [B, ...]; t: > 0, broadcastable against x (a scalar,
+      or [B, 1, ...]).
+  """
+  return (x - jnp.clip(x - t * v, -1.0, 1.0)) / t

@@ -4,7 +4,7 @@
 returns the estimate of the clean data y. The probability-flow ODE is
 dx/dσ = (x − D(x; σ))/σ (EDM Eq. 3 with s = 1, σ(t) = t), walked along a
 descending grid σ_0 > ... > σ_N (typically ending at σ_N = 0,
-`ddx.edm.karras_sigmas`). Network evaluations (NFE) for N steps:
+`karras_sigmas`). Network evaluations (NFE) for N steps:
 
   euler          N        Euler steps on the ODE (the step to σ = 0 returns D)
   heun           2N − 1   EDM Alg. 1: Heun, with an Euler last step to σ = 0
@@ -16,11 +16,10 @@ A whole trajectory is one `lax.scan`; Heun's skipped correction is a
 `lax.cond`, so the last step really costs one evaluation. The steps are
 `ddx.sampling.steps`'s, shared with the other grids. A repeated σ in a
 grid is a zero-length step that the deterministic samplers pass unchanged
-(its evaluations are still spent: `vp_grid` drops repeats).
+(its evaluations are still spent: DDPM's `vp_grid` drops repeats).
 
-The DDPM process maps onto this form (EDM Sec. 2, App. C.1): x = x_t/√ᾱ,
-σ = √((1 − ᾱ)/ᾱ); `vp_sigmas`, `vp_grid` and `vp_denoiser` turn a
-discrete-time ε/x0/v network into a D(x; σ).
+A process maps onto this form with its own D(x; σ) and grid: EDM is in it
+already; DDPM's VP mapping is `ddx.processes.ddpm.vp`.
 """
 from __future__ import annotations
 
@@ -31,17 +30,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx import diffusion
-from ddx.edm import karras_sigmas
 from ddx.sampling import steps as steps_lib
-from ddx.sampling.discrete import initial_noise
-from ddx.schedules import Schedule
+from ddx.sampling.steps import initial_noise
 
 SigmaDenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 SAMPLERS = ("euler", "heun", "stochastic", "dpm_solver_pp")
 NFE = {"euler": "N", "heun": "2N - 1", "stochastic": "2N - 1", "dpm_solver_pp": "N"}
 SIGMA_INDICES = ("nearest", "interp")
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, rho: float,
+                  steps: int) -> np.ndarray:
+  """The sampling grid of EDM Eq. 5, plus the final σ = 0.
+
+  σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ for i < N, σ_N = 0;
+  ρ = 7 spends most steps at small σ. With N = 1 the grid is [σ_max, 0].
+
+  Args:
+    sigma_min, sigma_max: 0 < σ_min < σ_max.
+    rho: ρ > 0.
+    steps: N >= 1, the number of sampler steps (intervals of the grid).
+  Returns:
+    float64 [N + 1], strictly descending, ending in 0.
+  """
+  if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+    raise ValueError(f"sampling steps must be a positive integer, got {steps!r}")
+  if not 0 < sigma_min < sigma_max:
+    raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+  if not rho > 0:
+    raise ValueError(f"rho={rho} must be > 0")
+  n = int(steps)
+  frac = np.arange(n, dtype=np.float64) / max(n - 1, 1)
+  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+  sig = (hi + frac * (lo - hi)) ** rho
+  return np.concatenate([sig, [0.0]])
 
 
 def _check_grid(sigmas) -> None:
@@ -65,12 +88,12 @@ def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
            return_trajectory: bool = False):
   """Runs a σ-grid sampler from x = σ_0·noise down the grid, as one `lax.scan`.
 
-  Pure and jit-composable, as `ddx.sampling.discrete.sample`.
+  Pure and jit-composable, as every sampler.
 
   Args:
     denoise_fn: `denoise_fn(x [B, ...], sigma float32 [B]) -> D(x; σ) [B, ...]`.
     sigmas: [N + 1] descending σ grid, σ_0 > 0, usually ending with 0
-      (`ddx.edm.karras_sigmas`); N = steps (static: the array's length).
+      (`ddx.sampling.sigma.karras_sigmas`); N = steps (static: the array's length).
     rng: PRNG key. `ddx.sampling.initial_noise(rng, shape)` is the unit
       noise when x_T is None (the same start as the DDPM samplers); the
       stochastic sampler's step i draws from
@@ -142,111 +165,3 @@ def sample(denoise_fn: SigmaDenoiseFn, sigmas, rng: jax.Array, shape,
   init = (x, steps_lib.dpm_solver_pp_2m_init(x))
   (x, _), traj = jax.lax.scan(body, init, (sig[:-1], sig[1:]))
   return (x, traj) if return_trajectory else x
-
-
-def vp_sigmas(sched: Schedule) -> np.ndarray:
-  """σ_i = √((1 − ᾱ_i)/ᾱ_i) of a DDPM schedule, float64 [T], ascending in i.
-
-  Raises ValueError when the schedule is a tracer (the grid is built on the
-  host: close over a schedule built outside jit).
-  """
-  try:
-    a = np.asarray(sched.alphas_cumprod, np.float64)
-  except jax.errors.TracerArrayConversionError:
-    raise ValueError("sigma-grid samplers of a DDPM model need the schedule's values "
-                     "at trace time: close over a schedule built outside jit "
-                     "instead of passing it as a jit argument") from None
-  return np.sqrt((1.0 - a) / a)
-
-
-def vp_grid(sched: Schedule, steps: int, sigma_index: str = "nearest",
-            rho: float = 7.0) -> np.ndarray:
-  """A Karras σ grid for a DDPM model, between its smallest and largest σ.
-
-  Args:
-    sched: the model's schedule (concrete).
-    steps: N >= 1 sampler steps.
-    sigma_index: "nearest" rounds each grid σ to the nearest of the
-      schedule's own σ_i (in σ, as EDM's code does for its VP models), so
-      every network evaluation is at a trained index, and drops repeats:
-      where the schedule's σ_i are sparser than the grid (small σ, and the
-      cosine schedule), several grid points round to one σ_i, and a
-      zero-length step would cost evaluations and move nothing. "interp"
-      keeps the grid as is.
-    rho: ρ of the grid.
-  Returns:
-    float64 [N' + 1], strictly descending, ending in 0; N' = steps for
-    "interp", N' <= steps for "nearest" (the steps the sampler takes).
-  """
-  if sigma_index not in SIGMA_INDICES:
-    raise ValueError(f"sigma_index={sigma_index!r} is unknown; use one of {SIGMA_INDICES}")
-  s = vp_sigmas(sched)
-  if s.size < 2:
-    raise ValueError("sigma-grid samplers need a schedule with T >= 2 steps")
-  grid = karras_sigmas(s[0], s[-1], rho, steps)
-  if sigma_index == "nearest":
-    idx = np.argmin(np.abs(grid[:-1, None] - s[None, :]), axis=1)
-    grid = np.concatenate([s[np.unique(idx)[::-1]], [0.0]])
-  return grid
-
-
-def vp_round_sigma(sched: Schedule, sigma_index: str = "nearest"
-                   ) -> Callable[[jnp.ndarray], jnp.ndarray]:
-  """The σ a DDPM network can be evaluated at, for the stochastic sampler's σ̂.
-
-  Args:
-    sched: the model's schedule (concrete).
-    sigma_index: "nearest": the nearest of the schedule's σ_i (in σ, as
-      `vp_grid` rounds); "interp": σ capped at the largest σ_{T−1}.
-  Returns:
-    `round_sigma(sigma float32 scalar) -> float32 scalar`, never above σ_{T−1}.
-  """
-  if sigma_index not in SIGMA_INDICES:
-    raise ValueError(f"sigma_index={sigma_index!r} is unknown; use one of {SIGMA_INDICES}")
-  s = jnp.asarray(vp_sigmas(sched), jnp.float32)
-  if sigma_index == "nearest":
-    return lambda sigma: s[jnp.argmin(jnp.abs(s - sigma))]
-  return lambda sigma: jnp.minimum(sigma, s[-1])
-
-
-def vp_denoiser(denoise_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
-                sched: Schedule, prediction: str = "eps",
-                sigma_index: str = "nearest") -> SigmaDenoiseFn:
-  """A DDPM network as EDM's D(x; σ) (the VP mapping, EDM Table 1 column VP).
-
-  x_t = √ᾱ·x with ᾱ = 1/(1 + σ²); the network runs on x_t at the index
-  whose σ_i matches σ, and its output is converted to x̂_0 = D(x; σ).
-
-  Args:
-    denoise_fn: `denoise_fn(x_t [B, ...], i [B]) -> [B, ...]` in the
-      `prediction` parameterisation. With sigma_index "nearest" i is int32
-      (the index i with σ_i nearest σ); with "interp" i is float32, the
-      fractional index where log σ_i, linearly interpolated in i, equals
-      log σ (the network must accept a real-valued time).
-    sched: the schedule it was trained with.
-    prediction: eps | x0 | v.
-    sigma_index: "nearest" | "interp".
-  Returns:
-    `D(x [B, ...], sigma float32 [B]) -> x̂_0 [B, ...]` for σ in
-    [σ_0, σ_{T−1}] (σ > 0).
-  """
-  if prediction not in diffusion.PREDICTIONS:
-    raise ValueError(
-        f"prediction={prediction!r} is unknown; use one of {diffusion.PREDICTIONS}")
-  if sigma_index not in SIGMA_INDICES:
-    raise ValueError(f"sigma_index={sigma_index!r} is unknown; use one of {SIGMA_INDICES}")
-  a_sched = sched.alphas_cumprod
-  sig_sched = jnp.sqrt((1.0 - a_sched) / a_sched)
-
-  def D(x, sigma):
-    sigma = jnp.asarray(sigma, jnp.float32)
-    if sigma_index == "nearest":
-      i = jnp.argmin(jnp.abs(sig_sched[None, :] - sigma[:, None]), axis=1).astype(jnp.int32)
-    else:
-      i = jnp.interp(jnp.log(sigma), jnp.log(sig_sched),
-                     jnp.arange(sig_sched.shape[0], dtype=jnp.float32))
-    a = 1.0 / (1.0 + jnp.square(sigma))
-    x_t = jnp.sqrt(a).reshape((-1,) + (1,) * (x.ndim - 1)) * x
-    out = denoise_fn(x_t, i).astype(jnp.float32)
-    return diffusion.to_x0_eps(out, x_t, a, prediction)[0]
-  return D

@@ -106,3 +106,8 @@ def dpm_solver_pp_2m(state, x: jnp.ndarray, x0: jnp.ndarray, h: jnp.ndarray,
   new = (jnp.where(moved, x0, x0_prev), jnp.where(moved, h, h_prev),
          jnp.where(moved, n + 1, n))
   return new, jnp.where(moved | last, x_s, x)
+
+
+def initial_noise(rng: jax.Array, shape) -> jnp.ndarray:
+  """The x_T that `sample` draws from `rng` when no x_T is given."""
+  return jax.random.normal(jax.random.split(rng)[0], tuple(shape), jnp.float32)

@@ -1,7 +1,7 @@
 """The DDPM process behind the `ddx.processes.Process` protocol.
 
-The math is `ddx.schedules` (the arrays) and `ddx.diffusion` (q_sample, the
-loss, prediction conversions); the samplers are `ddx.sampling.discrete`
+The math is `ddx.schedules` (the arrays) and `ddx.processes.ddpm.core` (q_sample, the
+loss, prediction conversions); the samplers are `ddx.processes.ddpm.sampling`
 (ddpm, ddim, dpm_solver_pp on the T indices) and, through EDM's VP mapping
 (`to_sigma`), the σ-grid samplers of `ddx.sampling.sigma`.
 """
@@ -13,21 +13,22 @@ from typing import ClassVar
 import flax.struct
 import jax.numpy as jnp
 
-from ddx import diffusion
-from ddx import schedules
-from ddx.processes import ddpm_config
-from ddx.processes import edm as edm_process
+from ddx.processes.ddpm import vp
+from ddx import likelihood
+from ddx.processes.ddpm import core as diffusion
+from ddx.processes.ddpm import schedules
+from ddx.processes.ddpm import spec as ddpm_config
 from ddx.processes.base import AUTO
-from ddx.sampling import discrete
+from ddx.processes.ddpm import sampling as discrete
 from ddx.sampling import sigma as sigma_lib
-from ddx.schedules import Schedule
+from ddx.processes.ddpm.schedules import Schedule
 
 
 @flax.struct.dataclass
 class DDPMProcess(Schedule):
   """A DDPM `Schedule` (its arrays are the pytree leaves) and what the network
   predicts (static): eps | x0 | v. It is a Schedule, so everything that takes
-  one (`ddx.q_sample`, `ddx.likelihood.ddpm_vlb_terms`, ...) takes it."""
+  one (`ddx.q_sample`, `ddx.processes.ddpm.vlb.ddpm_vlb_terms`, ...) takes it."""
   prediction: str = flax.struct.field(pytree_node=False,
                                       default=ddpm_config.SPEC.default_prediction)
   spec: ClassVar = ddpm_config.SPEC
@@ -52,7 +53,7 @@ class DDPMProcess(Schedule):
     return self
 
   def loss(self, apply_fn, params, x0, rng, has_aux: bool = False):
-    """DDPM's simple loss in self.prediction (`ddx.diffusion.diffusion_loss`);
+    """DDPM's simple loss in self.prediction (`ddx.processes.ddpm.core.diffusion_loss`);
     the network sees the index i in [0, T)."""
     return diffusion.diffusion_loss(apply_fn, params, self, x0, rng,
                                     prediction=self.prediction, has_aux=has_aux)
@@ -65,7 +66,7 @@ class DDPMProcess(Schedule):
   def noise_level(self, time):
     """σ_i = √((1 − ᾱ_i)/ᾱ_i) at index i; a float32 (fractional,
     sigma_index=interp) index interpolates log σ linearly in i, the inverse
-    of `ddx.sampling.sigma.vp_denoiser`'s map."""
+    of `ddx.processes.ddpm.vp.vp_denoiser`'s map."""
     a = jnp.asarray(self.alphas_cumprod, jnp.float32)
     sigmas = jnp.sqrt((1.0 - a) / a)
     time = jnp.asarray(time)
@@ -75,23 +76,23 @@ class DDPMProcess(Schedule):
                               jnp.log(sigmas)))
 
   def grid(self, sampler: str, steps: int, spacing=None, sigma_index: str = "nearest"):
-    """The discrete samplers' indices (`ddx.sampling.timesteps`; spacing None =
+    """The discrete samplers' indices (`ddx.processes.ddpm.sampling.timesteps`; spacing None =
     the sampler's default), or the σ grid of the VP mapping for the others."""
     if sampler in discrete.SAMPLERS:
       return discrete.timesteps(self.num_timesteps, steps,
                                 spacing or discrete.SAMPLERS[sampler].spacing, self)
-    return sigma_lib.vp_grid(self, steps, sigma_index)
+    return vp.vp_grid(self, steps, sigma_index)
 
   def to_sigma(self, denoise_fn, steps: int, sigma_index: str = "nearest"):
     """EDM's VP mapping (EDM Sec. 2): (σ grid [steps + 1], D(x; σ)) that run this
-    model on the σ-grid samplers (`ddx.sampling.sigma.vp_grid`, `vp_denoiser`)."""
-    return (sigma_lib.vp_grid(self, steps, sigma_index),
-            sigma_lib.vp_denoiser(denoise_fn, self, self.prediction, sigma_index))
+    model on the σ-grid samplers (`ddx.processes.ddpm.vp.vp_grid`, `vp_denoiser`)."""
+    return (vp.vp_grid(self, steps, sigma_index),
+            vp.vp_denoiser(denoise_fn, self, self.prediction, sigma_index))
 
   def sigma_denoiser(self, denoise_fn):
     """D(y; σ) for any σ > 0 (a distillation teacher): the VP mapping with the
     fractional ("interp") index, σ clipped to the schedule's [σ_0, σ_{T−1}]."""
-    return sigma_lib.vp_denoiser(denoise_fn, self, self.prediction, "interp")
+    return vp.vp_denoiser(denoise_fn, self, self.prediction, "interp")
 
   def sample(self, denoise_fn, rng, shape, sampler: str, steps: int, *, x_T=None,
              clip_x0: bool = False, return_trajectory: bool = False, eta=0.0,
@@ -106,14 +107,14 @@ class DDPMProcess(Schedule):
     # The stochastic sampler's raised σ̂ is rounded to a σ the network knows.
     return sigma_lib.sample(fn, grid, rng, shape, sampler, churn=churn, s_tmin=s_tmin,
                             s_tmax=s_tmax, s_noise=s_noise,
-                            round_sigma=sigma_lib.vp_round_sigma(self, sigma_index),
+                            round_sigma=vp.vp_round_sigma(self, sigma_index),
                             x_T=x_T, clip_x0=clip_x0, return_trajectory=return_trajectory)
 
   def ode(self, denoise_fn, steps: int):
     """DDPM's continuous limit through the VP mapping with the fractional
     ("interp") index, as EDM's ODE in log σ from σ_0 to σ_{T−1}."""
-    den = sigma_lib.vp_denoiser(denoise_fn, self, self.prediction, "interp")
-    sig = sigma_lib.vp_sigmas(self)
+    den = vp.vp_denoiser(denoise_fn, self, self.prediction, "interp")
+    sig = vp.vp_sigmas(self)
     if sig.size < 2:
       raise ValueError("the ODE likelihood of a DDPM model needs a schedule with T >= 2")
-    return edm_process.sigma_ode(den, float(sig[0]), float(sig[-1]), steps)
+    return likelihood.sigma_ode(den, float(sig[0]), float(sig[-1]), steps)

@@ -12,9 +12,9 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
-from ddx import flow
+from ddx.processes.flow import core as flow
 from ddx import likelihood
-from ddx.processes import flow_config
+from ddx.processes.flow import spec as flow_config
 from ddx.processes.base import AUTO
 from ddx.sampling import flow as flow_sampling
 

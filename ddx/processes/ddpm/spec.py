@@ -1,7 +1,7 @@
 """The DDPM process's config half (no JAX): its keys, checks, samplers and defaults.
 
 The names here are the single source for ddx.config and the JAX modules
-(ddx.diffusion.PREDICTIONS, ddx.schedules); the samplers' own modules keep
+(ddx.processes.ddpm.core.PREDICTIONS, ddx.schedules); the samplers' own modules keep
 their lists, which tests/test_config.py compares with these.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ from ddx.processes import base
 
 PREDICTIONS = ("eps", "x0", "v")          # diffusion.prediction (ddx.diffusion)
 SCHEDULES = ("linear", "cosine")          # diffusion.schedule (ddx.schedules)
-DISCRETE_SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")   # ddx.sampling.discrete.SAMPLERS
+DISCRETE_SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")   # ddx.processes.ddpm.sampling.SAMPLERS
 SIGMA_SAMPLERS = ("euler", "heun", "stochastic")   # through the VP mapping (sigma.vp_*)
-SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")   # ddx.sampling.SPACINGS
+SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")   # ddx.processes.ddpm.sampling.SPACINGS
 DDPM_VARIANCES = ("posterior", "beta")    # sampling.ddpm_variance
 SIGMA_INDICES = ("nearest", "interp")     # sampling.sigma_index: a DDPM model on a σ grid
 
@@ -31,8 +31,9 @@ class DDPMSpec(base.Spec):
   samplers = DISCRETE_SAMPLERS + SIGMA_SAMPLERS
   default_sampler = "ddim"
   spaced_samplers = DISCRETE_SAMPLERS
+  spacings = SPACINGS
   bpd_estimators = ("ode", "vlb", "both")
-  implementation = "ddx.processes.ddpm:DDPMProcess"
+  implementation = "ddx.processes.ddpm.process:DDPMProcess"
 
   def check(self, f) -> None:
     base.one_of(f, "schedule", SCHEDULES)
@@ -43,6 +44,14 @@ class DDPMSpec(base.Spec):
     if not 0 < f["beta_start"] <= f["beta_end"] < 1:
       raise ValueError(f"diffusion.beta_start={f['beta_start']}, beta_end={f['beta_end']}: "
                        "need 0 < beta_start <= beta_end < 1")
+
+  def check_sampling(self, g, group: str) -> None:
+    if "ddpm_variance" in g and g["ddpm_variance"] not in DDPM_VARIANCES:
+      raise ValueError(f"{group}.ddpm_variance={g['ddpm_variance']!r} must be one of "
+                       f"{DDPM_VARIANCES}")
+    if "sigma_index" in g and g["sigma_index"] not in SIGMA_INDICES:
+      raise ValueError(f"{group}.sigma_index={g['sigma_index']!r} is unknown; use one of "
+                       f"{SIGMA_INDICES}")
 
   def max_steps(self, f, sampler: str) -> int:
     # The discrete samplers visit distinct indices of the T steps.

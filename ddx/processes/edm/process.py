@@ -6,17 +6,14 @@ The math is `ddx.edm` (preconditioning, loss, Karras grid); the samplers are
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from typing import ClassVar
 
 import flax.struct
 import jax.numpy as jnp
-import numpy as np
 
-from ddx import edm
+from ddx.processes.edm import core as edm
 from ddx import likelihood
-from ddx.processes import edm_config
+from ddx.processes.edm import spec as edm_config
 from ddx.sampling import sigma as sigma_lib
 
 
@@ -53,7 +50,7 @@ class EDMProcess(edm.EDM):
     """The Karras grid (EDM Eq. 5) for every sampler."""
     del sampler, spacing, sigma_index
     self.check()
-    return edm.karras_sigmas(self.sigma_min, self.sigma_max, self.rho, steps)
+    return sigma_lib.karras_sigmas(self.sigma_min, self.sigma_max, self.rho, steps)
 
   def to_sigma(self, denoise_fn, steps: int, sigma_index: str = "nearest"):
     """EDM is the σ form: its grid and denoiser as they are."""
@@ -72,25 +69,4 @@ class EDMProcess(edm.EDM):
                             return_trajectory=return_trajectory)
 
   def ode(self, denoise_fn, steps: int):
-    return sigma_ode(denoise_fn, self.sigma_min, self.sigma_max, steps)
-
-
-def sigma_ode(denoise_fn, sigma_min: float, sigma_max: float, steps: int):
-  """The probability-flow ODE of x = y + σn in u = log σ (`ddx.bpd`).
-
-  dx/du = σ·dx/dσ = x − D(x; e^u) (EDM Eq. 3, s = 1, σ(t) = t), from σ_min to
-  σ_max; prior N(0, σ_max² I).
-
-  Args:
-    denoise_fn: D(x [B, ...], σ float32 [B]) -> [B, ...].
-    sigma_min, sigma_max: the ends, 0 < σ_min < σ_max.
-    steps: N, steps uniform in log σ.
-  Returns:
-    (drift(x, u), grid float64 [N + 1], prior_logp(x), data-side scale 1).
-  """
-  def drift(x, u):
-    s = jnp.full((x.shape[0],), jnp.exp(u), jnp.float32)
-    return x - denoise_fn(x, s).astype(jnp.float32)
-  grid = np.linspace(math.log(sigma_min), math.log(sigma_max), steps + 1)
-  prior = functools.partial(likelihood.gaussian_logp, scale=sigma_max)
-  return drift, grid, prior, 1.0
+    return likelihood.sigma_ode(denoise_fn, self.sigma_min, self.sigma_max, steps)

@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx import diffusion
-from ddx.diffusion import bcast, static_field
-from ddx.processes import flow_config
-from ddx.processes.flow_config import PREDICTIONS, T_SAMPLINGS
+from ddx.processes import common
+
+from ddx.processes.common import bcast, static_field
+from ddx.processes.flow import spec as flow_config
+from ddx.processes.flow.spec import PREDICTIONS, T_SAMPLINGS
 
 # The smallest t that `velocity` divides by: no sampler evaluates t = 0, so
 # this only keeps a stray t = 0 finite.
@@ -174,7 +175,7 @@ def flow_loss(apply_fn: Callable[..., Any], params: Any, p: Flow, x0: jnp.ndarra
   per_ex = jnp.mean(jnp.square(err), axis=tuple(range(1, x0.ndim)))
   loss = jnp.mean(per_ex)
   q = jnp.clip(jnp.floor(t * 4).astype(jnp.int32), 0, 3)
-  return loss, diffusion.loss_metrics(loss, per_ex, q, aux if has_aux else None)
+  return loss, common.loss_metrics(loss, per_ex, q, aux if has_aux else None)
 
 
 def time_grid(steps: int, shift: float = 1.0) -> np.ndarray:

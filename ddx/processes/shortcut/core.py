@@ -21,8 +21,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from ddx.diffusion import bcast
-from ddx.processes.shortcut_config import check_max_steps
+from ddx.processes.common import bcast
+from ddx.processes.shortcut.spec import check_max_steps
 
 SFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 

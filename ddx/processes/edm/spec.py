@@ -21,7 +21,7 @@ class EDMSpec(base.Spec):
   predictions = ()          # the network is preconditioned: no choice of target
   samplers = SAMPLERS
   default_sampler = "heun"
-  implementation = "ddx.processes.edm:EDMProcess"
+  implementation = "ddx.processes.edm.process:EDMProcess"
   # fourier: EDM2's 2π·N(0, 1) frequencies on c_noise = ln(σ)/4, unscaled.
   time_scales = {"positional": 1.0, "fourier": 1.0}
 

@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx.diffusion import static_field
-from ddx import diffusion
-from ddx import flow
-from ddx import meanflow
-from ddx.processes import meanflow_config
-from ddx.sampling.discrete import initial_noise
+from ddx.processes import common
+
+from ddx.processes.common import static_field
+from ddx.processes.flow import core as flow
+from ddx.processes.meanflow import core as meanflow
+from ddx.processes.meanflow import spec as meanflow_config
+from ddx.sampling.steps import initial_noise
 
 # The process's attributes are its Spec's keys without the "mf_" prefix.
 _KEYS = {k: k[len("mf_"):] for k in meanflow_config.SPEC.defaults()}
@@ -87,7 +88,7 @@ class MeanFlowProcess:
            null_label: int = 0, **_):
     """MeanFlow's adaptively weighted loss ‖u − sg(target)‖² (`ddx.meanflow`).
 
-    (r, t) from `ddx.meanflow.sample_times`; z_t = (1 − t)·x_0 + t·ε; the
+    (r, t) from `ddx.processes.meanflow.core.sample_times`; z_t = (1 − t)·x_0 + t·ε; the
     target v − (t − r)·du/dt from one jvp of the network through its time
     mapping (`network_time`), with v = ε − x_0, or with training guidance the
     mix ω·v + κ·u(z, t, t | c) + (1 − ω − κ)·u(z, t, t | ∅) for examples whose
@@ -112,7 +113,7 @@ class MeanFlowProcess:
     value, d2 = meanflow.loss(reg["u"], reg["target"], power=self.power)
     per_ex = d2 / np.prod(x0.shape[1:])
     q = jnp.clip(jnp.floor(reg["t"] * 4).astype(jnp.int32), 0, 3)
-    return value, diffusion.loss_metrics(value, per_ex, q, reg["aux"] if has_aux else None)
+    return value, common.loss_metrics(value, per_ex, q, reg["aux"] if has_aux else None)
 
   def regression(self, apply_fn, params, x0, rng, has_aux: bool = False, labels=None,
                  null_label: int = 0) -> dict:
@@ -130,7 +131,7 @@ class MeanFlowProcess:
                                  logit_std=self.logit_std, ratio=self.ratio)
     x0 = x0.astype(jnp.float32)
     eps = jax.random.normal(n_rng, x0.shape, jnp.float32)
-    z = meanflow.interpolate(x0, eps, t)
+    z = flow.interpolate(x0, eps, t)
     v = flow.velocity_target(x0, eps)
     if self.guided:
       v = self._guided_velocity(apply_fn, params, z, t, v, labels, null_label, has_aux)
@@ -146,7 +147,7 @@ class MeanFlowProcess:
     return {"r": r, "t": t, "z": z, "eps": eps, "v": v, "u": u, "target": tgt, "aux": aux}
 
   def _guided_velocity(self, apply_fn, params, z, t, v, labels, null_label, has_aux):
-    """ṽ (`ddx.meanflow.guided_velocity`) from the network's instantaneous
+    """ṽ (`ddx.processes.meanflow.core.guided_velocity`) from the network's instantaneous
     velocities u(z, t, t | c) and u(z, t, t | ∅), one call on the doubled batch
     (only the null half when κ = 0); v where it does not apply."""
     if labels is None:
@@ -165,7 +166,7 @@ class MeanFlowProcess:
       u_c = u_u   # weighted by κ = 0
     g = meanflow.guided_velocity(v, u_c, u_u, self.omega, self.kappa)
     on = (labels != null_label) & (t >= self.guidance_tmin) & (t <= self.guidance_tmax)
-    return jnp.where(diffusion.bcast(on, v) > 0, g, v)
+    return jnp.where(common.bcast(on, v) > 0, g, v)
 
   def denoiser(self, net_fn):
     """The average velocity u(x, r, t): denoise_fn(x, time [B, 2] = (t, r)) runs
@@ -190,7 +191,7 @@ class MeanFlowProcess:
   def sample(self, denoise_fn, rng, shape, sampler: str, steps: int, *, x_T=None,
              clip_x0: bool = False, return_trajectory: bool = False, **_):
     """`steps` MeanFlow steps (= network evaluations) from t = 1 to 0 on the
-    uniform grid, one lax.scan (`ddx.meanflow.sample`).
+    uniform grid, one lax.scan (`ddx.processes.meanflow.core.sample`).
 
     clip_x0 clips the point z_t − t·u where the step's straight line reaches
     t = 0 to [-1, 1] and steps towards it (as flow's samplers do with
@@ -205,7 +206,7 @@ class MeanFlowProcess:
     def u_fn(z, r, t):
       u = denoise_fn(z, pair(t, r))
       if clip_x0:
-        tb = diffusion.bcast(t, z)
+        tb = common.bcast(t, z)
         u = (z - jnp.clip(z - tb * u, -1.0, 1.0)) / tb   # t ≥ 1/steps > 0 here
       return u
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from ddx.processes import base, flow_config
+from ddx.processes import base
+from ddx.processes.flow import spec as flow_config
 
 SAMPLERS = ("shortcut", "euler")   # ddx.processes.shortcut.ShortcutProcess.sample
 # Flow matching's training-time keys, shared with diffusion.process=flow (the
@@ -40,7 +41,7 @@ class ShortcutSpec(base.Spec):
   samplers = SAMPLERS
   default_sampler = "shortcut"
   bpd_estimators = ()          # a few-step map has no likelihood ODE
-  implementation = "ddx.processes.shortcut:ShortcutProcess"
+  implementation = "ddx.processes.shortcut.process:ShortcutProcess"
   second_time = True           # the network sees (t, d)
   loss_inputs = ("labels",)    # the bootstrap targets run on part of the batch
 

@@ -25,12 +25,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ddx.diffusion import static_field
-from ddx import diffusion, flow, shortcut
-from ddx.processes import shortcut_config
-from ddx.processes.flow import FlowProcess
+from ddx.processes import common
+from ddx.processes.common import static_field
+from ddx.processes.flow import core as flow
+from ddx.processes.shortcut import core as shortcut
+from ddx.processes.shortcut import spec as shortcut_config
+from ddx.processes.flow.process import FlowProcess
 from ddx.sampling import flow as flow_sampling
-from ddx.sampling.discrete import initial_noise
+from ddx.sampling.steps import initial_noise
 
 _DEFAULTS = shortcut_config.SPEC.defaults()
 
@@ -90,10 +92,10 @@ class ShortcutProcess:
     """The regression problem of one training step: inputs, times and targets.
 
     The first `consistency_count(B)` examples train self-consistency: (t, d)
-    on the power-of-two grid (`ddx.shortcut.sample_consistency_times`), the
+    on the power-of-two grid (`ddx.processes.shortcut.core.sample_consistency_times`), the
     network asked for the step 2d, its target the mean direction of two
     d-steps of the same network with the current params
-    (`ddx.shortcut.consistency_target`, under stop_gradient). The rest train
+    (`ddx.processes.shortcut.core.consistency_target`, under stop_gradient). The rest train
     flow matching at d = 0: flow's training times (diffusion.t_sampling,
     logit_mean, logit_std) and velocity target ε − x_0.
 
@@ -155,7 +157,7 @@ class ShortcutProcess:
     per_ex = jnp.mean(jnp.square(err), axis=tuple(range(1, x0.ndim)))
     loss = jnp.mean(per_ex)
     q = jnp.clip(jnp.floor(time[:, 0] * 4).astype(jnp.int32), 0, 3)
-    return loss, diffusion.loss_metrics(loss, per_ex, q, aux if has_aux else None)
+    return loss, common.loss_metrics(loss, per_ex, q, aux if has_aux else None)
 
   def denoiser(self, net_fn):
     """The step direction s(x, time [B, 2]) float32: the network at
@@ -185,7 +187,7 @@ class ShortcutProcess:
   def sample(self, denoise_fn, rng, shape, sampler: str, steps: int, *, x_T=None,
              clip_x0: bool = False, return_trajectory: bool = False, **_):
     """"shortcut": `steps` (a power of two ≤ M) equal steps of size d = 1/steps
-    along s(x, t, d), one lax.scan (`ddx.shortcut.sample`); "euler": flow's
+    along s(x, t, d), one lax.scan (`ddx.processes.shortcut.core.sample`); "euler": flow's
     Euler ODE sampler on s(x, t, 0). clip_x0 clips x̂_0 = x_t − t·s to
     [-1, 1] at every evaluation and steps towards it, as flow's samplers do."""
     self.check_steps(sampler, steps)
@@ -200,10 +202,8 @@ class ShortcutProcess:
 
     def s_fn(x, t, d):
       s = denoise_fn(x, _pair(t, d)).astype(jnp.float32)
-      if clip_x0:   # t ≥ d > 0 at every evaluation
-        tb = diffusion.bcast(t, x)
-        s = (x - jnp.clip(x - tb * s, -1.0, 1.0)) / tb
-      return s
+      # t ≥ d > 0 at every evaluation
+      return flow_sampling.clipped_velocity(x, s, common.bcast(t, x)) if clip_x0 else s
     return shortcut.sample(s_fn, x, steps, return_trajectory=return_trajectory)
 
   def ode(self, denoise_fn, steps: int):

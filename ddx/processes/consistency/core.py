@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from ddx.diffusion import bcast
+from ddx.processes.common import bcast
 
 # F_fn(x_scaled [B, ...], t [B]) -> [B, ...]: the network with TrigFlow time t
 # (any map of t to the network's own time input happens inside, so the jvp

@@ -28,15 +28,9 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from ddx.diffusion import bcast
+from ddx.processes.common import bcast
 
 UFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
-def interpolate(x: jnp.ndarray, eps: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-  """z_t = (1 − t)·x + t·ε. x, eps: [B, ...]; t: [B]."""
-  tb = bcast(t, x)
-  return (1.0 - tb) * x + tb * eps
 
 
 def sample_times(rng: jax.Array, n: int, *, logit_mean: float = -0.4,

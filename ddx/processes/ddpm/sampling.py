@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx import diffusion
+from ddx.processes.ddpm import core as diffusion
 from ddx.sampling import steps as steps_lib
-from ddx.schedules import Schedule
+from ddx.sampling.steps import initial_noise
+from ddx.processes.ddpm.schedules import Schedule
 
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -171,11 +172,6 @@ SAMPLERS = {
         _dpmpp_2m_step, steps_lib.dpm_solver_pp_2m_init, "logsnr"),
 }
 DDPM_VARIANCES = ("posterior", "beta")
-
-
-def initial_noise(rng: jax.Array, shape) -> jnp.ndarray:
-  """The x_T that `sample` draws from `rng` when no x_T is given."""
-  return jax.random.normal(jax.random.split(rng)[0], tuple(shape), jnp.float32)
 
 
 def sample(denoise_fn: DenoiseFn, sched: Schedule, rng: jax.Array, shape,

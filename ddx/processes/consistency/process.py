@@ -2,7 +2,7 @@
 
 The math is `ddx.consistency` (TrigFlow, the consistency function, sCM's
 tangent and loss, the teacher's velocity, the sampler). Its time is TrigFlow
-t in [0, π/2]; the network sees `ddx.consistency.time_input(t)` = 1000·t/(π/2)
+t in [0, π/2]; the network sees `ddx.processes.consistency.core.time_input(t)` = 1000·t/(π/2)
 and x_t/σ_d, and gives F. The process-native denoise_fn is F itself,
 F(x_t/σ_d, t): the consistency function f = cos(t)·x_t − sin(t)·σ_d·F is
 affine in F, so guidance can mix F.
@@ -17,15 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx import consistency
-from ddx import diffusion
-from ddx.processes import consistency_config
-from ddx.sampling.discrete import initial_noise
+from ddx.processes import common
+
+from ddx.processes.consistency import core as consistency
+from ddx.processes.consistency import spec as consistency_config
+from ddx.sampling.steps import initial_noise
 
 _DEFAULTS = consistency_config.SPEC.defaults()
 
 
-_static = diffusion.static_field
+_static = common.static_field
 
 
 @flax.struct.dataclass
@@ -58,7 +59,7 @@ class ConsistencyProcess:
 
   def loss(self, apply_fn, params, x0, rng, has_aux: bool = False, *, step=None,
            teacher=None, **_):
-    """sCM's loss: F regressed onto sg(F + g) (`ddx.consistency.tangent`).
+    """sCM's loss: F regressed onto sg(F + g) (`ddx.processes.consistency.core.tangent`).
 
     Args:
       apply_fn: apply_fn(params, x_t/σ_d, time_input(t)) -> out, or
@@ -69,7 +70,7 @@ class ConsistencyProcess:
       step: int32 scalar, the training step (the tangent warm-up); None = r 1.
       teacher: None (consistency training: dx/dt = cos(t)·z − sin(t)·x_0) or
         D(y; σ), a teacher's EDM denoiser (distillation:
-        `ddx.consistency.teacher_velocity`).
+        `ddx.processes.consistency.core.teacher_velocity`).
     Returns:
       (loss, metrics): "loss", "mse_by_quartile" [4] (Δ² by quarter of
       [0, π/2]), "aux" with has_aux.
@@ -101,14 +102,14 @@ class ConsistencyProcess:
     else:
       loss, d2 = consistency.loss(F, g)
     q = jnp.clip(jnp.floor(t / consistency.T_MAX * 4).astype(jnp.int32), 0, 3)
-    return loss, diffusion.loss_metrics(loss, d2, q, aux if has_aux else None)
+    return loss, common.loss_metrics(loss, d2, q, aux if has_aux else None)
 
   def denoiser(self, net_fn):
     """F(x/σ_d, t): the raw network net_fn(x_scaled, time_input(t))."""
     return lambda xs, t: net_fn(xs, consistency.time_input(t))
 
   def noise_level(self, time):
-    """σ = σ_d·tan(t) (`ddx.consistency.noise_level`), EDM's σ in the data's units."""
+    """σ = σ_d·tan(t) (`ddx.processes.consistency.core.noise_level`), EDM's σ in the data's units."""
     return consistency.noise_level(time, self.sigma_data)
 
   def grid(self, sampler: str, steps: int, spacing=None, sigma_index: str = "nearest"):
@@ -119,7 +120,7 @@ class ConsistencyProcess:
 
   def sample(self, denoise_fn, rng, shape, sampler: str, steps: int, *, x_T=None,
              clip_x0: bool = False, return_trajectory: bool = False, **_):
-    """`ddx.consistency.sample`: N = steps evaluations of F; x_T (unit noise)
+    """`ddx.processes.consistency.core.sample`: N = steps evaluations of F; x_T (unit noise)
     is z, drawn from rng as every sampler's (`initial_noise`) when None."""
     del sampler
     shape = tuple(shape)

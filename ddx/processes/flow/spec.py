@@ -24,7 +24,7 @@ class FlowSpec(base.Spec):
   default_prediction = "v"
   samplers = SAMPLERS
   default_sampler = "euler"
-  implementation = "ddx.processes.flow:FlowProcess"
+  implementation = "ddx.processes.flow.process:FlowProcess"
 
   def check(self, f) -> None:
     if f["t_sampling"] not in T_SAMPLINGS:

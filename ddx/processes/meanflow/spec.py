@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ddx.processes import base
 
-SAMPLERS = ("meanflow",)   # n uniform steps z_r = z_t − (t − r)·u (ddx.meanflow.sample)
+SAMPLERS = ("meanflow",)   # n uniform steps z_r = z_t − (t − r)·u (ddx.processes.meanflow.core.sample)
 
 
 class MeanFlowSpec(base.Spec):
@@ -43,7 +43,7 @@ class MeanFlowSpec(base.Spec):
   # digits, at 0.02 it stayed small (docs/meanflow.md; sCM's reason too).
   time_embedding = "positional"
   time_scales = {"positional": 0.02}
-  implementation = "ddx.processes.meanflow:MeanFlowProcess"
+  implementation = "ddx.processes.meanflow.process:MeanFlowProcess"
 
   def check(self, f) -> None:
     base.finite(f, "mf_logit_mean", "mf_logit_std", "mf_ratio", "mf_power", "mf_omega",

@@ -5,7 +5,7 @@ import math
 
 from ddx.processes import base
 
-SAMPLERS = ("consistency",)   # ddx.consistency.sample: 1 step, then re-noise and jump
+SAMPLERS = ("consistency",)   # ddx.processes.consistency.core.sample: 1 step, then re-noise and jump
 
 
 class ConsistencySpec(base.Spec):
@@ -30,8 +30,8 @@ class ConsistencySpec(base.Spec):
   samplers = SAMPLERS
   default_sampler = "consistency"
   bpd_estimators = ()       # no likelihood ODE: the model is a one-step map
-  implementation = "ddx.processes.consistency:ConsistencyProcess"
-  # The network sees 1000·t/(π/2) (`ddx.consistency.time_input`), flow's range,
+  implementation = "ddx.processes.consistency.process:ConsistencyProcess"
+  # The network sees 1000·t/(π/2) (`ddx.processes.consistency.core.time_input`), flow's range,
   # times 0.02 before the positional embedding: its fastest frequency then turns
   # 13 rad over t in [0, π/2], not 637. sCM: a fast-moving time embedding makes
   # dF/dt, and so the tangent, blow up; on the digits scale 1 gave FD 221 at step

@@ -1,7 +1,7 @@
 """The forward process, its posterior, prediction conversions and the training loss.
 
 All functions are pure and shape-polymorphic in the batch. Time is the array
-index i in [0, T) of diffusion step t = i + 1 (see `ddx.schedules`).
+index i in [0, T) of diffusion step t = i + 1 (see `ddx.processes.ddpm.schedules`).
 
 Prediction parameterisations (x_t = √ᾱ x_0 + √(1-ᾱ) ε):
   eps: the network predicts ε                      (DDPM)
@@ -13,25 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ddx.processes.ddpm_config import PREDICTIONS
-from ddx.schedules import Schedule
-
-
-def static_field(default):
-  """A dataclass field of a process's hyper-parameters: static (not a pytree
-  leaf), so a process object is a pytree with no leaves and jit keys on it."""
-  return flax.struct.field(pytree_node=False, default=default)
-
-
-def bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-  """Reshapes a per-example [B] (or scalar) array to broadcast against x [B, ...]
-  (in x's dtype); every process's math uses it."""
-  a = jnp.asarray(a, dtype=x.dtype)
-  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+from ddx.processes.common import bcast, loss_metrics
+from ddx.processes.ddpm.schedules import Schedule
+from ddx.processes.ddpm.spec import PREDICTIONS
 
 
 def extract(arr: jnp.ndarray, t: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
@@ -158,22 +145,3 @@ def diffusion_loss(apply_fn: Callable[..., jnp.ndarray], params: Any,
   # has learned (a cheap diagnostic the DDPM papers plot).
   q = (t * 4) // sched.num_timesteps
   return loss, loss_metrics(loss, per_ex, q, aux if has_aux else None)
-
-
-def loss_metrics(loss, per_ex: jnp.ndarray, quarter: jnp.ndarray, aux=None) -> dict:
-  """The metrics dict every process's loss returns.
-
-  Args:
-    loss: the scalar loss.
-    per_ex: [B] per-example loss; quarter: [B] int32 in [0, 4), which quarter
-      of the process's noise levels each example's draw fell in.
-    aux: the network's auxiliary output (e.g. batch_stats), kept as "aux".
-  Returns:
-    {"loss", "mse_by_quartile": [4] mean per quarter (0 where empty), "aux"?}.
-  """
-  onehot = jax.nn.one_hot(quarter, 4, dtype=jnp.float32)
-  by_q = (onehot * per_ex[:, None]).sum(0) / jnp.maximum(onehot.sum(0), 1.0)
-  metrics = {"loss": loss, "mse_by_quartile": by_q}
-  if aux is not None:
-    metrics["aux"] = aux
-  return metrics

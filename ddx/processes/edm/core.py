@@ -23,11 +23,10 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ddx import diffusion
-from ddx.diffusion import bcast, static_field
-from ddx.processes import edm_config
+from ddx.processes import common
+from ddx.processes.common import bcast, static_field
+from ddx.processes.edm import spec as edm_config
 
 # Quartiles of the standard normal: ln σ ~ N(P_mean, P_std²) falls in each
 # quarter of its law with probability 1/4 (the loss-by-quartile diagnostic).
@@ -102,33 +101,6 @@ def sample_sigma(p: EDM, rng: jax.Array, n: int) -> jnp.ndarray:
   return jnp.exp(p.p_mean + p.p_std * jax.random.normal(rng, (n,), jnp.float32))
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, rho: float,
-                  steps: int) -> np.ndarray:
-  """The sampling grid of EDM Eq. 5, plus the final σ = 0.
-
-  σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ for i < N, σ_N = 0;
-  ρ = 7 spends most steps at small σ. With N = 1 the grid is [σ_max, 0].
-
-  Args:
-    sigma_min, sigma_max: 0 < σ_min < σ_max.
-    rho: ρ > 0.
-    steps: N >= 1, the number of sampler steps (intervals of the grid).
-  Returns:
-    float64 [N + 1], strictly descending, ending in 0.
-  """
-  if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-    raise ValueError(f"sampling steps must be a positive integer, got {steps!r}")
-  if not 0 < sigma_min < sigma_max:
-    raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-  if not rho > 0:
-    raise ValueError(f"rho={rho} must be > 0")
-  n = int(steps)
-  frac = np.arange(n, dtype=np.float64) / max(n - 1, 1)
-  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-  sig = (hi + frac * (lo - hi)) ** rho
-  return np.concatenate([sig, [0.0]])
-
-
 def denoise(p: EDM, net_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
             x: jnp.ndarray, sigma: jnp.ndarray) -> jnp.ndarray:
   """The preconditioned denoiser D(x; σ) = c_skip·x + c_out·F(c_in·x, c_noise).
@@ -187,4 +159,4 @@ def edm_loss(apply_fn: Callable[..., Any], params: Any, p: EDM, x0: jnp.ndarray,
   loss = jnp.mean(per_ex)
   bounds = jnp.asarray([p.p_mean + p.p_std * z for z in _NORMAL_QUARTILES], jnp.float32)
   q = jnp.sum(jnp.log(sigma)[:, None] > bounds[None, :], axis=1)
-  return loss, diffusion.loss_metrics(loss, per_ex, q, aux if has_aux else None)
+  return loss, common.loss_metrics(loss, per_ex, q, aux if has_aux else None)
