@@ -108,7 +108,7 @@ def test_train_writes_the_number_and_a_resume_reads_it(tmp_path, monkeypatch):
   c.sampling.sampler, c.sampling.clip_x0 = "euler", False
   seen = []
 
-  def stop(setup, ck, config, rng):
+  def stop(setup, ck, config, rng, source=None):
     seen.append(config)     # the config the run trains, checkpoints and samples with
     ck.close()
     raise _Stop
