@@ -68,6 +68,10 @@ import jax
 from ddx import models
 from ddx.models.layers import TIME_EMBEDDINGS, split_time
 
+# The fields every backbone accepts (the contract above).
+CONTRACT_FIELDS = ("num_classes", "dtype", "time_embedding", "time_scale", "second_time",
+                   "logvar", "remat", "attention", "norm_kernel")
+
 # Flax adds these to every Module's dataclass fields; they are not config keys
 # (and config.model.name selects the network, it is not the module's name).
 _NOT_CONFIG = ("parent", "name")
