@@ -4,11 +4,13 @@ Every check raises `ConfigError` with one line that names the field, what is
 wrong and how to fix it; `ddx.main` prints that line and exits with code 2.
 
 This module imports ml_collections, the standard library and the JAX-free
-halves of the processes (`ddx.processes`, their `<name>_config.py`) only, so
-a config file loads and validates without JAX or Flax (as big_vision's do).
-The valid names below are the config's contract: the process ones come from
-the processes' Specs; tests/test_config.py checks that every list equals the
-registry of the module that implements it.
+halves of the processes (`ddx.processes`, their `<name>_config.py`) and of the
+backbones (`ddx.models`, their `<name>/spec.py`) only, so a config file loads
+and validates without JAX or Flax (as big_vision's do). It names no process
+or backbone: each declares its keys and checks in its Spec, and the config
+asks the registries. The valid names below are the config's contract: the
+process and backbone ones come from the Specs; tests/test_config.py checks
+that every list equals the registry of the module that implements it.
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ import warnings
 
 import ml_collections
 
+from ddx import models
 from ddx import processes
-NORMS = ("group", "batch")                 # model.norm (ddx.models.layers)
 DTYPES = ("float32", "bfloat16")           # model.dtype: the network's compute dtype
-MODELS = ("unet", "dit")                   # model.name (ddx.models.NAMES)
+MODELS = models.names()                    # model.name (the built-in backbones)
 ATTENTIONS = ("xla", "auto", "cudnn", "tpu_flash")   # model.attention (ddx.models.attention)
 NORM_KERNELS = ("xla", "pallas")            # model.norm_kernel (ddx.models.fused_norm)
 REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
@@ -54,30 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_workers = -1         # loader processes: -1 = auto (digits 0, else cores - 1); 0 = a thread
 
   c.model = m = ml_collections.ConfigDict()
-  m.name = "unet"            # unet (DDPM's U-Net) | dit (Diffusion Transformer)
-  m.ch = 32
-  m.ch_mult = (1, 2)
-  m.num_res_blocks = 2
-  m.attn_resolutions = (4,)
-  m.dropout = 0.0
-  m.num_groups = 8           # GroupNorm groups (32 in DDPM)
-  m.resamp_with_conv = True
+  m.name = models.DEFAULT    # the backbone, any registered in ddx.models: unet (DDPM's
+                             # U-Net) | dit (Diffusion Transformer)
+  # Each backbone's own keys, with their defaults and meaning in
+  # ddx/models/<name>/spec.py (DiT's presets: ddx.models.dit.preset("S/2") ...);
+  # only the chosen backbone reads and checks its keys.
+  for key, field in models.fields().items():
+    m[key] = field.default
+  # The keys every backbone takes (the contract: ddx.models.base).
   m.num_classes = 0          # 0 = unconditional
-  m.norm = "group"           # group (GroupNorm, DDPM) | batch (BatchNorm, running stats)
   m.dtype = "float32"        # compute dtype: float32 | bfloat16 (params stay float32)
-  # DiT (model.name = dit; presets: ddx.models.dit.preset("S/2") ...)
-  m.patch_size = 2
-  m.hidden_size = 384
-  m.depth = 12
-  m.num_heads = 6
-  m.mlp_ratio = 4.0
-  m.learn_sigma = False      # 2C output channels (official DiT); ddx uses the first C
-  # U-Net choices DDPM fixed and diffusers' UNet2DModel exposes (ddx.convert sets them):
-  m.flip_sin_to_cos = False  # time embedding [cos, sin] instead of DDPM's [sin, cos]
-  m.freq_shift = 1           # time-embedding frequencies 10000^(-k/(ch/2 - freq_shift)); DDPM 1
-  m.downsample_padding = "bottom_right"  # stride-2 conv pad: bottom_right (DDPM) | symmetric
-  m.attn_head_dim = 0        # channels per attention head; 0 = one head (DDPM)
-  m.norm_eps = 1e-6          # GroupNorm epsilon (DDPM 1e-6; diffusers' default 1e-5)
   m.attention = "xla"        # xla | auto (jax.nn.dot_product_attention picks) | cudnn (NVIDIA
                              # GPU) | tpu_flash (Pallas TPU kernel); the same function
   m.norm_kernel = "xla"      # U-Net GroupNorm+SiLU, DiT LayerNorm+adaLN: xla (two passes over
@@ -257,12 +245,15 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(isinstance(d.num_workers, int) and d.num_workers >= -1,
            f"data.num_workers={d.num_workers!r} must be an int >= 0, or -1 for auto")
 
-  name = m.get("name", "unet")
-  _require(name in MODELS, f"model.name={name!r} is unknown; use one of {MODELS}")
-  if name == "dit":
-    _check_dit(config)
-  else:
-    _check_unet(config)
+  name = m.get("name", models.DEFAULT)
+  _require(name in models.names(),
+           f"model.name={name!r} is unknown; use one of {models.names()}")
+  backbone = models.spec(name)
+  size, what = _model_size(config)
+  try:
+    backbone.check(m, size, size, f"{what}={size}")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _require(m.dtype in DTYPES,
            f"model.dtype={m.dtype!r} is unknown; use float32, or bfloat16 for mixed "
            "precision on TPU/GPU")
@@ -273,9 +264,11 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   norm_kernel = m.get("norm_kernel", "xla")
   _require(norm_kernel in NORM_KERNELS,
            f"model.norm_kernel={norm_kernel!r} is unknown; use one of {NORM_KERNELS}")
-  _require(norm_kernel == "xla" or m.get("name", "unet") == "dit" or m.norm == "group",
-           f"model.norm_kernel={norm_kernel!r} fuses the U-Net's GroupNorm (and DiT's "
-           f"LayerNorm); this U-Net has norm={m.norm!r}: use model.norm_kernel=xla")
+  if norm_kernel != "xla":
+    try:
+      backbone.check_norm_kernel(m)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   _check_process(config)
   _check_time_embedding(config)
   _check_latent(config)
@@ -336,71 +329,6 @@ def _model_size(config) -> tuple[int, str]:
     return size, (f"the latent size (data.image_size {config.data.image_size} / "
                   f"autoencoder.downsample {config.autoencoder.downsample})")
   return size, "data.image_size"
-
-
-def _check_unet(config) -> None:
-  m = config.model
-  size, what = _model_size(config)
-  _require(isinstance(m.ch, int) and m.ch > 0, f"model.ch={m.ch!r} must be a positive integer")
-  ch_mult = tuple(m.ch_mult)
-  _require(len(ch_mult) >= 1 and all(isinstance(c, int) and c > 0 for c in ch_mult),
-           f"model.ch_mult={m.ch_mult!r} must be a non-empty tuple of positive integers")
-  levels = len(ch_mult)
-  div = 2 ** (levels - 1)
-  _require(size % div == 0,
-           f"{what}={size} is not divisible by 2^(levels-1)={div} "
-           f"for model.ch_mult={ch_mult}; use a multiple of {div} or fewer levels")
-  resolutions = tuple(size // 2 ** l for l in range(levels))
-  for r in tuple(m.attn_resolutions):
-    _require(r in resolutions,
-             f"model.attn_resolutions contains {r}, which is not a U-Net level; "
-             f"the levels of a {size}px model are {resolutions}")
-  _require(m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks} must be >= 1")
-  _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-  _require(m.norm in NORMS, f"model.norm={m.norm!r} is unknown; use one of {NORMS}")
-  channels = tuple(sorted({m.ch} | {m.ch * c for c in ch_mult}))
-  _require(m.norm != "group" or (
-               isinstance(m.num_groups, int) and m.num_groups >= 1
-               and all(c % m.num_groups == 0 for c in channels)),
-           f"model.num_groups={m.num_groups!r} must divide every channel count "
-           f"{channels} of model.ch={m.ch}, model.ch_mult={ch_mult}; use a divisor "
-           f"of {m.ch}")
-  _check_unet_options(m)
-
-
-def _check_unet_options(m) -> None:
-  """The diffusers-layout options of the U-Net (ddx.convert sets them)."""
-  _require(isinstance(m.flip_sin_to_cos, bool),
-           f"model.flip_sin_to_cos={m.flip_sin_to_cos!r} must be True or False")
-  _require(isinstance(m.freq_shift, int) and 0 <= m.freq_shift < m.ch // 2,
-           f"model.freq_shift={m.freq_shift!r} must be an integer in [0, ch/2={m.ch // 2})")
-  _require(m.downsample_padding in ("bottom_right", "symmetric"),
-           f"model.downsample_padding={m.downsample_padding!r} must be bottom_right "
-           "or symmetric")
-  widths = [m.ch * c for c in m.ch_mult]
-  _require(isinstance(m.attn_head_dim, int) and m.attn_head_dim >= 0
-           and all(w % m.attn_head_dim == 0 for w in widths if m.attn_head_dim),
-           f"model.attn_head_dim={m.attn_head_dim!r} must be 0 (one head) or divide "
-           f"every channel count {tuple(widths)}")
-  _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be > 0")
-
-
-def _check_dit(config) -> None:
-  m = config.model
-  for k in ("patch_size", "hidden_size", "depth", "num_heads"):
-    _require(isinstance(m[k], int) and m[k] >= 1,
-             f"model.{k}={m[k]!r} must be a positive integer")
-  size, what = _model_size(config)
-  _require(size % m.patch_size == 0,
-           f"{what}={size} is not divisible by model.patch_size="
-           f"{m.patch_size}; use a patch size that divides the image size")
-  _require(m.hidden_size % m.num_heads == 0,
-           f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads="
-           f"{m.num_heads}; use a head count that divides it")
-  _require(m.hidden_size % 4 == 0,
-           f"model.hidden_size={m.hidden_size} must be a multiple of 4 (2-D sin-cos "
-           "position embedding)")
-  _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be > 0")
 
 
 def _check_process(config) -> None:

@@ -1,17 +1,23 @@
-"""The config module: loads without JAX, its name lists match the implementations."""
+"""The config module: loads without JAX, its name lists match the implementations.
+
+Backbone and process tests are parametrised over the registries (ddx.models.names(),
+ddx.processes.names()): a new variant is tested here without editing this file.
+"""
+import re
 import subprocess
 import sys
 
 import pytest
 
 from ddx import config as config_lib
+from ddx import models, processes
 
 from testutils import ROOT, load_config
 
 
 def test_configs_load_and_validate_with_ml_collections_alone():
   """As big_vision's: every config file loads and validates (under every
-  process) without pulling in JAX or Flax."""
+  process and every backbone) without pulling in JAX or Flax."""
   code = ("import glob, sys, warnings; from ddx import config as c\n"
           "warnings.simplefilter('ignore', c.ConfigWarning)\n"
           "paths = sorted(glob.glob('configs/*.py')); assert len(paths) >= 11, paths\n"
@@ -20,6 +26,9 @@ def test_configs_load_and_validate_with_ml_collections_alone():
           "from ddx import processes\nfor n in processes.names():\n"   # 64 steps: a count every sampler takes
           "  cfg = c.base_config(); cfg.diffusion.process = n; cfg.sampling.steps = 64\n"
           "  c.validate(cfg)\n"
+          "from ddx import models\n"
+          "for n in models.names():\n"
+          "  cfg = c.base_config(); cfg.model.name = n; c.validate(cfg)\n"
           "bad = [m for m in ('jax', 'flax', 'optax', 'orbax', 'PIL') if m in sys.modules]\n"
           "assert not bad, bad\n")
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -34,6 +43,7 @@ def test_name_lists_match_the_implementations():
   from ddx import bpd, evaluation, likelihood, models, processes
   from ddx import sampling
   from ddx.models import attention, fused_norm, layers
+  from ddx.models.unet import spec as unet_spec
   from ddx.processes.ddpm import sampling as discrete
   from ddx.processes.ddpm import schedules
   from ddx.processes.ddpm import spec as ddpm_spec
@@ -42,8 +52,9 @@ def test_name_lists_match_the_implementations():
   assert config_lib.NORM_KERNELS == fused_norm.NORM_KERNELS
   assert config_lib.REMATS == layers.REMATS
   assert config_lib.TIME_EMBEDDINGS == layers.TIME_EMBEDDINGS
-  assert config_lib.NORMS == layers.NORMS
-  assert config_lib.MODELS == models.NAMES
+  assert unet_spec.NORMS == layers.NORMS
+  assert unet_spec.DOWNSAMPLE_PADDINGS == layers.DOWNSAMPLE_PADDINGS
+  assert config_lib.MODELS == models.NAMES == models.names()
   assert ddpm_spec.SCHEDULES == schedules.names()
   assert ddpm_spec.DISCRETE_SAMPLERS == tuple(discrete.SAMPLERS)
   assert ddpm_spec.SPACINGS == discrete.SPACINGS == processes.spec("ddpm").spacings
@@ -118,11 +129,13 @@ def test_changed_key_the_process_does_not_read_warns_once():
     config_lib.validate(c)
 
 
-@pytest.mark.parametrize("process", ["ddpm", "edm", "flow"])
-def test_unchanged_keys_give_no_warning(process):
+@pytest.mark.parametrize("backbone", models.names())
+@pytest.mark.parametrize("process", processes.names())
+def test_unchanged_keys_give_no_warning(process, backbone):
   import warnings
   c = config_lib.base_config()
-  c.diffusion.process = process
+  c.diffusion.process, c.model.name = process, backbone
+  c.sampling.steps = 64   # a count every sampler takes
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     config_lib.validate(c)
@@ -151,3 +164,32 @@ def test_every_shipped_config_validates():
     config = config_lib.from_file(path)
     config.data.path = config.data.path or "some/folder"   # article.py: user's images
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_backbone_brings_its_keys_with_their_defaults(name):
+  """base_config's model group holds each registered backbone's own keys (its
+  Spec's fields) with their defaults; its tiny test settings validate."""
+  spec = models.spec(name)
+  c = config_lib.base_config()
+  assert {k: c.model[k] for k in spec.defaults()} == spec.defaults()
+  c.model.name = name
+  c.model.update(spec.tiny)
+  config_lib.validate(c)
+
+
+def test_a_key_two_backbones_share_has_one_default(monkeypatch):
+  class Clash(models.Spec):
+    name = "clash"
+    fields = (models.Field(next(iter(models.fields())), object(), "a clashing default"),)
+  monkeypatch.setitem(models.REGISTRY, "clash", Clash())
+  with pytest.raises(ValueError, match=r"is a key of two backbones with different defaults"):
+    config_lib.base_config()
+
+
+def test_an_unknown_backbone_is_named_in_one_line():
+  c = config_lib.base_config()
+  c.model.name = "vit"
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"^model.name='vit' is unknown; use one of {re.escape(str(models.names()))}$"):
+    config_lib.validate(c)

@@ -22,7 +22,8 @@ import pytest
 from ddx import parallel
 from ddx.models import NAMES, DiT, UNet, build
 from ddx.models import dit as dit_lib
-from ddx.models.unet import count_params
+from ddx.models import layers
+from ddx.models.base import count_params
 
 from testutils import jaxpr_eqns
 
@@ -275,11 +276,17 @@ def test_sincos_position_embedding_is_official_layout():
     dit_lib.sincos_pos_embed_2d(18, 2, 2)
 
 
+def _dit_embedding(t):
+  """The time table DiT's TimestepEmbedder uses: the shared one, [cos, sin], freq_shift 0."""
+  return layers.timestep_embedding(t, dit_lib.FREQUENCY_EMBEDDING_SIZE,
+                                   flip_sin_to_cos=True, freq_shift=0)
+
+
 def test_timestep_embedding_is_cos_first():
   t = np.array([0.0, 3.0, 999.0, 0.25], np.float32)
-  np.testing.assert_allclose(dit_lib.timestep_embedding(jnp.asarray(t)),
+  np.testing.assert_allclose(_dit_embedding(jnp.asarray(t)),
                              _np_timestep_embedding(t), atol=2e-4)
-  np.testing.assert_allclose(dit_lib.timestep_embedding(jnp.asarray(t[:1]))[0, :2],
+  np.testing.assert_allclose(_dit_embedding(jnp.asarray(t[:1]))[0, :2],
                              [1.0, 1.0])
 
 

@@ -121,7 +121,8 @@ def test_the_networks_embeddings_are_the_transcribed_formulas():
     np.testing.assert_allclose(got, embed(x, positional_freqs(32)), atol=2e-4)
     got = layers.fourier_embedding(layers.scaled_time(t, scale), 32)
     np.testing.assert_allclose(got, embed(x, fourier_freqs(32)), atol=2e-3 * scale)
-    got = dit_lib.timestep_embedding(layers.scaled_time(t, scale))
+    got = layers.timestep_embedding(layers.scaled_time(t, scale),   # DiT's table
+                                    dit_lib.FREQUENCY_EMBEDDING_SIZE, True, 0)
     want = embed(x, dit_freqs())
     np.testing.assert_allclose(got, np.concatenate([want[:, 128:], want[:, :128]], 1),
                                atol=2e-4)

@@ -184,7 +184,7 @@ def architecture(state: dict, source: str = "the checkpoint") -> dict:
 
 
 def _sincos(dim: int, grid: int) -> np.ndarray:
-  from ddx.models.dit import sincos_pos_embed_2d
+  from ddx.models.dit.network import sincos_pos_embed_2d
   return sincos_pos_embed_2d(dim, grid, grid)
 
 
@@ -365,7 +365,7 @@ def convert(src: str, workdir: str, autoencoder: Optional[str] = None) -> Any:
 def summary(config) -> str:
   """One line describing the imported DiT (for the CLI)."""
   from ddx import config as config_lib
-  from ddx.models.dit import PRESETS
+  from ddx.models.dit.spec import PRESETS
   m = config.model
   name = next((f"DiT-{k}/{m.patch_size}" for k, v in PRESETS.items()
                if v == (m.hidden_size, m.depth, m.num_heads)),

@@ -1,50 +1,99 @@
-"""Denoising networks, and `build`, which picks one by `config.model.name`."""
+"""Denoising networks (backbones) behind one contract, picked by name (config.model.name).
 
-import dataclasses
-from typing import Any, Mapping
+A backbone is one folder and one line in `REGISTRY` below:
 
-import flax.linen as nn
+  <name>/spec.py     a `Spec` (ddx.models.spec), plain Python: the model.* keys
+                     it owns with their defaults, its presets, its checks.
+                     `ddx.config` builds the model group and validates through
+                     it, so checking a config never imports JAX.
+  <name>/network.py  the Flax module the Spec names (Spec.implementation),
+                     meeting the contract written in `ddx.models.base`.
+  <name>/__init__.py a docstring (no JAX: importing the spec runs it).
 
-from ddx.models import attention
-from ddx.models.dit import DiT
-from ddx.models.unet import UNet
+Nothing outside the folder branches on the backbone: `build` (ddx.models.base)
+makes the network from config.model, and the trainer, samplers, `ddx.load`,
+FSDP and the converters take any network that meets the contract. A backbone
+registered at run time (`register`, or a test's `monkeypatch.setitem(REGISTRY,
+...)`) goes through the same paths.
 
-# model.name -> network class. "unet" is the default (older run configs have
-# no model.name).
-_NETWORKS = {"unet": UNet, "dit": DiT}
-NAMES = tuple(_NETWORKS)
+This module imports no JAX; `build`, `UNet`, `DiT`, `NAMES` and the shared
+layer modules (layers, attention, fused_norm, autoencoder, base) are imported
+on first use.
+"""
+from __future__ import annotations
 
-# Flax adds these to every Module's dataclass fields; they are not config keys
-# (and config.model.name selects the network, it is not the module's name).
-_NOT_CONFIG = ("parent", "name")
+import importlib
+from typing import Any
 
+from ddx.models.dit import spec as dit_spec
+from ddx.models.spec import Field, Spec
+from ddx.models.unet import spec as unet_spec
 
-def build(model_config: Mapping[str, Any], **fields: Any) -> nn.Module:
-  """The network that `config.model` describes.
+# model.name -> its Spec. A new backbone: one entry here.
+REGISTRY: dict[str, Spec] = {
+    "unet": unet_spec.SPEC,
+    "dit": dit_spec.SPEC,
+}
+# model.name of a config without the key (older runs): the U-Net.
+DEFAULT = "unet"
 
-  Args:
-    model_config: the `config.model` group (a ConfigDict or any mapping),
-      holding both backbones' keys in one flat group plus `name`
-      ("unet" | "dit"; "unet" when missing).
-    **fields: network fields that replace the group's keys; `ddx.model.network`
-      passes the run's time_embedding and time_scale, resolved for its process.
-
-  Returns:
-    An unbound UNet or DiT built from the keys that are its fields; the other
-    backbone's keys are ignored. A key still "auto" (time_embedding,
-    time_scale without a process to resolve them) keeps the network's default:
-    the positional embedding of the unscaled time, which is what "auto" is for
-    the ddpm process.
-  """
-  keys = list(model_config.keys())
-  name = model_config["name"] if "name" in keys else "unet"
-  if name not in _NETWORKS:
-    raise ValueError(f"model.name={name!r} is unknown; use one of {NAMES}")
-  cls = _NETWORKS[name]
-  names = {f.name for f in dataclasses.fields(cls)} - set(_NOT_CONFIG)
-  values = {k: model_config[k] for k in keys if k in names}
-  values.update(fields)
-  return cls(**{k: v for k, v in values.items() if not (isinstance(v, str) and v == "auto")})
+__all__ = ["DEFAULT", "Field", "Spec", "REGISTRY", "register", "names", "spec",
+           "implementation", "fields", "build", "NAMES", "UNet", "DiT"]
 
 
-__all__ = ["DiT", "NAMES", "UNet", "attention", "build"]
+def register(spec: Spec) -> None:
+  """Adds (or replaces) a backbone for model.name = spec.name."""
+  REGISTRY[spec.name] = spec
+
+
+def names() -> tuple[str, ...]:
+  """The registered model.name values."""
+  return tuple(REGISTRY)
+
+
+def spec(name: str) -> Spec:
+  """The Spec of model.name = name; ValueError (one line) if unknown."""
+  if name not in REGISTRY:
+    raise ValueError(f"model.name={name!r} is unknown; use one of {names()}")
+  return REGISTRY[name]
+
+
+def implementation(name: str):
+  """The Flax class of model.name = name (imports it: needs JAX)."""
+  impl = spec(name).implementation
+  if isinstance(impl, str):
+    module, cls = impl.split(":")
+    impl = getattr(importlib.import_module(module), cls)
+  return impl
+
+
+def fields() -> dict[str, Field]:
+  """Every registered backbone's own model.* keys (a key two backbones share
+  must have one default)."""
+  out: dict[str, Field] = {}
+  for s in REGISTRY.values():
+    for x in s.fields:
+      if x.key in out and out[x.key].default != x.default:
+        raise ValueError(f"model.{x.key} is a key of two backbones with different "
+                         f"defaults ({out[x.key].default!r}, {x.default!r})")
+      out.setdefault(x.key, x)
+  return out
+
+
+# Names imported on first use (they need JAX): name -> (module, attribute or None
+# for the module itself).
+_LAZY = {"build": ("ddx.models.base", "build"),
+         "UNet": ("ddx.models.unet.network", "UNet"),
+         "DiT": ("ddx.models.dit.network", "DiT")}
+_SUBMODULES = ("attention", "autoencoder", "base", "fused_norm", "layers")
+
+
+def __getattr__(name: str) -> Any:
+  if name == "NAMES":
+    return names()
+  if name in _LAZY:
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)
+  if name in _SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,7 +49,6 @@ stay float32; the residual stream, LayerNorm statistics, the modulation and
 the attention softmax are float32, and the output is float32.
 """
 
-import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -59,13 +58,10 @@ import numpy as np
 
 from ddx.models import attention as attention_lib
 from ddx.models import fused_norm
-from ddx.models.layers import (TIME_EMBEDDINGS, fourier_embedding, rematerialised,
-                               scaled_time, sow_logvar, split_time)
-
-# (hidden_size, depth, num_heads) of the paper's Table 1 models.
-PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
-           "XL": (1152, 28, 16)}
-PATCH_SIZES = (2, 4, 8)
+from ddx.models.base import check_inputs
+from ddx.models.dit.spec import PATCH_SIZES, PRESETS, SPEC, preset  # noqa: F401 (as before the move)
+from ddx.models.layers import (fourier_embedding, rematerialised, scaled_time, sow_logvar,
+                               split_time, timestep_embedding)
 
 FREQUENCY_EMBEDDING_SIZE = 256
 _LN_EPSILON = 1e-6
@@ -76,24 +72,6 @@ _xavier = nn.initializers.xavier_uniform()
 _patch_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
 _normal_002 = nn.initializers.normal(stddev=0.02)
 _zeros = nn.initializers.zeros
-
-
-def preset(name: str) -> dict:
-  """The DiT fields of a paper model, e.g. "S/2", "B/4", "XL/8".
-
-  Args:
-    name: "<size>/<patch>" with size in S, B, L, XL and patch in 2, 4, 8.
-
-  Returns:
-    dict with patch_size, hidden_size, depth, num_heads, mlp_ratio.
-  """
-  size, _, patch = name.partition("/")
-  if size not in PRESETS or patch not in [str(p) for p in PATCH_SIZES]:
-    valid = ", ".join(f"{s}/{p}" for s in PRESETS for p in PATCH_SIZES)
-    raise ValueError(f"DiT preset {name!r} is unknown; use one of {valid}")
-  hidden, depth, heads = PRESETS[size]
-  return dict(patch_size=int(patch), hidden_size=hidden, depth=depth,
-              num_heads=heads, mlp_ratio=4.0)
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
@@ -156,31 +134,6 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)],
                        axis=1)
   return emb.astype(np.float32)
-
-
-def timestep_embedding(t: jax.Array,
-                       dim: int = FREQUENCY_EMBEDDING_SIZE,
-                       max_period: float = 10000.0) -> jax.Array:
-  """DiT's sinusoidal embedding of the noise-conditioning value.
-
-  Args:
-    t: [B] any numeric dtype (used as float32; may be fractional).
-    dim: embedding size.
-    max_period: the lowest frequency is 1 / max_period (almost).
-
-  Returns:
-    [B, dim] float32: [cos(t * f), sin(t * f)] with
-    f_k = exp(-log(max_period) * k / (dim // 2)), k = 0 .. dim//2 - 1, plus a
-    zero column if dim is odd.
-  """
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period)
-                  * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
 
 
 def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Any,
@@ -329,8 +282,9 @@ class TimestepEmbedder(nn.Module):
     t = scaled_time(t, self.scale)
     if self.kind == "fourier":
       f = fourier_embedding(t, FREQUENCY_EMBEDDING_SIZE)
-    else:
-      f = timestep_embedding(t)
+    else:   # DiT's table: [cos, sin], frequencies exp(-log(10000) k / 128)
+      f = timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE, flip_sin_to_cos=True,
+                             freq_shift=0)
     if self.logvar:
       sow_logvar(self, f, self.dtype)
     h = _dense(self.hidden_size, self.dtype, "mlp_0", _normal_002)(f)
@@ -364,7 +318,8 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
   """Diffusion Transformer predicting a tensor of the input's shape.
 
-  The fields are the DiT keys of `config.model` (see `ddx.models.build`).
+  The fields are the contract's (`ddx.models.base`) and the DiT keys of
+  `config.model` (`ddx.models.dit.spec`, whose checks it runs when traced).
 
   Attributes:
     patch_size: p; H and W must be multiples of it.
@@ -407,32 +362,6 @@ class DiT(nn.Module):
   second_time: bool = False
   logvar: bool = False
 
-  def _check(self, x: jax.Array, t: jax.Array,
-             labels: Optional[jax.Array]) -> None:
-    """Raises ValueError for a config or input the network cannot handle."""
-    if x.ndim != 4:
-      raise ValueError(f"DiT expects x of shape [B, H, W, C], got {x.shape}")
-    split_time(t, self.second_time, "DiT")
-    _, hgt, wid, _ = x.shape
-    p = self.patch_size
-    if p < 1 or hgt % p or wid % p:
-      raise ValueError(
-          f"image size {hgt}x{wid} is not divisible by model.patch_size={p}; "
-          f"use a patch size that divides both")
-    if self.hidden_size % self.num_heads:
-      raise ValueError(
-          f"model.hidden_size={self.hidden_size} is not divisible by "
-          f"model.num_heads={self.num_heads}")
-    if self.hidden_size % 4:
-      raise ValueError(
-          f"model.hidden_size={self.hidden_size} must be a multiple of 4 "
-          f"(the 2-D sin-cos position embedding)")
-    if self.time_embedding not in TIME_EMBEDDINGS:
-      raise ValueError(f"time_embedding={self.time_embedding!r} is unknown; use one "
-                       f"of {TIME_EMBEDDINGS}")
-    if labels is not None and self.num_classes <= 0:
-      raise ValueError("labels were given but the DiT has num_classes=0")
-
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,
                labels: Optional[jax.Array] = None,
@@ -452,7 +381,7 @@ class DiT(nn.Module):
       [B, H, W, C] float32, or [B, H, W, 2C] with learn_sigma (mean first).
     """
     del train
-    self._check(x, t, labels)
+    check_inputs(self, SPEC, x, t, labels)
     b, hgt, wid, ch = x.shape
     p, d = self.patch_size, self.hidden_size
     out_ch = 2 * ch if self.learn_sigma else ch

@@ -43,24 +43,25 @@ the extra index `num_classes` is the "null" label used for classifier-free
 guidance; `labels=None` means every example gets the null label.
 """
 
-import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddx.models.layers import (DOWNSAMPLE_PADDINGS, GN_EPSILON, NORMS,
-                               TIME_EMBEDDINGS, AttnBlock, Downsample,
-                               ResBlock, Upsample, default_init,
-                               fourier_embedding, normalise, rematerialised, scaled_time,
-                               sow_logvar, split_time, timestep_embedding, zero_init)
+from ddx.models.base import check_inputs, count_params  # noqa: F401 (ddx.models.unet.count_params)
+from ddx.models.layers import (GN_EPSILON, AttnBlock, Downsample, ResBlock, Upsample,
+                               default_init, fourier_embedding, normalise, rematerialised,
+                               scaled_time, sow_logvar, split_time, timestep_embedding,
+                               zero_init)
+from ddx.models.unet.spec import SPEC
 
 
 class UNet(nn.Module):
   """DDPM U-Net predicting a tensor of the input's shape (e.g. the noise).
 
-  The fields are exactly the keys of `config.model` (plus `dtype`).
+  The fields are the contract's (`ddx.models.base`) and the U-Net keys of
+  `config.model` (`ddx.models.unet.spec`, whose checks it runs when traced).
 
   Attributes:
     ch: base channel count.
@@ -129,48 +130,6 @@ class UNet(nn.Module):
   second_time: bool = False
   logvar: bool = False
 
-  def _check(self, x: jax.Array, labels: Optional[jax.Array]) -> None:
-    """Raises ValueError for a config or input the network cannot handle."""
-    if x.ndim != 4:
-      raise ValueError(f"UNet expects x of shape [B, H, W, C], got {x.shape}")
-    _, hgt, wid, _ = x.shape
-    factor = 2 ** (len(self.ch_mult) - 1)
-    if hgt % factor or wid % factor:
-      raise ValueError(
-          f"image size {hgt}x{wid} is not divisible by 2**(len(ch_mult)-1) = "
-          f"{factor} (ch_mult={tuple(self.ch_mult)} downsamples "
-          f"{len(self.ch_mult) - 1} times)")
-    levels = [hgt // 2 ** l for l in range(len(self.ch_mult))]
-    bad = [r for r in self.attn_resolutions if r not in levels]
-    if bad:
-      raise ValueError(
-          f"attn_resolutions {tuple(bad)} are not resolutions of this U-Net; "
-          f"for {hgt}x{wid} images and ch_mult={tuple(self.ch_mult)} the valid "
-          f"ones are {tuple(levels)}")
-    if self.norm not in NORMS:
-      raise ValueError(f"norm={self.norm!r} is unknown; use one of {NORMS}")
-    for c in [self.ch] + [self.ch * m for m in self.ch_mult]:
-      if self.norm == "group" and c % self.num_groups:
-        raise ValueError(
-            f"channel count {c} (ch={self.ch}, ch_mult={tuple(self.ch_mult)}) "
-            f"is not divisible by num_groups={self.num_groups}")
-    if self.time_embedding not in TIME_EMBEDDINGS:
-      raise ValueError(f"time_embedding={self.time_embedding!r} is unknown; use one "
-                       f"of {TIME_EMBEDDINGS}")
-    if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
-      raise ValueError(f"downsample_padding={self.downsample_padding!r} is "
-                       f"unknown; use one of {DOWNSAMPLE_PADDINGS}")
-    attn_ch = [self.ch * self.ch_mult[l] for l in range(len(self.ch_mult))
-               if hgt // 2 ** l in self.attn_resolutions]
-    attn_ch.append(self.ch * self.ch_mult[-1])   # the middle attention block
-    if self.attn_head_dim < 0 or any(
-        c % (self.attn_head_dim or c) for c in attn_ch):
-      raise ValueError(f"attn_head_dim={self.attn_head_dim} must be 0 (one "
-                       "head) or divide the channels of every attention block "
-                       f"{tuple(sorted(set(attn_ch)))}")
-    if labels is not None and self.num_classes <= 0:
-      raise ValueError("labels were given but the UNet has num_classes=0")
-
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,
                labels: Optional[jax.Array] = None,
@@ -191,7 +150,7 @@ class UNet(nn.Module):
     Returns:
       [B, H, W, C] float32, the same shape as x.
     """
-    self._check(x, labels)
+    check_inputs(self, SPEC, x, t, labels)
     out_ch = x.shape[-1]
     n_levels = len(self.ch_mult)
     dt = jnp.dtype(self.dtype)   # the config gives a string
@@ -278,14 +237,3 @@ class UNet(nn.Module):
                 kernel_init=zero_init, name="conv_out")(h)
     return h.astype(jnp.float32)
 
-
-def count_params(params: Any) -> int:
-  """Returns the total number of scalars in a parameter pytree.
-
-  Args:
-    params: pytree of arrays or jax.ShapeDtypeStruct (e.g. from eval_shape).
-
-  Returns:
-    Sum of the sizes of all leaves.
-  """
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
