@@ -23,6 +23,7 @@ import logging as py_logging
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -400,3 +401,33 @@ def load_with_step(workdir, step: Optional[int] = None) -> tuple[int, model_lib.
     # Outside the try: a missing autoencoder is its own error, not a bad checkpoint.
     return s, model.replace(autoencoder=model_lib.load_autoencoder(config))
   raise CheckpointError(f"no readable checkpoint in {ckdir}: {_why(last_err)}")
+
+
+def load_run(key: str, path: str, image_shape=None, num_classes: Optional[int] = None,
+             fix: str = "") -> tuple[int, model_lib.Model]:
+  """Another run that config key `key` names (training.teacher, training.init_from,
+  sampling.guide_workdir): its newest readable checkpoint, checked to be a model
+  of this run's data.
+
+  Args:
+    key: the config key, as the messages name it.
+    path: its value, the other run's workdir.
+    image_shape, num_classes: this run's (None: not checked).
+    fix: what to do when they differ, the end of the message.
+  Returns:
+    (step, model), as `load_with_step`.
+  Raises:
+    config_lib.ConfigError: no readable checkpoint there, or another image
+      shape or class count (one line naming the key).
+  """
+  try:
+    step, model = load_with_step(path)
+  except (CheckpointError, ValueError) as e:
+    raise config_lib.ConfigError(f"{key}={path!r}: {e}") from None
+  for what, mine, theirs in (
+      ("image shape", image_shape, tuple(model.image_shape)),
+      ("model.num_classes", num_classes, model.config.model.num_classes)):
+    if mine is not None and tuple(np.atleast_1d(mine)) != tuple(np.atleast_1d(theirs)):
+      raise config_lib.ConfigError(
+          f"{key}={path!r} has {what} {theirs}, this run {mine}; {fix}")
+  return step, model

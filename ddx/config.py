@@ -453,7 +453,8 @@ def _check_training(config, num_data_shards: int) -> None:
   _require(not t.get("teacher", "") or spec is None or "teacher" in spec.loss_inputs,
            f"training.teacher is set but diffusion.process="
            f"{config.diffusion.get('process', processes.DEFAULT)!r} does not distil; drop "
-           "training.teacher, or use a process that takes one (consistency)")
+           "training.teacher, or use a process that takes one "
+           f"{tuple(n for n, x in processes.REGISTRY.items() if 'teacher' in x.loss_inputs)}")
 
   _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
   _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
@@ -560,8 +561,8 @@ def _check_bpd(config: ml_collections.ConfigDict) -> None:
              "(bits/dim); drop bpd from eval.metrics")
     return
   _require(e.bpd_estimator in estimators,
-           f"eval.bpd_estimator={e.bpd_estimator} needs DDPM's variational bound, but "
-           f"diffusion.process={process}; use --config.eval.bpd_estimator=ode")
+           f"eval.bpd_estimator={e.bpd_estimator} is not an estimator of diffusion.process="
+           f"{process}; use one of {estimators}, e.g. --config.eval.bpd_estimator=ode")
   for key in ("bpd_probes", "bpd_steps"):
     _require(isinstance(e[key], int) and not isinstance(e[key], bool) and e[key] >= 1,
              f"eval.{key}={e[key]!r} must be a positive integer")
@@ -793,6 +794,18 @@ def with_run(cli: ml_collections.ConfigDict, saved: dict):
         changed.append(f"{group}.{key}: {a!r} -> {b!r}")
     mine[group] = run[group]
   return from_dict(mine), changed
+
+
+def write_json(config: ml_collections.ConfigDict, workdir) -> None:
+  """Writes workdir/config.json, the run's config as every ddx workdir holds it
+  (training, `ddx.convert`, `ddx.posthoc_ema`): sorted keys, written to
+  config.json.tmp and renamed, so a reader never sees half a file. Local
+  paths or gs:// (etils.epath)."""
+  from etils import epath
+  path = epath.Path(workdir) / "config.json"
+  tmp = epath.Path(str(path) + ".tmp")
+  tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
+  tmp.replace(path)
 
 
 def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:

@@ -237,14 +237,11 @@ def load_guide(model: model_lib.Model, config=None) -> Optional[model_lib.Model]
   path = guide_workdir(model, config)
   if not path:
     return None
-  try:
-    _, guide = _newest_model(path)
-  except ckpt_lib.CheckpointError as e:
-    raise config_lib.ConfigError(f"sampling.guide_workdir={path}: {e}") from None
+  _, guide = ckpt_lib.load_run("sampling.guide_workdir", path)
   try:
     model_lib.check_guide(model, guide)
   except ValueError as e:
-    raise config_lib.ConfigError(f"sampling.guide_workdir={path}: {e}") from None
+    raise config_lib.ConfigError(f"sampling.guide_workdir={path!r}: {e}") from None
   return guide
 
 

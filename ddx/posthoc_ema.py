@@ -334,7 +334,7 @@ def reconstruct(workdir, sigma_rels: Sequence[float], step: Optional[int] = None
 # that was killed, which the same command redoes (`ddx.outdir`).
 MARKER = ".ddx-posthoc-unfinished"
 # What write_workdir writes into a workdir.
-WORKDIR_NAMES = frozenset({"config.json", "posthoc_ema.json", "checkpoints"})
+WORKDIR_NAMES = frozenset({"config.json", "config.json.tmp", "posthoc_ema.json", "checkpoints"})
 
 
 def _kill_point(name: str) -> None:
@@ -357,8 +357,7 @@ def write_workdir(out, variables: dict, config, step: int, info: dict) -> None:
   """
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(
-      json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
+  config_lib.write_json(config, out)
   (out / "posthoc_ema.json").write_text(json.dumps(info, indent=2))
   _kill_point("config")
   ck = ckpt_lib.Checkpointer(out, keep=1)

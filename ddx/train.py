@@ -235,13 +235,6 @@ def _keep_optimizer(ck: ckpt_lib.Checkpointer, config) -> bool:
               and config_lib.to_dict(old.optim) == config_lib.to_dict(config.optim))
 
 
-def _write_config(workdir: str, config) -> None:
-  path = epath.Path(workdir) / "config.json"
-  tmp = epath.Path(str(path) + ".tmp")
-  tmp.write_text(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
-  tmp.replace(path)
-
-
 def resolve_auto(config, workdir: Optional[str], source) -> ml_collections.ConfigDict:
   """The run config with its "auto" values made numbers, as config.json records them.
 
@@ -323,17 +316,9 @@ def load_teacher(config, mesh) -> tuple[Optional[int], Optional[model_lib.Model]
   path = config.training.get("teacher", "")
   if not path:
     return None, None
-  try:
-    step, teacher = ckpt_lib.load_with_step(path)
-  except (ckpt_lib.CheckpointError, ValueError) as e:
-    raise config_lib.ConfigError(f"training.teacher={path!r}: {e}") from None
-  for what, mine, theirs in (
-      ("image shape", config_lib.image_shape(config), teacher.image_shape),
-      ("model.num_classes", config.model.num_classes, teacher.config.model.num_classes)):
-    if tuple(np.atleast_1d(mine)) != tuple(np.atleast_1d(theirs)):
-      raise config_lib.ConfigError(
-          f"training.teacher={path!r} has {what} {theirs}, this run {mine}; distil "
-          "from a teacher trained on the same data and classes")
+  step, teacher = ckpt_lib.load_run(
+      "training.teacher", path, config_lib.image_shape(config), config.model.num_classes,
+      "distil from a teacher trained on the same data and classes")
   return step, parallel.replicate(teacher.replace(autoencoder=None), mesh)
 
 
@@ -433,17 +418,8 @@ def load_init_from(config, abstract) -> Optional[model_lib.Model]:
   if not path:
     return None
   where = f"training.init_from={path!r}"
-  try:
-    source = ckpt_lib.load(path)
-  except (ckpt_lib.CheckpointError, ValueError) as e:
-    raise config_lib.ConfigError(f"{where}: {e}") from None
-  if (tuple(source.image_shape) != tuple(config_lib.image_shape(config))
-      or source.config.model.num_classes != config.model.num_classes):
-    raise config_lib.ConfigError(
-        f"{where} is a model of image shape {tuple(source.image_shape)} with "
-        f"{source.config.model.num_classes} classes, this run "
-        f"{tuple(config_lib.image_shape(config))} with {config.model.num_classes}; "
-        "start from a run on the same data")
+  _, source = ckpt_lib.load_run("training.init_from", path, config_lib.image_shape(config),
+                                config.model.num_classes, "start from a run on the same data")
 
   def check(mine: dict, theirs: dict, group: str) -> None:
     dst = flax.traverse_util.flatten_dict(dict(mine), sep="/")
@@ -680,7 +656,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       workdir_lib.mark(workdir)
       if teacher is not None and not (steps and _teacher_path(workdir).exists()):
         _teacher_path(workdir).write_text(json.dumps(teacher, indent=2) + "\n")
-      _write_config(workdir, config)
+      config_lib.write_json(config, workdir)
     return _train(config, workdir, setup, source, autoencoder, mesh, source_model)
   finally:
     if lock is not None:

@@ -224,6 +224,10 @@ def _check_python(code, scope):
     from ddx import processes
     assert int(scope["state"].step) == 2 and scope["images"].shape == (2, 8, 8, 1)
     assert bool(np.all(np.isfinite(scope["images"]))) and "ve" not in processes.REGISTRY
+  if "models.register(SPEC)" in code:   # docs/adding.md: a backbone trained and sampled
+    from ddx import models
+    assert int(scope["state"].step) == 2 and scope["pixels"].shape == (2, 8, 8, 1)
+    assert bool(np.all(np.isfinite(scope["pixels"]))) and "mlp" not in models.REGISTRY
   if "ddx.bpd" in code:        # finite, positive bits/dim per image
     assert scope["bpd"].shape == (4,) and bool((scope["bpd"] > 0).all())
 

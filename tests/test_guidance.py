@@ -290,7 +290,7 @@ def test_a_missing_or_empty_guide_workdir_is_a_one_line_error(tmp_path):
   (tmp_path / "empty").mkdir()
   for path in (tmp_path / "empty", tmp_path / "missing"):
     c.sampling.guide_workdir = str(path)
-    with pytest.raises(config_lib.ConfigError, match=f"sampling.guide_workdir={path}") as e:
+    with pytest.raises(config_lib.ConfigError, match=f"sampling.guide_workdir='{path}'") as e:
       eval_run.load_guide(model, c)
     assert "\n" not in str(e.value)
     with pytest.raises(config_lib.ConfigError, match="has no checkpoints"):

@@ -18,7 +18,8 @@ from testutils import ROOT
 LAYERS = [
     ("foundations: registries, specs, config, files, devices, data", [
         "ddx", "ddx.processes", "ddx.processes.base", "ddx.processes.*.spec",
-        "ddx.models", "ddx.models.spec", "ddx.models.*.spec", "ddx.config", "ddx.outdir",
+        "ddx.models", "ddx.models.spec", "ddx.models.*.spec", "ddx.registry", "ddx.config",
+        "ddx.outdir",
         "ddx.workdir", "ddx.weight_files", "ddx.compile_cache", "ddx.logging",
         "ddx.parallel", "ddx.data"]),
     ("shared numerics: networks, samplers, likelihood, metrics", [
@@ -128,4 +129,4 @@ def test_a_variant_folder_spec_and_init_are_plain_python(kind):
     if fnmatch.fnmatchcase(m, f"ddx.{kind}.*.spec") or (
         m.count(".") == 2 and m.startswith(f"ddx.{kind}.") and p.name == "__init__.py"):
       for d in _imports(m, p, modules):
-        assert d in (base, f"ddx.{kind}") or d.endswith(".spec"), (m, d)
+        assert d in (base, f"ddx.{kind}", "ddx.registry") or d.endswith(".spec"), (m, d)

@@ -72,16 +72,16 @@ def test_process_trains_resumes_bitwise_and_samples(case, tmp_path):
   assert not np.array_equal(a, b)       # the step count reaches the sampler
 
 
-@pytest.mark.parametrize("process", ["ddpm", "edm", "flow"])
+@pytest.mark.parametrize("process", sorted(processes.names()))
 def test_dit_trains_under_every_process(process):
-  """Two real updates of a tiny DiT per process: finite loss, the output layer
+  """Two real updates of a tiny DiT per registered process (with the second time
+  or log-variance head the process asks for): finite loss, the output layer
   leaves zero (adaLN-Zero starts at exactly 0) and the EMA follows."""
   from ddx import parallel
   c = load_config()
   c.model.name, c.model.hidden_size, c.model.depth, c.model.num_heads = "dit", 32, 1, 2
   c.diffusion.process = process
-  if process == "flow":
-    c.diffusion.prediction = "v"
+  c.diffusion.prediction = processes.spec(process).default_prediction or "auto"
   setup = train.make_setup(c, parallel.make_mesh(devices=jax.devices()[:1]))
   state = setup.init(jax.random.key(0))
   out0 = np.asarray(state.params["final_layer"]["linear"]["kernel"])

@@ -179,9 +179,7 @@ def write_workdir(workdir: str, config, params: Any,
   processes.resolve_defaults(config)   # config.json holds what runs, as training's
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
-  tmp = root / "config.json.tmp"    # as training writes it
-  tmp.write_text(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
-  tmp.replace(root / "config.json")
+  config_lib.write_json(config, root)   # as training writes it
   tx = state_lib.make_optimizer(config.optim)
   state = abstract_state if abstract_state is not None else abstract_train_state(config)
   params = jax.tree.map(jax.numpy.asarray, params)

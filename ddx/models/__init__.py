@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ddx import registry
 from ddx.models.dit import spec as dit_spec
 from ddx.models.spec import Field, Spec
 from ddx.models.unet import spec as unet_spec
@@ -41,43 +42,9 @@ __all__ = ["DEFAULT", "Field", "Spec", "REGISTRY", "register", "names", "spec",
            "implementation", "fields", "build", "NAMES", "UNet", "DiT"]
 
 
-def register(spec: Spec) -> None:
-  """Adds (or replaces) a backbone for model.name = spec.name."""
-  REGISTRY[spec.name] = spec
-
-
-def names() -> tuple[str, ...]:
-  """The registered model.name values."""
-  return tuple(REGISTRY)
-
-
-def spec(name: str) -> Spec:
-  """The Spec of model.name = name; ValueError (one line) if unknown."""
-  if name not in REGISTRY:
-    raise ValueError(f"model.name={name!r} is unknown; use one of {names()}")
-  return REGISTRY[name]
-
-
-def implementation(name: str):
-  """The Flax class of model.name = name (imports it: needs JAX)."""
-  impl = spec(name).implementation
-  if isinstance(impl, str):
-    module, cls = impl.split(":")
-    impl = getattr(importlib.import_module(module), cls)
-  return impl
-
-
-def fields() -> dict[str, Field]:
-  """Every registered backbone's own model.* keys (a key two backbones share
-  must have one default)."""
-  out: dict[str, Field] = {}
-  for s in REGISTRY.values():
-    for x in s.fields:
-      if x.key in out and out[x.key].default != x.default:
-        raise ValueError(f"model.{x.key} is a key of two backbones with different "
-                         f"defaults ({out[x.key].default!r}, {x.default!r})")
-      out.setdefault(x.key, x)
-  return out
+_REGISTRY = registry.Registry(REGISTRY, "model.name", "backbone")
+register, names, spec = _REGISTRY.register, _REGISTRY.names, _REGISTRY.spec
+implementation, fields = _REGISTRY.implementation, _REGISTRY.fields   # fields: model.* keys
 
 
 # Names imported on first use (they need JAX): name -> (module, attribute or None

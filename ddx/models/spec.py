@@ -9,17 +9,10 @@ and its input, so the one set of checks is written once, here in the Spec.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from typing import Any, Mapping
 
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-  """One model.* key a backbone owns, its default and what it means."""
-  key: str
-  default: Any
-  doc: str
+from ddx.registry import Field
 
 
 class Spec:

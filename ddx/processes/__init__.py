@@ -31,9 +31,9 @@ it means the chosen sampler's own default grid (`ddx.sampling`).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Optional, Protocol
 
+from ddx import registry
 from ddx.processes.base import AUTO, Field, Spec
 from ddx.processes.consistency import spec as consistency_spec
 from ddx.processes.ddpm import spec as ddpm_spec
@@ -119,30 +119,9 @@ class Process(Protocol):
   # σ-form ODE (`ddx.likelihood.sigma_ode`) run on.
 
 
-def register(spec: Spec) -> None:
-  """Adds (or replaces) a process for diffusion.process = spec.name."""
-  REGISTRY[spec.name] = spec
-
-
-def names() -> tuple[str, ...]:
-  """The registered diffusion.process values."""
-  return tuple(REGISTRY)
-
-
-def spec(name: str) -> Spec:
-  """The Spec of diffusion.process = name; ValueError (one line) if unknown."""
-  if name not in REGISTRY:
-    raise ValueError(f"diffusion.process={name!r} is unknown; use one of {names()}")
-  return REGISTRY[name]
-
-
-def implementation(name: str):
-  """The JAX class of diffusion.process = name (imports it: needs JAX)."""
-  impl = spec(name).implementation
-  if isinstance(impl, str):
-    module, cls = impl.split(":")
-    impl = getattr(importlib.import_module(module), cls)
-  return impl
+_REGISTRY = registry.Registry(REGISTRY, "diffusion.process", "process")
+register, names, spec = _REGISTRY.register, _REGISTRY.names, _REGISTRY.spec
+implementation = _REGISTRY.implementation
 
 
 def from_config(f) -> Process:
@@ -168,17 +147,7 @@ def as_process(obj, prediction: Optional[str] = None) -> Process:
                    f"one of {names()}")
 
 
-def fields() -> dict[str, Field]:
-  """Every registered process's diffusion.* keys (a key two processes share
-  must have one default)."""
-  out: dict[str, Field] = {}
-  for s in REGISTRY.values():
-    for x in s.fields:
-      if x.key in out and out[x.key].default != x.default:
-        raise ValueError(f"diffusion.{x.key} is a key of two processes with different "
-                         f"defaults ({out[x.key].default!r}, {x.default!r})")
-      out.setdefault(x.key, x)
-  return out
+fields = _REGISTRY.fields   # every registered process's diffusion.* keys
 
 
 def resolve_defaults(config) -> None:

@@ -1,28 +1,21 @@
 """What config validation needs to know of a process, in plain Python (no JAX).
 
-Each process is a pair of modules: `<name>_config.py` (a `Spec`: its diffusion.*
-keys with defaults, their range checks, its predictions and samplers and
-their defaults) and `<name>.py` (the JAX implementation the Spec names).
+Each process is a folder `ddx/processes/<name>/`: `spec.py` (a `Spec`: its
+diffusion.* keys with defaults, their range checks, its predictions and
+samplers and their defaults) and the JAX implementation the Spec names.
 `ddx.config` validates a run through the Specs alone, so loading and
 checking a config never imports JAX.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from typing import Any, Mapping
 
+from ddx.registry import Field
+
 LOSS_INPUTS = ("labels", "null_label", "step", "teacher")   # Spec.loss_inputs
 AUTO = "auto"   # diffusion.prediction / sampling.sampler / eval.sampler: the process's default
-
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-  """One diffusion.* key a process owns, its default and what it means."""
-  key: str
-  default: Any
-  doc: str
 
 
 class Spec:
