@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from typing import Optional
@@ -27,6 +28,7 @@ from ddx import config as config_lib
 from ddx.outdir import listing
 
 MARKER = ".ddx-workdir"
+_LAUNCHER_LOG = re.compile(r"process_\d+\.log")   # launch/local_multiprocess.sh
 LOCK = ".ddx-lock"
 _MARKER_TEXT = ("This folder is a ddx workdir: python -m ddx.main trains, resumes, samples "
                 "and evaluates here.\n")
@@ -81,8 +83,10 @@ def is_ddx_workdir(path: str, names: Optional[list[str]] = None) -> bool:
 def check_trainable(workdir: str) -> None:
   """Refuses a --workdir that training must not write into; only reads.
 
-  Training writes only into a new or empty folder (LOCK alone counts as
-  empty: another trainer is claiming it) or a ddx workdir (`is_ddx_workdir`);
+  Training writes only into a new or empty folder (LOCK, another trainer
+  claiming it, and the logs of launch/local_multiprocess.sh, process_<i>.log,
+  which it writes before the trainers start, count as empty) or a ddx workdir
+  (`is_ddx_workdir`);
   a folder holding anything else, say the user's own config.json, is refused
   and not a byte of it changes.
   Raises:
@@ -93,7 +97,8 @@ def check_trainable(workdir: str) -> None:
   except NotADirectoryError:
     raise WorkdirError(f"workdir {workdir} exists and is not a directory; choose "
                        "another --workdir") from None
-  if not names or set(names) <= {LOCK} or is_ddx_workdir(workdir, names):
+  own = [n for n in names or () if n == LOCK or _LAUNCHER_LOG.fullmatch(n)]
+  if len(own) == len(names or ()) or is_ddx_workdir(workdir, names):
     return
   raise WorkdirError(
       f"--workdir {workdir} is not empty and not a ddx workdir (it holds "

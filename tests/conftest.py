@@ -16,11 +16,15 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-  # ddx's locked cache (ddx/compile_cache.py): workers and subprocesses share
-  # it without reading an entry another one is writing.
-  from ddx import compile_cache
-  os.environ.update(compile_cache.environment(tempfile.mkdtemp(prefix="ddx-test-jax-cache-")))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddx-test-jax-cache-")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+# ddx's cache (ddx/compile_cache.py) writes each entry atomically, so the two
+# workers, and the python -m ddx.main subprocesses (which install it too),
+# never read an entry another one is still writing.
+from ddx import compile_cache  # noqa: E402
+
+compile_cache.install()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -16,6 +16,7 @@ from ddx import eval_run
 from ddx import evaluation
 from ddx import model as model_lib
 from ddx import train
+from ddx import workdir as workdir_lib
 from testutils import ROOT, load_config, random_model
 
 
@@ -183,6 +184,7 @@ def test_fid_kid_is_scores_with_a_stand_in_extractor(tmp_path, classifier_cache)
 def run_with_in_loop_eval(tmp_path_factory, classifier_cache):
   """configs/test.py for 6 steps with the digits metric every 3 steps."""
   workdir = str(tmp_path_factory.mktemp("evalrun") / "wd")
+  workdir_lib.mark(workdir)   # a ddx workdir, seeded with the cached classifier
   os.makedirs(os.path.join(workdir, "eval"))   # the run reads the cached classifier
   shutil.copy(classifier_cache, os.path.join(workdir, "eval", "digits_classifier.npz"))
   c = load_config()

@@ -106,7 +106,8 @@ def test_every_command_line_option_changes_mode_sample_images(tmp_path, monkeypa
     c.model.ch_mult, c.model.attn_resolutions = (1,), ()
     return c
   model = random_model(conditional(load_config()))   # its saved config: the defaults
-  monkeypatch.setattr(ddx, "load", lambda workdir: model)
+  from ddx import checkpoint as ckpt_lib
+  monkeypatch.setattr(ckpt_lib, "load_with_step", lambda workdir: (7, model))  # _sample's
   runs = []
 
   def images(**sampling):
