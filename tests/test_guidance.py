@@ -252,7 +252,9 @@ def test_command_line_interval_and_guide_reach_mode_sample(tmp_path, monkeypatch
   c.model.ch_mult, c.model.attn_resolutions = (1,), ()
   model, guide = random_model(c), random_model(c, seed=1)
   from ddx import checkpoint as ckpt_lib
-  monkeypatch.setattr(ckpt_lib, "load_with_step", lambda workdir: (7, model))  # _sample's
+  # _sample's model, and the guide that load_guide reads (checkpoint.load_run)
+  monkeypatch.setattr(ckpt_lib, "load_with_step",
+                      lambda workdir: (5, guide) if workdir == "runs/guide" else (7, model))
   monkeypatch.setattr(eval_run, "_newest_model",
                       lambda workdir: (5, guide) if workdir == "runs/guide" else 1 / 0)
 
