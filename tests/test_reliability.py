@@ -553,7 +553,8 @@ def test_resume_says_init_from_is_ignored(six_steps, tmp_path, caplog):
 @pytest.mark.slow
 def test_distillation_refuses_a_teacher_trained_further(tmp_path):
   """teacher.json records the teacher's step and weights at the first start; a
-  resume after the teacher moved on is one line naming both steps."""
+  resume whose teacher's weights differ from the record is one line naming both
+  steps, and the student's folder is untouched."""
   def tiny(**extra):
     c = _quick(**extra)
     c.model.ch, c.model.ch_mult, c.model.attn_resolutions = 8, (1,), ()
@@ -566,9 +567,13 @@ def test_distillation_refuses_a_teacher_trained_further(tmp_path):
   train.train_and_evaluate(tiny(**distil, **{"training.num_steps": 2}), student)
   record = json.loads(open(os.path.join(student, "teacher.json")).read())
   assert record["step"] == 2 and record["teacher"] == teacher
-  train.train_and_evaluate(tiny(**flow, **{"training.num_steps": 4}), teacher)
+  # The teacher moved on: as if the student had started from the teacher's step
+  # 1, whose weights differ (training it further costs a third run here).
+  record.update(step=1, weights="0" * len(record["weights"]))
+  with open(os.path.join(student, "teacher.json"), "w") as f:
+    json.dump(record, f)
   before = _hashes(student)
-  with pytest.raises(config_lib.ConfigError, match=r"at step 4, but .* from its step 2"):
+  with pytest.raises(config_lib.ConfigError, match=r"at step 2, but .* from its step 1"):
     train.train_and_evaluate(tiny(**distil, **{"training.num_steps": 4}), student)
   assert _hashes(student) == before
 
