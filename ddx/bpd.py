@@ -48,9 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx import likelihood
-from ddx.processes.ddpm import vlb
 from ddx import model as model_lib
 from ddx import processes
+from ddx.processes.ddpm import vlb
 from ddx.processes.flow.process import ODE_T_EPS as FLOW_T_EPS   # the flow ODE's data-side time
 
 ESTIMATORS = ("ode", "vlb", "both")   # = ddx.config.BPD_ESTIMATORS (tested)

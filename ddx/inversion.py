@@ -36,13 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx.processes.ddpm import core as diffusion
 from ddx import model as model_lib
 from ddx import options as options_lib
-from ddx.processes.ddpm import sampling as discrete
 from ddx.model import Model
-from ddx.sampling import DenoiseFn
+from ddx.processes.ddpm import core as diffusion
+from ddx.processes.ddpm import sampling as discrete
 from ddx.processes.ddpm.schedules import Schedule
+from ddx.sampling import DenoiseFn
 
 
 def invert(denoise_fn: DenoiseFn, sched: Schedule, x0: jnp.ndarray,

@@ -13,15 +13,15 @@ from typing import ClassVar
 import flax.struct
 import jax.numpy as jnp
 
-from ddx.processes.ddpm import vp
 from ddx import likelihood
+from ddx.processes.base import AUTO
 from ddx.processes.ddpm import core as diffusion
+from ddx.processes.ddpm import sampling as discrete
 from ddx.processes.ddpm import schedules
 from ddx.processes.ddpm import spec as ddpm_config
-from ddx.processes.base import AUTO
-from ddx.processes.ddpm import sampling as discrete
-from ddx.sampling import sigma as sigma_lib
+from ddx.processes.ddpm import vp
 from ddx.processes.ddpm.schedules import Schedule
+from ddx.sampling import sigma as sigma_lib
 
 
 @flax.struct.dataclass

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx.processes.ddpm import core as diffusion
+from ddx.processes.ddpm.schedules import Schedule
 from ddx.sampling import steps as steps_lib
 from ddx.sampling.steps import initial_noise
-from ddx.processes.ddpm.schedules import Schedule
 
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 

@@ -11,8 +11,8 @@ from typing import ClassVar
 import flax.struct
 import jax.numpy as jnp
 
-from ddx.processes.edm import core as edm
 from ddx import likelihood
+from ddx.processes.edm import core as edm
 from ddx.processes.edm import spec as edm_config
 from ddx.sampling import sigma as sigma_lib
 

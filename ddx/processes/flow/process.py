@@ -12,10 +12,10 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
-from ddx.processes.flow import core as flow
 from ddx import likelihood
-from ddx.processes.flow import spec as flow_config
 from ddx.processes.base import AUTO
+from ddx.processes.flow import core as flow
+from ddx.processes.flow import spec as flow_config
 from ddx.sampling import flow as flow_sampling
 
 # The likelihood ODE's data-side time: the network's velocity is integrated

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from ddx.processes import common
 from ddx.processes.common import static_field
 from ddx.processes.flow import core as flow
+from ddx.processes.flow.process import FlowProcess
 from ddx.processes.shortcut import core as shortcut
 from ddx.processes.shortcut import spec as shortcut_config
-from ddx.processes.flow.process import FlowProcess
 from ddx.sampling import flow as flow_sampling
 from ddx.sampling.steps import initial_noise
 
