@@ -220,6 +220,15 @@ def _require(cond: bool, msg: str):
     raise ConfigError(msg)
 
 
+
+def _ask(check, *args, **kwargs):
+  """Runs a process's or backbone's Spec check; its one-line ValueError (naming
+  the key) becomes a ConfigError."""
+  try:
+    return check(*args, **kwargs)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
 def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> None:
   """Checks every field ddx reads; raises ConfigError on the first problem.
 
@@ -250,10 +259,7 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
            f"model.name={name!r} is unknown; use one of {models.names()}")
   backbone = models.spec(name)
   size, what = _model_size(config)
-  try:
-    backbone.check(m, size, size, f"{what}={size}")
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  _ask(backbone.check, m, size, size, f"{what}={size}")
   _require(m.dtype in DTYPES,
            f"model.dtype={m.dtype!r} is unknown; use float32, or bfloat16 for mixed "
            "precision on TPU/GPU")
@@ -265,10 +271,7 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int = 1) -> Non
   _require(norm_kernel in NORM_KERNELS,
            f"model.norm_kernel={norm_kernel!r} is unknown; use one of {NORM_KERNELS}")
   if norm_kernel != "xla":
-    try:
-      backbone.check_norm_kernel(m)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
+    _ask(backbone.check_norm_kernel, m)
   _check_process(config)
   _check_time_embedding(config)
   _check_latent(config)
@@ -347,10 +350,7 @@ def _check_process(config) -> None:
                                             "range-checked whichever process runs)")
       raise ConfigError(f"{e}{where}") from None
   spec = processes.spec(name)
-  try:
-    spec.check_run(config)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  _ask(spec.check_run, config)
   prediction = f.get("prediction", processes.AUTO)
   if spec.predictions:
     _require(prediction in spec.predictions,
@@ -473,11 +473,9 @@ def _check_training(config, num_data_shards: int) -> None:
   _require(s.s_noise > 0 and s.s_tmin >= 0 and s.s_tmax >= s.s_tmin,
            f"sampling.s_noise={s.s_noise}, s_tmin={s.s_tmin}, s_tmax={s.s_tmax}: need "
            "s_noise > 0 and 0 <= s_tmin <= s_tmax")
-  try:   # the options only the process's samplers read (DDPM: ddpm_variance, sigma_index)
-    processes.spec(config.diffusion.get("process", processes.DEFAULT)).check_sampling(
-        s, "sampling")
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  # The options only the process's samplers read (DDPM: ddpm_variance, sigma_index).
+  _ask(processes.spec(config.diffusion.get("process", processes.DEFAULT)).check_sampling,
+       s, "sampling")
 
   e = config.eval
   _require(isinstance(e.every_steps, int) and e.every_steps >= 0,
@@ -537,7 +535,7 @@ def _check_posthoc_ema(config: ml_collections.ConfigDict) -> None:
                                   for r in rels),
            f"training.posthoc_ema.sigma_rels={p.sigma_rels!r} must be a tuple of numbers, "
            "e.g. (0.05, 0.10)")
-  bad = [sigma_rel_problem(r) for r in rels if sigma_rel_problem(r)]
+  bad = [p for p in map(sigma_rel_problem, rels) if p]
   _require(not bad,
            f"training.posthoc_ema.sigma_rels: {bad[0] if bad else None}; use values "
            "such as (0.05, 0.10)")
@@ -586,19 +584,13 @@ def _check_sampler(config: ml_collections.ConfigDict, group: str) -> None:
   g, f = config[group], config.diffusion
   spec = processes.spec(f.get("process", processes.DEFAULT))
   churn = g.get("churn", 0.0)
-  try:
-    sampler = spec.check_sampler(g.sampler, spacing=g.get("spacing", "auto"),
-                                 churn=bool(churn), group=group)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  sampler = _ask(spec.check_sampler, g.sampler, spacing=g.get("spacing", "auto"),
+                 churn=bool(churn), group=group)
   top = spec.max_steps(f, sampler)
   _require(isinstance(g.steps, int) and 1 <= g.steps <= top,
            f"{group}.steps={g.steps!r} must be an integer in [1, "
            f"{'T=' if sampler in spec.spaced_samplers else ''}{top}]")
-  try:
-    spec.check_steps(f, sampler, g.steps, f"{group}.steps")
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  _ask(spec.check_steps, f, sampler, g.steps, f"{group}.steps")
   _require(g.eta >= 0, f"{group}.eta={g.eta} must be >= 0")
 
 

@@ -257,7 +257,7 @@ def main(argv):
                                     _PROCESS_ID.value)
   except ValueError as e:
     _fail(str(e))
-  compile_cache.enable()   # compiled programs kept in ~/.cache/ddx/jax (locked)
+  compile_cache.enable()   # compiled programs kept in ~/.cache/ddx/jax (atomic writes)
   from ddx import checkpoint, config as config_lib, data, eval_run, inception, train
   try:
     if _MODE.value == "train":

@@ -617,14 +617,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"{source.num_classes} classes; set --config.model.num_classes={source.num_classes}")
   is_main = jax.process_index() == 0
   # Nothing is written before these checks.
-  steps = (ckpt_lib.Checkpointer(workdir, read_only=True).steps()
-           if ckpt_lib.has_checkpoints(workdir) else [])
+  reader = (ckpt_lib.Checkpointer(workdir, read_only=True)
+            if ckpt_lib.has_checkpoints(workdir) else None)
+  steps = reader.steps() if reader is not None else []
   # config.json keeps the numbers of a run that has checkpoints.
   config = resolve_auto(config, workdir if steps else None, source)
   setup = make_setup(config, mesh)   # loads and checks training.teacher
   if steps:
-    _check_resume(ckpt_lib.Checkpointer(workdir, read_only=True), workdir, config,
-                  setup.abstract)
+    _check_resume(reader, workdir, config, setup.abstract)
   if config.training.posthoc_ema.snapshot_every:
     posthoc_ema.check_resume(workdir, config)
   source_model = None
