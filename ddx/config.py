@@ -32,6 +32,7 @@ REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.R
 TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models.layers)
 METRICS = ("digits", "fid", "kid", "is", "bpd")   # eval.metrics (ddx.evaluation)
 INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
+LABEL_RULES = ("balanced", "random")        # sampling.labels (ddx.model.class_labels)
 BPD_ESTIMATORS = ("ode", "vlb", "both")    # eval.bpd_estimator (ddx.bpd)
 BPD_TRACES = ("hutchinson", "exact")       # eval.bpd_trace (ddx.likelihood)
 BPD_PROBES = ("rademacher", "gaussian")    # eval.bpd_probe (ddx.likelihood)
@@ -160,6 +161,8 @@ def base_config() -> ml_collections.ConfigDict:
   s.guidance_interval = ()   # () = guide at every step; (lo, hi) = guide only where the
                              # noise level σ is in (lo, hi], e.g. "(0.28, 2.9)"
   s.guide_workdir = ""       # autoguidance: a run whose newest checkpoint guides ("" = CFG)
+  s.labels = "balanced"      # class-conditional --mode sample / eval: balanced (sample i
+                             # is class i mod K) | random (uniform draws, as ADM and DiT)
   s.ddpm_variance = "posterior"  # DDPM's ddpm sampler: posterior (beta tilde) | beta
   s.spacing = "auto"         # uniform | trailing | quadratic | logsnr; auto = the
                              # sampler's default (README: Samplers)
@@ -467,6 +470,8 @@ def _check_training(config, num_data_shards: int) -> None:
            f"sampling.num_samples={s.num_samples!r} must be a positive integer")
   _check_guidance(config, "sampling")
   check_guidance_interval(s.guidance_interval, "sampling.guidance_interval")
+  _require(s.get("labels", "balanced") in LABEL_RULES,
+           f"sampling.labels={s.get('labels')!r} is unknown; use one of {LABEL_RULES}")
   _require(isinstance(s.guide_workdir, str),
            f"sampling.guide_workdir={s.guide_workdir!r} must be a workdir path (a string; "
            "\"\" = no guide model)")

@@ -336,47 +336,79 @@ def eval_options(model: model_lib.Model, config) -> options_lib.SampleOptions:
   return options_lib.resolve(model.config, config, group="eval")
 
 
-def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
-                  progress: bool = True) -> np.ndarray:
-  """eval.num_samples samples of `model`, eval.batch_size (global) at a time.
+def label_rule(model: model_lib.Model, config) -> Optional[str]:
+  """sampling.labels of `config` (the command line's) for a class-conditional
+  model, None for an unconditional one."""
+  if model.config.model.num_classes <= 0:
+    return None
+  return str(config.sampling.get("labels", "balanced"))
+
+
+def sample_batch(model: model_lib.Model, config, out_dir: Optional[str] = None,
+                 progress: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """eval.num_samples samples of `model` and their class labels, eval.batch_size
+  (global) at a time.
 
   Chunk c holds samples c·B .. c·B+B-1 and is drawn with
   fold_in(key(eval.seed), c) (the last chunk keeps its first samples), so the
-  result does not depend on which chunks were already on disk.
+  result does not depend on which chunks were already on disk. A
+  class-conditional model's labels follow sampling.labels over the whole
+  batch (`ddx.model.class_labels`: balanced = sample i is class i mod K,
+  random = uniform draws seeded by eval.seed and the chunk).
 
   Args:
     model: the EMA model (`ddx.load` or built from a TrainState).
     config: the run (or command-line) config: eval.{num_samples, batch_size,
-      seed}, the options of `eval_options` and sampling.guide_workdir (an
-      autoguidance guide, `load_guide`); every one of them is in a chunk's
-      key, so a changed option or guide never reuses a chunk.
+      seed}, sampling.labels, the options of `eval_options` and
+      sampling.guide_workdir (an autoguidance guide, `load_guide`); every one
+      of them is in a chunk's key, so a changed option, label rule or guide
+      never reuses a chunk.
     out_dir: if given, each chunk is written as samples_XXXXX.npz (uint8
-      "images" [n, H, W, C]) and chunks already there are reused.
+      "images" [n, H, W, C], and int32 "labels" [n] for a class-conditional
+      model) and chunks already there are reused.
     progress: print a line per chunk.
   Returns:
-    uint8 [eval.num_samples, H, W, C].
+    (uint8 [eval.num_samples, H, W, C], int32 [eval.num_samples] labels or
+    None for an unconditional model).
   """
   e = config.eval
   options = eval_options(model, config)
   guide = load_guide(model, config)
   base = jax.random.key(e.seed)
   shape = tuple(model.image_shape)
+  bs = int(e.batch_size)
+  rule = label_rule(model, config)
+  keys = ("images",) if rule is None else ("images", "labels")
 
   def compute(c, count):
+    labels = (None if rule is None else model_lib.class_labels(
+        rule, model.config.model.num_classes, c * bs, bs, seed=int(e.seed)))
     x = model_lib.sample_fn(model, jax.random.fold_in(base, c), options=options,
-                            guide_model=guide)
-    return {"images": _to_host(x)[:count]}
+                            labels=labels, guide_model=guide)
+    out = {"images": _to_host(x)[:count]}
+    if labels is not None:
+      out["labels"] = labels[:count]
+    return out
 
   def valid(arrays, count):
     images = arrays["images"]
-    return images.dtype == np.uint8 and images.shape == (count,) + shape
+    ok = images.dtype == np.uint8 and images.shape == (count,) + shape
+    return ok and (rule is None or arrays["labels"].shape == (count,))
 
-  parts = resumable_chunks(int(e.num_samples), int(e.batch_size), compute, keys=("images",),
-                           settings=_settings(options, e, model, guide,
-                                              guide_workdir(model, config)),
-                           out_dir=out_dir,
-                           valid=valid, progress=progress)
-  return np.concatenate([p["images"] for p in parts])
+  settings = _settings(options, e, model, guide, guide_workdir(model, config))
+  if rule is not None:   # unconditional chunks keep the key they had before the rule existed
+    settings = json.dumps({**json.loads(settings), "labels": rule}, sort_keys=True)
+  parts = resumable_chunks(int(e.num_samples), bs, compute, keys=keys, settings=settings,
+                           out_dir=out_dir, valid=valid, progress=progress)
+  images = np.concatenate([p["images"] for p in parts])
+  labels = None if rule is None else np.concatenate([p["labels"] for p in parts])
+  return images, labels
+
+
+def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
+                  progress: bool = True) -> np.ndarray:
+  """The images of `sample_batch`: uint8 [eval.num_samples, H, W, C]."""
+  return sample_batch(model, config, out_dir, progress)[0]
 
 
 # --------------------------------------------------------------------------

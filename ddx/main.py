@@ -183,13 +183,18 @@ def _sample(config, workdir):
   from ddx import eval_run
   from ddx import evaluation
   from ddx import checkpoint
+  from ddx import model as model_lib
   from ddx import options as options_lib
   step, model = checkpoint.load_with_step(workdir)   # says which checkpoints it skipped
   # Every sampling option from the command line config over the run's saved one.
   options = options_lib.resolve(model.config, config)
   guide = eval_run.load_guide(model, config)   # sampling.guide_workdir: autoguidance
   seed = config.training.seed + 1
-  images = ddx.sample_fn(model, jax.random.key(seed), options=options, guide_model=guide)
+  rule = eval_run.label_rule(model, config)   # sampling.labels: balanced | random
+  labels = None if rule is None else model_lib.class_labels(
+      rule, model.config.model.num_classes, 0, options.num_samples, seed=seed)
+  images = ddx.sample_fn(model, jax.random.key(seed), options=options, labels=labels,
+                         guide_model=guide)
   u8 = ddx.to_uint8(images)
   if jax.process_index() != 0:   # every process sampled its share; one writes
     return
@@ -197,8 +202,9 @@ def _sample(config, workdir):
   out.mkdir(parents=True, exist_ok=True)
   npz = _new_file(out, f"sample_{options.sampler}_{options.steps}", ".npz")
   buf = io.BytesIO()
+  extra = {} if labels is None else {"labels": labels, "label_rule": rule}
   np.savez_compressed(buf, images=u8, sampling=options.to_json(), seed=seed,
-                      guide_workdir=eval_run.guide_workdir(model, config))
+                      guide_workdir=eval_run.guide_workdir(model, config), **extra)
   npz.write_bytes(buf.getvalue())
   png = npz.with_suffix(".png")
   evaluation.save_grid(u8, png)

@@ -334,6 +334,35 @@ def resolve_labels(model: Model, labels, num_samples: int):
   return labels
 
 
+LABEL_STREAM = 0x6C61626C   # seeds the random label draws apart from the sampler's noise
+
+
+def class_labels(rule: str, num_classes: int, start: int, count: int,
+                 seed: int = 0) -> np.ndarray:
+  """The class labels of samples start .. start + count - 1 of a sample batch.
+
+  Args:
+    rule: "balanced": sample i is class i mod num_classes, so N samples hold
+      every class N / num_classes times when it divides (50 per class for
+      ImageNet's 50k); "random": classes drawn uniformly and independently,
+      as ADM's and DiT's sampling scripts do. Class-balanced sampling lowers
+      ImageNet FID by about 0.1 (docs/evaluation.md), so results record it.
+    num_classes: K >= 1.
+    start: the index of the first sample (a chunk's offset in its batch).
+    count: how many labels.
+    seed: random only: with `start`, decides the draw (NumPy's PCG64, so
+      the labels are the same on every machine and every process).
+  Returns:
+    int32 [count] in [0, num_classes).
+  """
+  if rule == "balanced":
+    return ((start + np.arange(count)) % num_classes).astype(np.int32)
+  if rule == "random":
+    rng = np.random.default_rng((LABEL_STREAM, seed, start))
+    return rng.integers(0, num_classes, size=count).astype(np.int32)
+  raise ValueError(f"sampling.labels={rule!r} is unknown; use balanced or random")
+
+
 def check_guidance(model: Model, guidance_scale) -> None:
   """Guidance needs a null label that was trained (training.label_dropout > 0)."""
   if float(guidance_scale) == 1.0 or model.config.model.num_classes <= 0:
