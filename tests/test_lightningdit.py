@@ -152,15 +152,18 @@ def test_rope_tables_are_eva02s_layout():
   cos, sin = dit_lib.rope_2d(16, 3, 5)
   ref_cos, ref_sin = _np_rope_tables(16, 3, 5)
   assert cos.shape == sin.shape == (15, 16) and cos.dtype == np.float64
-  np.testing.assert_allclose(cos, ref_cos, rtol=0, atol=1e-15)
-  np.testing.assert_allclose(sin, ref_sin, rtol=0, atol=1e-15)
+  # float64 throughout; the two write the frequencies differently (1 / t^a and
+  # t^-a), a few ulps of angles <= 4 (ulp 8.9e-16).
+  tol = 1e-14
+  np.testing.assert_allclose(cos, ref_cos, rtol=0, atol=tol)
+  np.testing.assert_allclose(sin, ref_sin, rtol=0, atol=tol)
   # Token 7 is row 1, column 2; head_dim 16: per half four frequencies
   # 10000^(-2i/8), each on one adjacent channel pair.
   pairs = np.repeat([1.0, 0.1, 0.01, 0.001], 2)
   np.testing.assert_allclose(cos[7], np.cos(np.concatenate([1 * pairs, 2 * pairs])),
-                             rtol=0, atol=1e-15)
+                             rtol=0, atol=tol)
   np.testing.assert_allclose(sin[7], np.sin(np.concatenate([1 * pairs, 2 * pairs])),
-                             rtol=0, atol=1e-15)
+                             rtol=0, atol=tol)
   with pytest.raises(ValueError, match="head_dim % 4"):
     dit_lib.rope_2d(6, 2, 2)
 
