@@ -43,6 +43,27 @@ Official layout, kept so facebookresearch/DiT checkpoints can be imported:
 The official parameter count includes the (frozen) position embedding; here it
 is a constant, so counts are N * D smaller.
 
+LightningDiT's block options (Yao et al. 2025, arXiv 2501.01423, as the
+hustvl/LightningDiT code builds them; model.* keys of the spec, whose
+defaults are the DiT above, bit for bit: no parameter added, the same program):
+  mlp=swiglu       the MLP is SwiGLU: Dense(2h) "w12" split into (a, b), then
+                   Dense(D) "w3" of silu(a) * b, h = int(2/3 * int(D * mlp_ratio))
+                   (`spec.swiglu_hidden`; about the GELU MLP's parameters);
+  token_norm=rms   each adaLN norm is an RMSNorm with a learned scale [D]
+                   ("norm1", "norm2", "norm_final"; eps 1e-6, float32) before
+                   the modulation, in place of the affine-free LayerNorm;
+  qk_norm          q and k are normalised per head over head_dim ("q_norm",
+                   "k_norm", one [head_dim] affine shared by the heads):
+                   LayerNorm with scale and bias, eps 1e-5 (torch's default, as
+                   LightningDiT's nn.LayerNorm), or with token_norm=rms the
+                   RMSNorm above;
+  pos_embed=rope   after the QK norm, q and k are rotated by EVA-02's 2-D RoPE
+                   (`rope_2d`): the first head_dim/2 channels by the token's
+                   row, the last head_dim/2 by its column, in adjacent pairs
+                   (2i, 2i+1) at frequency 10000^(-2i / (head_dim/2)). The
+                   sin-cos absolute embedding is still added to the tokens, as
+                   LightningDiT does.
+
 Mixed precision: with dtype=bfloat16 the dense layers, the patch conv, the
 label embedding and the attention products run in bfloat16 while parameters
 stay float32; the residual stream, LayerNorm statistics, the modulation and
@@ -58,13 +79,19 @@ import numpy as np
 
 from ddx.models import attention as attention_lib
 from ddx.models import fused_norm
-from ddx.models.base import check_inputs
+from ddx.models.base import check_inputs, module_fields
 from ddx.models.dit.spec import PATCH_SIZES, PRESETS, SPEC, preset  # noqa: F401 (as before the move)
+from ddx.models.dit.spec import swiglu_hidden
 from ddx.models.layers import (fourier_embedding, rematerialised, scaled_time, sow_logvar,
                                split_time, timestep_embedding)
 
 FREQUENCY_EMBEDDING_SIZE = 256
 _LN_EPSILON = 1e-6
+# LightningDiT's RMSNorm (Llama's code): eps 1e-6. Its QK LayerNorm is
+# torch's nn.LayerNorm(head_dim): affine, eps 1e-5.
+RMS_EPSILON = 1e-6
+QK_LN_EPSILON = 1e-5
+ROPE_THETA = 10000.0
 
 _xavier = nn.initializers.xavier_uniform()
 # The official code initialises the patch conv like a linear layer on the
@@ -136,6 +163,85 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   return emb.astype(np.float32)
 
 
+def rope_2d(head_dim: int, grid_h: int, grid_w: int) -> tuple[np.ndarray, np.ndarray]:
+  """The cos and sin tables of EVA-02's 2-D rotary embedding (LightningDiT's
+  VisionRotaryEmbeddingFast), for a grid_h x grid_w grid of patches.
+
+  Channel c of a head, in the first head_dim/2, rotates with the token's row
+  r; in the last head_dim/2 with its column; within each half, channels
+  (2i, 2i+1) form a pair at frequency w_i = 10000^(-2i / (head_dim/2)),
+  i < head_dim/4. The positions are the integer row and column (LightningDiT's
+  t = arange(n) / n * n at its trained size).
+
+  Args:
+    head_dim: channels per head; a multiple of 4.
+    grid_h, grid_w: patches per column and per row.
+
+  Returns:
+    (cos, sin), each [grid_h * grid_w, head_dim] float64 numpy (constants,
+    cast to the computation's float32 by `apply_rope`), rows in row-major
+    patch order, each pair's angle repeated in both its channels.
+  """
+  if head_dim % 4:
+    raise ValueError(f"2-D RoPE needs head_dim % 4 == 0, got {head_dim}")
+  quarter = head_dim // 4
+  freqs = ROPE_THETA ** (-np.arange(0, 2 * quarter, 2, dtype=np.float64) / (2 * quarter))
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  angle = lambda pos: np.repeat(np.outer(pos.reshape(-1), freqs), 2, axis=1)
+  angles = np.concatenate([angle(rows), angle(cols)], axis=1)
+  return np.cos(angles), np.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: np.ndarray, sin: np.ndarray) -> jax.Array:
+  """Rotates each adjacent channel pair (x_2i, x_2i+1) of every head by its angle:
+  x * cos + rotate_half(x) * sin, rotate_half(x)_(2i, 2i+1) = (-x_2i+1, x_2i).
+
+  Args:
+    x: [B, N, heads, head_dim] queries or keys, any float dtype.
+    cos, sin: [N, head_dim] from `rope_2d`.
+
+  Returns:
+    [B, N, heads, head_dim] in x's dtype (computed in float32, or float64).
+  """
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))   # float64 stays (tests)
+  pairs = xf.reshape(x.shape[:-1] + (-1, 2))
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  cos, sin = (jnp.asarray(a, xf.dtype)[None, :, None] for a in (cos, sin))
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Norm(nn.Module):
+  """A normalisation over the last axis with a learned affine map; float32
+  statistics and result (the caller casts).
+
+  Attributes:
+    kind: "layer" (LayerNorm: (x - mean) / std * scale + bias) or "rms"
+      (RMSNorm: x / rms * scale, no bias).
+    epsilon: added to the variance (mean square for rms).
+  """
+  kind: str = "rms"
+  epsilon: float = RMS_EPSILON
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: [..., C]. Returns: [..., C] float32 (float64 for float64 x)."""
+    c = x.shape[-1]
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    if self.kind == "rms":
+      return xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True)
+                                + self.epsilon) * scale
+    bias = self.param("bias", _zeros, (c,), jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def _modulate(h: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN's h * (1 + scale) + shift with [B, D] modulation; float32."""
+  return h * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
 def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype: Any,
                   kernel: str = "xla") -> jax.Array:
   """LayerNorm of each token (no affine parameters, float32 statistics, eps
@@ -166,10 +272,16 @@ class Attention(nn.Module):
     num_heads: heads; must divide the token width D.
     dtype: computation dtype (the softmax is float32 regardless).
     attention: "xla" | "auto" | "cudnn" | "tpu_flash" (`ddx.models.attention`).
+    qk_norm: None, or "layer" | "rms": normalise q and k per head ("q_norm",
+      "k_norm"; LayerNorm eps 1e-5, RMSNorm eps 1e-6).
+    rope_grid: None, or (grid_h, grid_w): rotate q and k by `rope_2d` (after
+      the QK norm, as LightningDiT).
   """
   num_heads: int
   dtype: Any = jnp.float32
   attention: str = "xla"
+  qk_norm: Optional[str] = None
+  rope_grid: Optional[tuple[int, int]] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -186,6 +298,13 @@ class Attention(nn.Module):
     # The official (timm) layout of the qkv output: [3, heads, head_dim].
     qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.qk_norm is not None:
+      eps = RMS_EPSILON if self.qk_norm == "rms" else QK_LN_EPSILON
+      q = Norm(self.qk_norm, eps, name="q_norm")(q).astype(q.dtype)
+      k = Norm(self.qk_norm, eps, name="k_norm")(k).astype(k.dtype)
+    if self.rope_grid is not None:
+      cos, sin = rope_2d(d // self.num_heads, *self.rope_grid)   # constants
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # Scale 1/sqrt(head_dim); logits and softmax in float32 (also for bf16).
     if self.attention == "xla":
       h = jax.nn.dot_product_attention(q, k, v)
@@ -212,6 +331,24 @@ class Mlp(nn.Module):
     return _dense(x.shape[-1], self.dtype, "fc2")(h)
 
 
+class SwiGLU(nn.Module):
+  """Dense(2 * hidden) "w12" -> (a, b) halves -> silu(a) * b -> Dense(D) "w3"
+  (LightningDiT's SwiGLUFFN, with biases).
+
+  Attributes:
+    hidden: width of the gated hidden layer (`spec.swiglu_hidden`).
+    dtype: computation dtype.
+  """
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: [B, N, D]. Returns: [B, N, D] in `dtype`."""
+    a, b = jnp.split(_dense(2 * self.hidden, self.dtype, "w12")(x), 2, axis=-1)
+    return _dense(x.shape[-1], self.dtype, "w3")(nn.silu(a) * b)
+
+
 class DiTBlock(nn.Module):
   """A transformer block with adaLN-Zero conditioning (the paper's Fig. 3).
 
@@ -223,13 +360,28 @@ class DiTBlock(nn.Module):
     mlp_ratio: MLP hidden width / D.
     dtype: computation dtype of the dense layers and attention.
     attention: the attention implementation (see `Attention`).
-    norm_kernel: "xla" | "pallas" (`norm_modulate`).
+    norm_kernel: "xla" | "pallas" (`norm_modulate`; LayerNorm only).
+    mlp: "gelu" (`Mlp`) | "swiglu" (`SwiGLU`).
+    token_norm: "layer" (affine-free LayerNorm) | "rms" (`Norm`, "norm1",
+      "norm2"), before each modulation.
+    qk_norm: normalise q and k per head, with token_norm's kind of norm.
+    rope_grid: None, or the patch grid (grid_h, grid_w) of 2-D RoPE.
   """
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   attention: str = "xla"
   norm_kernel: str = "xla"
+  mlp: str = "gelu"
+  token_norm: str = "layer"
+  qk_norm: bool = False
+  rope_grid: Optional[tuple[int, int]] = None
+
+  def _norm_modulate(self, x, shift, scale, name):
+    if self.token_norm == "rms":
+      return _modulate(Norm("rms", RMS_EPSILON, name=name)(x), shift, scale).astype(
+          self.dtype)
+    return norm_modulate(x, shift, scale, self.dtype, self.norm_kernel)
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -247,11 +399,16 @@ class DiTBlock(nn.Module):
                  kernel_init=_zeros)(nn.silu(c)).astype(jnp.float32)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         jnp.split(mod, 6, axis=-1))
-    h = norm_modulate(x, shift_msa, scale_msa, self.dtype, self.norm_kernel)
-    h = Attention(self.num_heads, self.dtype, self.attention, name="attn")(h)
+    h = self._norm_modulate(x, shift_msa, scale_msa, "norm1")
+    h = Attention(self.num_heads, self.dtype, self.attention,
+                  self.token_norm if self.qk_norm else None, self.rope_grid,
+                  name="attn")(h)
     x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
-    h = norm_modulate(x, shift_mlp, scale_mlp, self.dtype, self.norm_kernel)
-    h = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(h)
+    h = self._norm_modulate(x, shift_mlp, scale_mlp, "norm2")
+    if self.mlp == "swiglu":
+      h = SwiGLU(swiglu_hidden(d, self.mlp_ratio), self.dtype, name="mlp")(h)
+    else:
+      h = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(h)
     return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
 
 
@@ -299,10 +456,12 @@ class FinalLayer(nn.Module):
     out_features: p * p * C_out.
     dtype: computation dtype.
     norm_kernel: "xla" | "pallas" (`norm_modulate`).
+    token_norm: "layer" | "rms" (`Norm`, "norm_final").
   """
   out_features: int
   dtype: Any = jnp.float32
   norm_kernel: str = "xla"
+  token_norm: str = "layer"
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -311,7 +470,11 @@ class FinalLayer(nn.Module):
     mod = _dense(2 * d, self.dtype, "adaLN_modulation_1",
                  kernel_init=_zeros)(nn.silu(c)).astype(jnp.float32)
     shift, scale = jnp.split(mod, 2, axis=-1)
-    h = norm_modulate(x, shift, scale, self.dtype, self.norm_kernel)
+    if self.token_norm == "rms":
+      h = _modulate(Norm("rms", RMS_EPSILON, name="norm_final")(x), shift,
+                    scale).astype(self.dtype)
+    else:
+      h = norm_modulate(x, shift, scale, self.dtype, self.norm_kernel)
     return _dense(self.out_features, self.dtype, "linear", _zeros)(h)
 
 
@@ -345,6 +508,10 @@ class DiT(nn.Module):
       zero, so the network starts as the one-time network.
     logvar: a learned log-variance head on the time features
       (`ddx.models.layers.sow_logvar`; adaptive loss weighting).
+    mlp: "gelu" (DiT's) | "swiglu" (LightningDiT's; see the module docstring).
+    token_norm: "layer" (DiT's) | "rms" (LightningDiT's RMSNorm).
+    pos_embed: "sincos" (DiT's) | "rope" (also 2-D RoPE on q and k).
+    qk_norm: normalise q and k per head (LightningDiT's option).
   """
   patch_size: int = 2
   hidden_size: int = 384
@@ -361,6 +528,10 @@ class DiT(nn.Module):
   remat: str = "none"
   second_time: bool = False
   logvar: bool = False
+  mlp: str = "gelu"
+  token_norm: str = "layer"
+  pos_embed: str = "sincos"
+  qk_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,
@@ -382,6 +553,8 @@ class DiT(nn.Module):
     """
     del train
     check_inputs(self, SPEC, x, t, labels)
+    if self.norm_kernel != "xla":
+      SPEC.check_norm_kernel(module_fields(self))
     b, hgt, wid, ch = x.shape
     p, d = self.patch_size, self.hidden_size
     out_ch = 2 * ch if self.learn_sigma else ch
@@ -406,8 +579,11 @@ class DiT(nn.Module):
                        embedding_init=_normal_002, name="y_embedder")(labels)
 
     block_cls = rematerialised(DiTBlock, self.remat)
+    rope_grid = (hgt // p, wid // p) if self.pos_embed == "rope" else None
     for i in range(self.depth):
       tokens = block_cls(self.num_heads, self.mlp_ratio, dt, self.attention,
-                         self.norm_kernel, name=f"blocks_{i}")(tokens, c)
-    out = FinalLayer(p * p * out_ch, dt, self.norm_kernel, name="final_layer")(tokens, c)
+                         self.norm_kernel, self.mlp, self.token_norm, self.qk_norm,
+                         rope_grid, name=f"blocks_{i}")(tokens, c)
+    out = FinalLayer(p * p * out_ch, dt, self.norm_kernel, self.token_norm,
+                     name="final_layer")(tokens, c)
     return unpatchify(out, p, hgt, wid, out_ch).astype(jnp.float32)
