@@ -49,7 +49,8 @@ def read_batch(path: str) -> ReferenceBatch:
   Args:
     path: an .npz with `arr_0` and/or `mu`/`sigma` (and `mu_s`/`sigma_s`).
   Returns:
-    ReferenceBatch; the images are loaded into memory.
+    ReferenceBatch; the images are a read-only memory map when the file
+    stores them uncompressed (np.savez, ADM's and ddx's writers), else loaded.
   Raises:
     BatchFileError: a one-line message naming the file, what is wrong
       (missing, not an .npz, wrong dtype or rank, a missing key, mismatched
@@ -60,7 +61,11 @@ def read_batch(path: str) -> ReferenceBatch:
                          "(arr_0 uint8 [N, H, W, 3] and/or mu, sigma)")
   try:
     with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
+      # arr_0 can be tens of GB (50,000 ImageNet-512 samples): mapped, not read.
+      arrays = {k: f[k] for k in f.files if k != "arr_0"}
+      if "arr_0" in f.files:
+        mapped = _mapped_member(path, "arr_0")
+        arrays["arr_0"] = f["arr_0"] if mapped is None else mapped
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise BatchFileError(f"cannot read {path} as an .npz: {' '.join(str(e).split())}"
                          ) from None
@@ -104,6 +109,38 @@ def read_batch(path: str) -> ReferenceBatch:
         f"{path} has neither images (arr_0) nor statistics (mu, sigma); its keys are "
         f"{sorted(arrays) or 'none'}")
   return ReferenceBatch(images=images, labels=labels, stats=stats)
+
+
+def _mapped_member(path: str, name: str) -> Optional[np.ndarray]:
+  """A read-only np.memmap of `name` when the .npz stores it uncompressed (as
+  np.savez does), so batches are read from disk as they are used; None when
+  it is compressed (np.savez_compressed: it must be read whole)."""
+  with zipfile.ZipFile(path) as z:
+    info = z.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+      return None
+    with z.open(info) as member:
+      version = np.lib.format.read_magic(member)
+      if version not in ((1, 0), (2, 0)):
+        return None
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read_header(member)
+      npy_header = member.tell()
+  if dtype.hasobject:
+    return None
+  with open(path, "rb") as f:   # the local header's own name and extra lengths
+    f.seek(info.header_offset)
+    local = f.read(30)
+  if local[:4] != b"PK\x03\x04":
+    return None
+  name_len = int.from_bytes(local[26:28], "little")
+  extra_len = int.from_bytes(local[28:30], "little")
+  offset = info.header_offset + 30 + name_len + extra_len + npy_header
+  if int(np.prod(shape)) == 0:
+    return np.zeros(shape, dtype)
+  return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                   order="F" if fortran else "C")
 
 
 def write_batch(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
