@@ -217,8 +217,9 @@ def manifold_radii(features: np.ndarray, k: int = 3,
   ADM's ManifoldEstimator.manifold_radii with nhood_sizes=(k,): the k-th
   smallest value (0-based, np.partition's kth=k) of the point's row of
   squared distances to every point of the set, itself included at distance
-  ~0. So the point counts as its own nearest neighbour, an exact duplicate
-  counts as another neighbour at distance 0 (k duplicates give radius 0), and
+  ~0 (the expansion's rounding, clipped at 0). So the point counts as its own
+  nearest neighbour, an exact duplicate counts as another neighbour at
+  distance ~0 (a row with k copies has radius ~0, exactly 0 on grids), and
   ties are order-free since only the value at rank k is read. The rank-k
   value is found blockwise by keeping each row's k + 1 smallest values, so
   memory is row_batch_size x (col_batch_size + k + 1) floats where ADM holds

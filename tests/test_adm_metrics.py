@@ -336,3 +336,21 @@ def test_evaluate_cli_prints_adm_lines(tmp_path, capsys):
   assert evaluate.main([s_path, r_path, "--inception_weights",
                         str(tmp_path / "w.npz")]) == 2
   assert "do not exist" in capsys.readouterr().err
+
+
+def test_extra_feature_spaces_add_frechet_lines():
+  """The FD-DINOv2 hook: each extra encoder adds one Fréchet distance after ADM's five."""
+  rng = np.random.default_rng(10)
+  s = batch_files.ReferenceBatch(rng.integers(0, 256, (12, 8, 8, 3)).astype(np.uint8), None, {})
+  r = batch_files.ReferenceBatch(rng.integers(0, 200, (10, 8, 8, 3)).astype(np.uint8), None, {})
+  encode = lambda u8: u8.reshape(len(u8), -1)[:, :5].astype(np.float64)
+  ex = _standin()
+  ex = evaluate.Extractor(ex.features, ex.logits, extra={"FD_DINOv2": encode})
+  out, notes = evaluate.evaluate_batches(s, r, ex)
+  assert list(out) == list(evaluate.LABELS) + ["FD_DINOv2"] and not notes
+  assert out["FD_DINOv2"] == evaluation.frechet_distance(
+      *evaluation.feature_stats(encode(s.images)), *evaluation.feature_stats(encode(r.images)))
+  stats_only = batch_files.ReferenceBatch(None, None, {"pool": evaluation.feature_stats(
+      ex.features(r.images)[0])})
+  out, notes = evaluate.evaluate_batches(s, stats_only, ex)
+  assert list(out) == ["Inception Score", "FID"] and len(notes) == 3   # sFID, P/R, FD_DINOv2
