@@ -572,6 +572,8 @@ def features(variables, images_u8: np.ndarray, batch_size: int = 100,
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
   n = len(images_u8)
+  if n == 0:
+    raise ValueError("no images to compute Inception features of")
   bs = max(1, min(batch_size, n))
   mesh = _local_mesh()
   shards = parallel.num_data_shards(mesh)
