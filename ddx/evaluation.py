@@ -66,8 +66,10 @@ def save_grid(images: np.ndarray, path: Optional[str], **kwargs) -> np.ndarray:
 # Sample-quality metrics over feature arrays (NumPy; testable without a network).
 
 # Names accepted in config.eval.metrics (ddx/eval_run.py computes them).
-METRICS = ("digits", "fid", "kid", "is", "bpd")   # = ddx.config.METRICS (tested)
-INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
+METRICS = ("digits", "fid", "kid", "is", "sfid", "precision", "recall", "fd_dinov2",
+           "bpd")   # = ddx.config.METRICS (tested)
+# These need eval.inception_weights.
+INCEPTION_METRICS = ("fid", "kid", "is", "sfid", "precision", "recall")
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -339,7 +341,9 @@ class DigitsMetric:
     self.w1, self.b1, self.w2, self.b2 = weights
     pred = self.predict_proba(x[DIGITS_TRAIN:]).argmax(1)
     self.heldout_accuracy = float(np.mean(pred == target[DIGITS_TRAIN:]))
-    self.ref_stats = feature_stats(self.features_of(x[DIGITS_TRAIN:]))
+    self.ref_features = self.features_of(x[DIGITS_TRAIN:])
+    self.ref_stats = feature_stats(self.ref_features)
+    self._ref_radii = None   # the held-out digits' k-NN radii, on first use
 
   @staticmethod
   def _fit(x: np.ndarray, y: np.ndarray) -> tuple:
@@ -399,5 +403,12 @@ class DigitsMetric:
     proba = self.predict_proba(x)
     hist = np.bincount(proba.argmax(1), minlength=10) / len(x)
     nz = hist[hist > 0]
+    feats = self.features_of(x)
+    if self._ref_radii is None:
+      self._ref_radii = manifold_radii(self.ref_features)
+    precision, recall = (precision_recall(self.ref_features, feats,
+                                          real_radii=self._ref_radii)
+                         if len(x) > 3 else (float("nan"), float("nan")))
     return {"fd": fd, "confident": float(np.mean(proba.max(1) > 0.9)),
-            "class_entropy": float(-(nz * np.log(nz)).sum())}
+            "class_entropy": float(-(nz * np.log(nz)).sum()),
+            "precision": precision, "recall": recall}
