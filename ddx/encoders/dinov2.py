@@ -24,8 +24,8 @@ with the official code's names:
   interpolate_offset 0.1, interpolate_antialias False: the official torch-hub
     models without registers (dinov2_vit{s,b,l,g}14): F.interpolate with
     scale_factor (g + 0.1) / M, so the sampling positions are those of a grid
-    scaled by M / (g + 0.1), not M / g (dino issue #8's "kludge"). It differs
-    from transformers' by ~0.2% of the embedding's range at 224 px.
+    scaled by M / (g + 0.1), not M / g (dino issue #8's "kludge"), so it
+    differs slightly from transformers' at 224 px.
   interpolate_offset 0.0, interpolate_antialias True: the official models
     with registers (dinov2_vit*14_reg) and `Dinov2WithRegistersModel`:
     torch's antialiased bicubic (a = -0.5, PIL's kernel stretched by the
