@@ -101,7 +101,15 @@ def dinov2_extractor(folder: str, batch_size: int = 100) -> Extractor:
   digest = dinov2.weights_digest(encoder.params)[:16]
 
   def fn(u8):
-    return dinov2.cls_features(encoder, u8, batch_size=batch_size), None
+    u8 = np.asarray(u8)
+    parts = []
+    for start in range(0, len(u8), batch_size):
+      x = dinov2.preprocess_pil(u8[start:start + batch_size])
+      real = len(x)
+      if real < batch_size and len(u8) > batch_size:   # one program for every batch
+        x = np.concatenate([x, np.zeros((batch_size - real,) + x.shape[1:], x.dtype)])
+      parts.append(np.asarray(dinov2.features(encoder, x)["cls"], np.float32)[:real])
+    return np.concatenate(parts), None
 
   return Extractor(f"dinov2-cls:{digest}", fn)
 

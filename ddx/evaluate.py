@@ -147,9 +147,17 @@ def evaluate_batches(samples: batch_files.ReferenceBatch,
   return out, notes
 
 
+def _dinov2_features(folder: str, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 images -> DINOv2 CLS features, dgm-eval's protocol (`ddx.eval_run.dinov2_extractor`)."""
+  from ddx import eval_run
+  fn = eval_run.dinov2_extractor(folder, batch_size).fn
+  return lambda u8: fn(u8)[0]
+
+
 def main(argv=None, extractor: Optional[Extractor] = None) -> int:
   """The command line; `extractor` replaces the Inception (tests, other encoders)."""
   from ddx import inception
+  from ddx.encoders.dinov2 import EncoderWeightsError
   p = argparse.ArgumentParser(
       prog="python -m ddx.evaluate",
       description="ADM's evaluator: Inception Score, FID, sFID, precision and recall "
@@ -163,6 +171,9 @@ def main(argv=None, extractor: Optional[Extractor] = None) -> int:
                  help="images per Inception forward pass (default %(default)s, ADM's)")
   p.add_argument("--protocol", choices=inception.PROTOCOLS, default="adm",
                  help="image preparation: the TF graph's (adm, default) or pytorch-fid's")
+  p.add_argument("--dinov2_weights", metavar="FOLDER", default="",
+                 help="also print FD-DINOv2 (dgm-eval's protocol) with this converted "
+                      "DINOv2 folder (ViT-L/14 for dgm-eval's numbers; docs/encoders.md)")
   args = p.parse_args(argv)
   try:
     if args.batch_size < 1:
@@ -177,10 +188,14 @@ def main(argv=None, extractor: Optional[Extractor] = None) -> int:
             "--convert IN.pth OUT.npz and pass OUT.npz")
       extractor = inception_extractor(args.inception_weights, args.batch_size,
                                       args.protocol)
+    if args.dinov2_weights:
+      extractor = dataclasses.replace(extractor, extra={
+          **extractor.extra, "FD-DINOv2": _dinov2_features(args.dinov2_weights,
+                                                           args.batch_size)})
     metrics, notes = evaluate_batches(samples, reference, extractor,
                                       names=(args.samples, args.reference))
   except (batch_files.BatchFileError, inception.InceptionWeightsError,
-          EvaluateError) as e:
+          EncoderWeightsError, EvaluateError) as e:
     print(f"ddx.evaluate: error: {e}", file=sys.stderr)
     return 2
   for note in notes:

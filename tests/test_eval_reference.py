@@ -156,3 +156,73 @@ def test_reference_and_dinov2_keys_are_one_line_errors(tmp_path):
       config_lib.validate(c)
       config_lib.check_eval_inputs(c)
     assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+  """A converted-DINOv2 folder of a 1-block, 32-wide ViT/14 with random weights."""
+  import jax
+  from ddx.encoders import dinov2
+  cfg = dinov2.Dinov2Config(hidden_size=32, depth=1, num_heads=2, pos_grid=16)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32) * 0.2,
+                        dinov2.abstract_params(cfg))
+  folder = str(tmp_path_factory.mktemp("enc") / "dinov2")
+  dinov2.save(folder, cfg, params)
+  return folder
+
+
+def test_fd_dinov2_compares_dinov2_cls_features(tmp_path, tiny_dinov2):
+  """fd_dinov2 of a run against an ADM reference batch: the Fréchet distance of
+  the CLS tokens a converted DINOv2 gives after dgm-eval's preprocessing."""
+  from ddx.encoders import dinov2
+  folder = tiny_dinov2
+  digits = _digits_u8()
+  ref_path = str(tmp_path / "ref.npz")
+  batch_files.write_batch(ref_path, digits[:30])
+  c = _config(("fd_dinov2",), reference=ref_path, dinov2_weights=folder,
+              feature_batch_size=40)
+  ev = eval_run.Evaluator(c, str(tmp_path / "wd"))
+  got = ev.scores(digits[100:120])
+  enc = dinov2.load(folder)
+  cls = lambda u8: np.asarray(dinov2.features(enc, dinov2.preprocess_pil(u8))["cls"])
+  want_mu, want_sigma = evaluation.feature_stats(cls(digits[:30]))
+  mu, sigma = ev._reference_stats("dinov2")
+  feats = cls(digits[:30])
+  np.testing.assert_allclose(mu, want_mu, rtol=0, atol=4 * 30 * 2e-16 * np.abs(feats).max())
+  np.testing.assert_allclose(sigma, want_sigma, rtol=0,
+                             atol=4 * 30 * 2e-16 * np.abs(feats - want_mu).max() ** 2)
+  assert got["fd_dinov2"] == evaluation.frechet_distance(
+      *evaluation.feature_stats(cls(digits[100:120])), mu, sigma)
+  assert got["fd_dinov2"] > 0 and set(got) == {"fd_dinov2"}
+
+
+def test_evaluate_cli_prints_fd_dinov2(tmp_path, tiny_dinov2, stand_in, capsys):
+  """python -m ddx.evaluate --dinov2_weights adds FD-DINOv2 after ADM's five lines,
+  equal to the run's fd_dinov2 of the same images; a bad folder is one line, exit 2."""
+  from ddx import evaluate
+  ext, _ = stand_in
+  digits = np.repeat(_digits_u8(), 3, axis=-1)   # RGB, as ADM batches are
+  s_path, r_path = str(tmp_path / "s.npz"), str(tmp_path / "r.npz")
+  batch_files.write_batch(s_path, digits[100:120])
+  batch_files.write_batch(r_path, digits[:30])
+  grey = lambda u8: u8[..., :1]   # the stand-in scores grey digits
+  cli = evaluate.Extractor(features=lambda u8: (ext.fn(grey(u8))[0], ext.fn(grey(u8))[2]),
+                           logits=lambda pool: pool[:, :10])
+  assert evaluate.main([s_path, r_path, "--dinov2_weights", tiny_dinov2], extractor=cli) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [l.split(":")[0] for l in lines] == list(evaluate.LABELS) + ["FD-DINOv2"]
+  c = _config(("fd_dinov2",), reference=r_path, dinov2_weights=tiny_dinov2,
+              feature_batch_size=64)
+  run = eval_run.Evaluator(c, str(tmp_path / "wd")).scores(digits[100:120])
+  # The two differ only in how the reference covariance is summed (np.cov vs a
+  # stream about a shift): entries within δ = 4 n eps max|f - mu|², which moves
+  # the trace of the matrix square root by at most D sqrt(δ) per side.
+  feats = eval_run.dinov2_extractor(tiny_dinov2).fn(digits[:30])[0].astype(np.float64)
+  delta = 4 * 30 * 2.3e-16 * np.abs(feats - feats.mean(0)).max() ** 2
+  tol = 2 * feats.shape[1] * np.sqrt(delta)
+  assert abs(float(lines[-1].split(": ")[1]) - run["fd_dinov2"]) <= tol
+  assert evaluate.main([s_path, r_path, "--dinov2_weights", str(tmp_path)],
+                       extractor=cli) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("ddx.evaluate: error:")
