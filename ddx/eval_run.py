@@ -135,6 +135,39 @@ def default_reference_path(config, workdir: str) -> str:
   return os.path.join(workdir, "eval", f"reference_{config.data.name}.npz")
 
 
+class Moments:
+  """Streaming mean and covariance of feature batches, in float64.
+
+  Sums run about the first batch's mean rather than 0, so the one-pass
+  covariance cancels far less (a constant feature gets exactly 0), and only
+  D + D² accumulators need memory however many images stream through.
+  """
+
+  def __init__(self):
+    self.n, self.shift, self.sum, self.outer = 0, None, None, None
+
+  def add(self, features: np.ndarray) -> None:
+    f = np.asarray(features, np.float64)
+    if self.shift is None:
+      self.shift = f.mean(0)
+      self.sum, self.outer = np.zeros_like(self.shift), np.zeros((f.shape[1],) * 2)
+    f = f - self.shift
+    self.n += len(f)
+    self.sum += f.sum(0)
+    self.outer += f.T @ f
+
+  def stats(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], unbiased covariance [D, D]) of everything added (>= 2 rows)."""
+    m = self.sum / self.n
+    return self.shift + m, (self.outer - self.n * np.outer(m, m)) / (self.n - 1)
+
+
+def _progress(what: str, done: int, n: int, t0: float) -> None:
+  rate = done / (time.perf_counter() - t0)
+  print(f"eval: {what} {done}/{n} images, {rate:.1f} img/s, "
+        f"ETA {log_lib.hms((n - done) / rate)}", flush=True)
+
+
 def _pixel_data_config(config):
   """config.data, or for a latent run the pixel dataset its latents were encoded from."""
   if config.data.name != "latents":
@@ -224,34 +257,25 @@ def reference_features(config, spaces: Callable[[np.ndarray], dict], names: dict
         "least 2 (an ADM batch with arr_0, or a dataset)")
   kept_index = {k: np.sort(np.random.default_rng(0).choice(n, min(n, m), replace=False))
                 for k, m in keep.items()}
-  sums = {k: None for k in names}
-  outer, shift, kept = dict(sums), dict(sums), {k: [] for k in names}
+  moments, kept = {k: Moments() for k in names}, {k: [] for k in names}
   t0, next_report = time.perf_counter(), 0.1
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(n, start + batch_size))
     feats = spaces(read(idx))
     for k in names:
-      f64 = np.asarray(feats[k], np.float64)
-      # Sums about the first batch's mean, not 0: the one-pass covariance
-      # then cancels far less, and a constant feature gets exactly 0.
-      shift[k] = f64.mean(0) if shift[k] is None else shift[k]
-      f64 = f64 - shift[k]
-      sums[k] = f64.sum(0) if sums[k] is None else sums[k] + f64.sum(0)
-      outer[k] = f64.T @ f64 if outer[k] is None else outer[k] + f64.T @ f64
+      moments[k].add(feats[k])
       if k in kept_index:
         kept[k].append(np.asarray(feats[k], np.float32)[np.isin(idx, kept_index[k])])
     done = idx[-1] + 1
     if progress and (done / n >= next_report or done == n):
-      rate = done / (time.perf_counter() - t0)
-      print(f"eval: reference features ({', '.join(names)}) {done}/{n} images, "
-            f"{rate:.1f} img/s, ETA {log_lib.hms((n - done) / rate)}", flush=True)
+      _progress(f"reference features ({', '.join(names)})", done, n, t0)
       next_report += 0.1
   out, arrays = {"num_images": n}, {}
   for k in names:
-    m = sums[k] / n
-    width = len(m)
-    out[k] = {"mu": shift[k] + m, "sigma": (outer[k] - n * np.outer(m, m)) / (n - 1),
-              "kept": (np.concatenate(kept[k]) if kept[k] else np.zeros((0, width), np.float32))}
+    mu, sigma = moments[k].stats()
+    out[k] = {"mu": mu, "sigma": sigma,
+              "kept": (np.concatenate(kept[k]) if kept[k] else
+                       np.zeros((0, len(mu)), np.float32))}
     arrays.update({f"{k}_{x}": v for x, v in out[k].items()})
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -310,29 +334,21 @@ def reference_stats(config, extractor: Extractor, path: str, *, batch_size: int 
                              "reference statistics need at least 2")
   kid_index = np.sort(np.random.default_rng(0).choice(n, min(n, KID_REFERENCE_SIZE),
                                                       replace=False))
-  # Streaming sums in float64: the features of a large dataset need not fit
-  # in memory, only D + D² accumulators do.
-  total = outer = None
-  kid_parts, logit_parts = [], []
+  moments, kid_parts, logit_parts = Moments(), [], []
   t0, next_report = time.perf_counter(), 0.1
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(n, start + batch_size))
     images = np.stack([np.asarray(source[int(i)][0]) for i in idx])
     feats, logits = extractor.fn(images)[:2]
-    f64 = np.asarray(feats, np.float64)
-    total = f64.sum(0) if total is None else total + f64.sum(0)
-    outer = f64.T @ f64 if outer is None else outer + f64.T @ f64
+    moments.add(feats)
     kid_parts.append(np.asarray(feats, np.float32)[np.isin(idx, kid_index)])
     if logits is not None:
       logit_parts.append(np.asarray(logits, np.float32))
     done = idx[-1] + 1
     if progress and (done / n >= next_report or done == n):
-      rate = done / (time.perf_counter() - t0)
-      print(f"eval: reference statistics {done}/{n} images, {rate:.1f} img/s, "
-            f"ETA {log_lib.hms((n - done) / rate)}", flush=True)
+      _progress("reference statistics", done, n, t0)
       next_report += 0.1
-  mu = total / n
-  sigma = (outer - n * np.outer(mu, mu)) / (n - 1)
+  mu, sigma = moments.stats()
   is_mean, is_std = (evaluation.inception_score(np.concatenate(logit_parts))
                      if logit_parts else (float("nan"), float("nan")))
   out = {"mu": mu, "sigma": sigma, "kid_features": np.concatenate(kid_parts),
