@@ -188,6 +188,7 @@ _GLOBAL_STATS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_are_global_over_a_sharded_batch():
   """Under jit over a 2-device Mesh, BatchNorm sees the whole global batch."""
   env = dict(os.environ)
@@ -197,6 +198,7 @@ def test_batchnorm_statistics_are_global_over_a_sharded_batch():
   assert r.returncode == 0 and "GLOBAL OK" in r.stdout, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_docs_guidance_example_runs(monkeypatch):
   """docs/samplers.md's class-conditional block, on a tiny random conditional network."""
   with open(os.path.join(ROOT, "docs", "samplers.md")) as f:

@@ -291,6 +291,7 @@ def _exploding_config(policy):
   return config
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_and_checkpoints_stay_finite(tmp_path):
   wd = str(tmp_path / "wd")
   config = _exploding_config("stop")
@@ -532,6 +533,7 @@ def test_what_makes_a_ddx_workdir(tmp_path):
     ok(str(tmp_path / "afile"))
 
 
+@pytest.mark.slow
 def test_a_held_workdir_refuses_a_second_trainer_and_a_dead_holder_does_not(
     six_steps, tmp_path):
   import shutil

@@ -48,6 +48,7 @@ def step_env():
   return config, state, step
 
 
+@pytest.mark.slow
 def test_train_step_is_pure_and_updates_with_ema(step_env):
   config, state, step = step_env
   batch = _batch(config)
@@ -162,6 +163,7 @@ def test_resume_is_bitwise_exact(trained, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_steps_per_dispatch_equals_single_steps():
   """train_steps (k updates in one scan) against k calls of train_step: the same
   states and the same per-step metrics (the loop around them is cadence only)."""
