@@ -36,7 +36,7 @@ def _copy_shared(src, dst):
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_second_time_starts_as_the_one_time_network(backbone):
-  config = load_config()
+  config = _source_config()   # a one-level U-Net: the time inputs are the same
   if backbone == "dit":
     config = _dit(config)
   one = ddx.models.build(config.model)
@@ -76,7 +76,7 @@ def test_time_shapes_are_checked():
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_logvar_head_is_sown_and_leaves_the_output(backbone):
-  config = load_config()
+  config = _source_config()   # a one-level U-Net: the time inputs are the same
   if backbone == "dit":
     config = _dit(config)
   plain = ddx.models.build(config.model)
