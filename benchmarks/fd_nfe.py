@@ -50,7 +50,9 @@ def nfe_of(sampler: str, steps: int) -> int:
 def fd_row(model, metric, num_samples: int, label: str, **kw) -> dict:
   """One cell: the digits FD of num_samples samples of `model` (key 0, eta 0)
   drawn with sample_fn options kw, and the share the held-out classifier gives
-  a top-class probability > 0.9, as a row {run, **kw, fd, confident, seconds}."""
+  a top-class probability > 0.9, and precision/recall against the held-out
+  digits (ADM's k = 3 estimator in the classifier's features), as a row
+  {run, **kw, fd, confident, precision, recall, seconds}."""
   import jax
   import ddx
   t0 = time.perf_counter()
@@ -58,6 +60,8 @@ def fd_row(model, metric, num_samples: int, label: str, **kw) -> dict:
   scores = metric.score(ddx.to_uint8(imgs))
   return {"run": label, **kw, "fd": round(float(scores["fd"]), 3),
           "confident": round(float(scores["confident"]), 3),
+          "precision": round(float(scores["precision"]), 3),
+          "recall": round(float(scores["recall"]), 3),
           "seconds": round(time.perf_counter() - t0, 1)}
 
 

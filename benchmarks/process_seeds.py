@@ -126,7 +126,8 @@ def aggregate(rows: list) -> list:
     rows: cell rows with keys process, sampler, nfe (the NFE budget), seed, fd.
   Returns:
     one dict per key, in first-seen order: process, sampler, nfe, seeds,
-    fds, mean, std (ddof 1; nan for one seed).
+    fds, mean, std (ddof 1; nan for one seed), and precision_/recall_ mean
+    and std when every row has them.
   """
   groups = {}
   for r in rows:
@@ -134,10 +135,16 @@ def aggregate(rows: list) -> list:
   out = []
   for (process, sampler, nfe), rs in groups.items():
     fds = np.array([r["fd"] for r in rs], np.float64)
-    out.append({"process": process, "sampler": sampler, "nfe": nfe,
-                "seeds": [r["seed"] for r in rs], "fds": fds.tolist(),
-                "mean": float(fds.mean()),
-                "std": float(fds.std(ddof=1)) if len(fds) > 1 else float("nan")})
+    cell = {"process": process, "sampler": sampler, "nfe": nfe,
+            "seeds": [r["seed"] for r in rs], "fds": fds.tolist(),
+            "mean": float(fds.mean()),
+            "std": float(fds.std(ddof=1)) if len(fds) > 1 else float("nan")}
+    for key in ("precision", "recall"):   # rows scored since 2026-12-08 carry them
+      if all(key in r for r in rs):
+        v = np.array([r[key] for r in rs], np.float64)
+        cell[f"{key}_mean"] = float(v.mean())
+        cell[f"{key}_std"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    out.append(cell)
   return out
 
 

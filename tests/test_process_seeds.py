@@ -29,6 +29,11 @@ def test_aggregate_mean_and_sample_std():
   assert a["std"] == pytest.approx(0.2)
   one = process_seeds.aggregate(ROWS[:1])[0]
   assert one["mean"] == 3.0 and np.isnan(one["std"])
+  assert "precision_mean" not in a   # old rows carry no precision/recall
+  pr = [dict(r, precision=0.5 + 0.1 * r["seed"], recall=0.3) for r in ROWS[:3]]
+  b = process_seeds.aggregate(pr)[0]
+  assert b["precision_mean"] == pytest.approx(0.6) and b["precision_std"] == pytest.approx(0.1)
+  assert b["recall_mean"] == pytest.approx(0.3) and b["recall_std"] == 0
 
 
 def test_best_cell_and_paired_difference():
