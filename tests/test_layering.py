@@ -24,7 +24,8 @@ LAYERS = [
         "ddx.parallel", "ddx.data"]),
     ("shared numerics: networks, samplers, likelihood, metrics", [
         "ddx.models.*", "ddx.sampling", "ddx.sampling.*", "ddx.likelihood",
-        "ddx.evaluation", "ddx.inception", "ddx.autoencoder"]),
+        "ddx.evaluation", "ddx.inception", "ddx.autoencoder", "ddx.encoders",
+        "ddx.encoders.*"]),
     ("the processes' JAX half", ["ddx.processes.*"]),
     ("the Model face", ["ddx.options", "ddx.model", "ddx.latents", "ddx.checkpoint",
                         "ddx.inversion", "ddx.bpd"]),

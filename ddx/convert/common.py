@@ -32,7 +32,8 @@ MARKER = ".ddx-convert-unfinished"
 # Everything an import writes (a workdir, or an autoencoder folder), with the
 # temporary names of the files it writes through a rename.
 OUTPUT_NAMES = frozenset({MARKER, "config.json", "config.json.tmp", "checkpoints",
-                          "autoencoder.json", "autoencoder.json.tmp", "params"})
+                          "autoencoder.json", "autoencoder.json.tmp", "params",
+                          "encoder.json", "params.npz"})
 _OUTDIR = dict(flag="--workdir", command="ddx.convert", error=ConversionError)
 
 
