@@ -28,6 +28,7 @@ DTYPES = ("float32", "bfloat16")           # model.dtype: the network's compute 
 MODELS = models.names()                    # model.name (the built-in backbones)
 ATTENTIONS = ("xla", "auto", "cudnn", "tpu_flash")   # model.attention (ddx.models.attention)
 NORM_KERNELS = ("xla", "pallas")            # model.norm_kernel (ddx.models.fused_norm)
+REPA_PROJECTORS = ("mlp",)                 # training.repa.projector (ddx.repa)
 REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
 TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models.layers)
 METRICS = ("digits", "fid", "kid", "is", "bpd")   # eval.metrics (ddx.evaluation)
@@ -137,6 +138,17 @@ def base_config() -> ml_collections.ConfigDict:
   t.init_from = ""           # a finished run whose EMA weights a NEW run starts from
                              # (fine-tuning; ignored on resume); docs/checkpoints.md
   t.teacher = ""             # a finished run to distil from (a process that takes one)
+  # REPA (docs/repa.md): a projection of the network's hidden tokens after block
+  # `depth` is pulled towards a frozen encoder's patch tokens of the clean image;
+  # the values below are the paper's (SiT-XL/2 + DINOv2-B/14).
+  t.repa = r = ml_collections.ConfigDict()
+  r.encoder = ""             # a converted encoder folder (python -m ddx.convert, docs/
+                             # encoders.md); "" = REPA off
+  r.depth = 8                # align the tokens after this block (1-based; 8 of SiT-XL's 28)
+  r.weight = 0.5             # lambda: loss = process loss + lambda * (-mean cosine)
+  r.projector = "mlp"        # mlp: Dense(dim) SiLU Dense(dim) SiLU Dense(encoder width)
+  r.projector_dim = 2048     # the projector's hidden width
+  r.resolution = 224         # the encoder's input side (pixels; a multiple of its patch)
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 2e-4
@@ -459,6 +471,8 @@ def _check_training(config, num_data_shards: int) -> None:
            "training.teacher, or use a process that takes one "
            f"{tuple(n for n, x in processes.REGISTRY.items() if 'teacher' in x.loss_inputs)}")
 
+  _check_repa(config)
+
   _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
   _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
   _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
@@ -504,6 +518,83 @@ def _check_training(config, num_data_shards: int) -> None:
   _check_bpd(config)
   if e.every_steps:   # in-loop evaluation: fail now, not hours into training
     check_eval_inputs(config)
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def repa_encoder_settings(path: str) -> dict | None:
+  """The "config" of a local encoder folder's encoder.json (`ddx.encoders.dinov2`),
+  read without JAX; None for a remote (gs://) folder, checked when it loads.
+
+  Raises:
+    ConfigError: the folder or its encoder.json is missing or unreadable.
+  """
+  if "://" in path:
+    return None
+  jpath = os.path.join(path, "encoder.json")
+  _require(os.path.isfile(jpath),
+           f"training.repa.encoder={path!r} has no encoder.json; convert DINOv2 weights "
+           "into it first (python -m ddx.convert dinov2_vitb14_pretrain.pth --workdir "
+           "DIR; docs/encoders.md), or set training.repa.encoder='' for no REPA")
+  try:
+    with open(jpath) as f:
+      meta = json.load(f)
+    settings = dict(meta["config"])
+    int(settings["patch_size"]), int(settings["hidden_size"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"training.repa.encoder={path!r}: {jpath} does not read as a "
+                      f"converted encoder ({type(e).__name__}); convert it again") from None
+  return settings
+
+
+def _check_repa(config) -> None:
+  """training.repa: the encoder folder, a backbone with hidden tokens, the
+  block, the weight, the projector, the encoder's input side, the process."""
+  r = config.training.get("repa")
+  if r is None:
+    return
+  enc = r.encoder
+  _require(isinstance(enc, str),
+           f"training.repa.encoder={enc!r} must be an encoder folder (a string; \"\" = off)")
+  if not enc:
+    return
+  m = config.model
+  name = m.get("name", models.DEFAULT)
+  size, _ = _model_size(config)
+  hidden = models.spec(name).hidden_tokens(m, size, size)
+  with_tokens = tuple(n for n in models.names()
+                      if type(models.spec(n)).hidden_tokens is not models.Spec.hidden_tokens)
+  _require(hidden is not None,
+           f"training.repa needs a network that exposes its hidden tokens; model.name="
+           f"{name!r} does not: use one of {with_tokens}, or set training.repa.encoder=''")
+  blocks = hidden[0]
+  _require(_positive_int(r.depth) and r.depth <= blocks,
+           f"training.repa.depth={r.depth!r} must be a block in [1, {blocks}] (the "
+           f"network's blocks); REPA uses 8 of SiT-XL's 28, about a third")
+  _require(processes.base.is_finite(r.weight) and r.weight >= 0,
+           f"training.repa.weight={r.weight!r} must be a number >= 0 (REPA: 0.5)")
+  _require(r.projector in REPA_PROJECTORS,
+           f"training.repa.projector={r.projector!r} is unknown; use one of "
+           f"{REPA_PROJECTORS} (iREPA's conv projector is not implemented yet)")
+  _require(_positive_int(r.projector_dim),
+           f"training.repa.projector_dim={r.projector_dim!r} must be a positive integer "
+           "(REPA: 2048)")
+  process = config.diffusion.get("process", processes.DEFAULT)
+  _require(processes.spec(process).repa,
+           f"training.repa is not defined for diffusion.process={process!r}; use one of "
+           f"{tuple(n for n, x in processes.REGISTRY.items() if x.repa)}, or set "
+           "training.repa.encoder=''")
+  _require(not is_latent(config),
+           "training.repa with latent diffusion needs each latent's source pixels for the "
+           "encoder, which the latent cache does not keep; train REPA on pixels for now, "
+           "or set training.repa.encoder=''")
+  settings = repa_encoder_settings(enc)
+  patch = int(settings["patch_size"]) if settings else 1
+  _require(_positive_int(r.resolution) and r.resolution % patch == 0,
+           f"training.repa.resolution={r.resolution!r} must be a positive multiple of the "
+           f"encoder's patch size {patch} (REPA: 224 = 16 patches of 14)")
 
 
 # sigma_rel of the power-function EMA with gamma = 0 (the uniform average of all
@@ -815,10 +906,13 @@ def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict
 # are the keys named when they do. Everything else (lr, dropout, cadences,
 # sampling, eval, num_steps, ...) never blocks a resume.
 _STRUCTURE_GROUPS = ("model", "optim", "data.image_size", "data.channels",
-                     "autoencoder.downsample", "autoencoder.latent_channels")
+                     "autoencoder.downsample", "autoencoder.latent_channels",
+                     "training.repa")
 _NEVER_STRUCTURE = ("model.dtype", "model.dropout", "optim.lr", "optim.warmup_steps",
                     "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
-                    "optim.eps", "model.attention", "model.norm_kernel")
+                    "optim.eps", "model.attention", "model.norm_kernel",
+                    "training.repa.depth", "training.repa.weight",
+                    "training.repa.resolution")
 
 
 def structure_changes(old, new) -> list[tuple[str, object, object]]:

@@ -82,8 +82,8 @@ from ddx.models import fused_norm
 from ddx.models.base import check_inputs, module_fields
 from ddx.models.dit.spec import PATCH_SIZES, PRESETS, SPEC, preset  # noqa: F401 (as before the move)
 from ddx.models.dit.spec import swiglu_hidden
-from ddx.models.layers import (fourier_embedding, rematerialised, scaled_time, sow_logvar,
-                               split_time, timestep_embedding)
+from ddx.models.layers import (fourier_embedding, rematerialised, scaled_time, sow_hidden,
+                               sow_logvar, split_time, timestep_embedding)
 
 FREQUENCY_EMBEDDING_SIZE = 256
 _LN_EPSILON = 1e-6
@@ -584,6 +584,7 @@ class DiT(nn.Module):
       tokens = block_cls(self.num_heads, self.mlp_ratio, dt, self.attention,
                          self.norm_kernel, self.mlp, self.token_norm, self.qk_norm,
                          rope_grid, name=f"blocks_{i}")(tokens, c)
+      sow_hidden(self, tokens)   # a no-op unless "hidden" is mutable (REPA)
     out = FinalLayer(p * p * out_ch, dt, self.norm_kernel, self.token_norm,
                      name="final_layer")(tokens, c)
     return unpatchify(out, p, hgt, wid, out_ch).astype(jnp.float32)
