@@ -524,34 +524,9 @@ def _positive_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
-def repa_encoder_settings(path: str) -> dict | None:
-  """The "config" of a local encoder folder's encoder.json (`ddx.encoders.dinov2`),
-  read without JAX; None for a remote (gs://) folder, checked when it loads.
-
-  Raises:
-    ConfigError: the folder or its encoder.json is missing or unreadable.
-  """
-  if "://" in path:
-    return None
-  jpath = os.path.join(path, "encoder.json")
-  _require(os.path.isfile(jpath),
-           f"training.repa.encoder={path!r} has no encoder.json; convert DINOv2 weights "
-           "into it first (python -m ddx.convert dinov2_vitb14_pretrain.pth --workdir "
-           "DIR; docs/encoders.md), or set training.repa.encoder='' for no REPA")
-  try:
-    with open(jpath) as f:
-      meta = json.load(f)
-    settings = dict(meta["config"])
-    int(settings["patch_size"]), int(settings["hidden_size"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"training.repa.encoder={path!r}: {jpath} does not read as a "
-                      f"converted encoder ({type(e).__name__}); convert it again") from None
-  return settings
-
-
 def _check_repa(config) -> None:
-  """training.repa: the encoder folder, a backbone with hidden tokens, the
-  block, the weight, the projector, the encoder's input side, the process."""
+  """training.repa: a backbone with hidden tokens, the block, the weight, the
+  projector, the encoder's input side, a process it is defined for, pixels."""
   r = config.training.get("repa")
   if r is None:
     return
@@ -590,11 +565,11 @@ def _check_repa(config) -> None:
            "training.repa with latent diffusion needs each latent's source pixels for the "
            "encoder, which the latent cache does not keep; train REPA on pixels for now, "
            "or set training.repa.encoder=''")
-  settings = repa_encoder_settings(enc)
-  patch = int(settings["patch_size"]) if settings else 1
-  _require(_positive_int(r.resolution) and r.resolution % patch == 0,
-           f"training.repa.resolution={r.resolution!r} must be a positive multiple of the "
-           f"encoder's patch size {patch} (REPA: 224 = 16 patches of 14)")
+  # The folder itself is read when training starts (ddx.repa.load_encoder), as
+  # training.teacher's: sampling or evaluating a finished REPA run never needs it.
+  _require(_positive_int(r.resolution),
+           f"training.repa.resolution={r.resolution!r} must be a positive integer, a "
+           "multiple of the encoder's patch size (REPA: 224 = 16 patches of 14)")
 
 
 # sigma_rel of the power-function EMA with gamma = 0 (the uniform average of all

@@ -110,15 +110,22 @@ def load_encoder(config, mesh) -> Optional[dinov2.Encoder]:
   """training.repa.encoder's encoder, replicated over `mesh`; None when off.
 
   Raises:
-    config_lib.ConfigError: the folder does not load (one line).
+    config_lib.ConfigError: the folder does not load, or training.repa.resolution
+      is not a multiple of its patch size (one line).
   """
   if not enabled(config):
     return None
-  path = config.training.repa.encoder
+  r = config.training.repa
   try:
-    encoder = dinov2.load(path)
+    encoder = dinov2.load(r.encoder)
   except dinov2.EncoderWeightsError as e:
-    raise config_lib.ConfigError(f"training.repa.encoder={path!r}: {e}") from None
+    raise config_lib.ConfigError(f"training.repa.encoder={r.encoder!r}: {e}") from None
+  patch = encoder.config.patch_size
+  if r.resolution % patch:
+    raise config_lib.ConfigError(
+        f"training.repa.resolution={r.resolution} is not a multiple of the encoder's "
+        f"patch size {patch}; use a multiple, e.g. {max(1, r.resolution // patch) * patch} "
+        "(REPA: 224 = 16 patches of 14)")
   return parallel.replicate(encoder, mesh)
 
 

@@ -103,8 +103,6 @@ def test_no_gradient_reaches_the_encoder(encoders):
 # The config.
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"training.repa.encoder": "/nonexistent/enc"},
-     r"^training.repa.encoder='/nonexistent/enc' has no encoder.json; convert DINOv2 "),
     ({"model.name": "unet"},
      r"^training.repa needs a network that exposes its hidden tokens; model.name='unet' "
      r"does not: use one of \('dit',\)"),
@@ -114,9 +112,7 @@ def test_no_gradient_reaches_the_encoder(encoders):
     ({"training.repa.projector": "conv"},
      r"^training.repa.projector='conv' is unknown; use one of \('mlp',\)"),
     ({"training.repa.projector_dim": 0}, r"^training.repa.projector_dim=0 must be a "),
-    ({"training.repa.resolution": 20},
-     r"^training.repa.resolution=20 must be a positive multiple of the encoder's patch "
-     r"size 7"),
+    ({"training.repa.resolution": 0}, r"^training.repa.resolution=0 must be a positive "),
     ({"autoencoder.path": "/some/vae", "data.image_size": 16, "sampling.clip_x0": False},
      r"^training.repa with latent diffusion needs each latent's source pixels"),
 ])
@@ -130,6 +126,24 @@ def test_config_errors_are_one_line(encoders, overrides, message):
     g[name] = value
   with pytest.raises(config_lib.ConfigError, match=message) as e:
     config_lib.validate(c)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"encoder": "/nonexistent/enc"},
+     r"^training.repa.encoder='/nonexistent/enc': /nonexistent/enc/encoder.json does "
+     r"not exist; convert DINOv2 weights first"),
+    ({"resolution": 20},
+     r"^training.repa.resolution=20 is not a multiple of the encoder's patch size 7; "),
+])
+def test_the_encoder_folder_is_checked_when_training_starts(encoders, overrides, message):
+  """Not by validate (sampling a finished run needs no encoder), by make_setup,
+  before anything is written."""
+  c = _config(encoders[0])
+  c.training.repa.update(overrides)
+  config_lib.validate(c)
+  with pytest.raises(config_lib.ConfigError, match=message) as e:
+    repa.load_encoder(c, parallel.make_mesh())
   assert "\n" not in str(e.value)
 
 
