@@ -159,6 +159,8 @@ def test_tokens_match_transformers_at_base_size(converted, name):
   enc = _compare(model, dirs["hf"], IMAGE, IMAGE, blocks=(1, 0))
   assert enc.config.num_registers == (4 if name == "registers" else 0)
   assert enc.config.mlp == ("swiglu" if name == "swiglu" else "gelu")
+  with pytest.raises(ValueError, match="block 2 does not exist"):
+    dinov2.forward(enc, jnp.zeros((1, IMAGE, IMAGE, 3)), blocks=(2,))
 
 
 @pytest.mark.parametrize("name,h,w", [("plain", 56, 28), ("plain", 70, 70),
@@ -181,6 +183,23 @@ def test_torch_hub_file_gives_the_same_weights(converted, name):
   assert hub.config == hf.config.__class__(**{
       **hf.config.to_dict(), "interpolate_offset": hub.config.interpolate_offset})
   _compare(model, dirs["pth"], IMAGE, IMAGE)
+
+
+@pytest.mark.parametrize("name", ["plain", "swiglu"])
+def test_transformers_current_names_and_a_classifier_prefix(converted, tmp_path, name):
+  """transformers 5's in-memory names (q_proj, gate_proj/up_proj, ...), under a
+  classification model's "dinov2." prefix with its classifier, give the same weights."""
+  from safetensors.torch import save_file
+  model, folder, _, dirs = converted[name]
+  src = tmp_path / "cls"
+  src.mkdir()
+  (src / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+  sd = {f"dinov2.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+  sd["classifier.weight"] = torch.zeros(5, 2 * HIDDEN)
+  save_file(sd, str(src / "model.safetensors"))
+  out = str(tmp_path / "out")
+  assert convert.main([str(src), "--workdir", out]) == 0
+  assert dinov2.load(out).digest == dinov2.load(dirs["hf"]).digest
 
 
 def test_the_hub_offset_resizes_as_the_official_code(converted):

@@ -366,6 +366,10 @@ class Dinov2(nn.Module):
   @nn.compact
   def __call__(self, x, blocks: Sequence[int] = ()):
     c = self.config
+    bad = [i for i in blocks if not 0 <= i < c.depth]
+    if bad:
+      raise ValueError(f"blocks={tuple(blocks)}: block {bad[0]} does not exist; this "
+                       f"DINOv2 has blocks 0..{c.depth - 1}")
     d, p = c.hidden_size, c.patch_size
     bsz, h, w, _ = x.shape
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=_zeros,
@@ -592,7 +596,8 @@ def forward(encoder: Encoder, images: jnp.ndarray, blocks: Sequence[int] = ()) -
   Args:
     encoder: from `load`.
     images: [B, H, W, 3] float, ImageNet-normalised (`preprocess`).
-    blocks: 0-based blocks whose outputs to add as "hidden".
+    blocks: 0-based blocks whose outputs to add as "hidden" (a tuple: it is
+      static under `features`).
   Returns:
     {"cls": [B, D], "registers": [B, R, D], "patch": [B, N, D]} (and
     "hidden", see `Dinov2`), in the images' dtype (at least float32).
