@@ -28,7 +28,8 @@ DTYPES = ("float32", "bfloat16")           # model.dtype: the network's compute 
 MODELS = models.names()                    # model.name (the built-in backbones)
 ATTENTIONS = ("xla", "auto", "cudnn", "tpu_flash")   # model.attention (ddx.models.attention)
 NORM_KERNELS = ("xla", "pallas")            # model.norm_kernel (ddx.models.fused_norm)
-REPA_PROJECTORS = ("mlp",)                 # training.repa.projector (ddx.repa)
+REPA_PROJECTORS = ("mlp", "conv")          # training.repa.projector (ddx.repa)
+REPA_SPATIAL_NORMS = ("none", "zscore")    # training.repa.spatial_norm (ddx.repa)
 REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
 TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models.layers)
 METRICS = ("digits", "fid", "kid", "is", "bpd")   # eval.metrics (ddx.evaluation)
@@ -146,8 +147,13 @@ def base_config() -> ml_collections.ConfigDict:
                              # encoders.md); "" = REPA off
   r.depth = 8                # align the tokens after this block (1-based; 8 of SiT-XL's 28)
   r.weight = 0.5             # lambda: loss = process loss + lambda * (-mean cosine)
-  r.projector = "mlp"        # mlp: Dense(dim) SiLU Dense(dim) SiLU Dense(encoder width)
-  r.projector_dim = 2048     # the projector's hidden width
+  r.projector = "mlp"        # mlp: Dense(dim) SiLU Dense(dim) SiLU Dense(encoder width) |
+                             # conv: iREPA's Conv(kernel) on the token grid
+  r.projector_dim = 2048     # the mlp projector's hidden width
+  r.projector_kernel = 3     # the conv projector's kernel side (odd; iREPA's README: 3)
+  r.spatial_norm = "none"    # none (REPA) | zscore (iREPA: the encoder's tokens
+                             # normalised over space, (z - alpha*mean) / std)
+  r.zscore_alpha = 0.6       # zscore's alpha (iREPA's latent-diffusion code: 0.6)
   r.resolution = 224         # the encoder's input side (pixels; a multiple of its patch)
 
   c.optim = o = ml_collections.ConfigDict()
@@ -552,10 +558,20 @@ def _check_repa(config) -> None:
            f"training.repa.weight={r.weight!r} must be a number >= 0 (REPA: 0.5)")
   _require(r.projector in REPA_PROJECTORS,
            f"training.repa.projector={r.projector!r} is unknown; use one of "
-           f"{REPA_PROJECTORS} (iREPA's conv projector is not implemented yet)")
+           f"{REPA_PROJECTORS}")
   _require(_positive_int(r.projector_dim),
            f"training.repa.projector_dim={r.projector_dim!r} must be a positive integer "
            "(REPA: 2048)")
+  k = r.get("projector_kernel", 3)
+  _require(_positive_int(k) and k % 2 == 1,
+           f"training.repa.projector_kernel={k!r} must be an odd positive integer (the "
+           "conv projector keeps the token grid; iREPA: 3)")
+  norm = r.get("spatial_norm", "none")
+  _require(norm in REPA_SPATIAL_NORMS,
+           f"training.repa.spatial_norm={norm!r} is unknown; use one of {REPA_SPATIAL_NORMS}")
+  alpha = r.get("zscore_alpha", 0.6)
+  _require(processes.base.is_finite(alpha),
+           f"training.repa.zscore_alpha={alpha!r} must be a finite number (iREPA: 0.6)")
   process = config.diffusion.get("process", processes.DEFAULT)
   _require(processes.spec(process).repa,
            f"training.repa is not defined for diffusion.process={process!r}; use one of "
@@ -887,7 +903,8 @@ _NEVER_STRUCTURE = ("model.dtype", "model.dropout", "optim.lr", "optim.warmup_st
                     "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
                     "optim.eps", "model.attention", "model.norm_kernel",
                     "training.repa.depth", "training.repa.weight",
-                    "training.repa.resolution")
+                    "training.repa.resolution", "training.repa.spatial_norm",
+                    "training.repa.zscore_alpha")
 
 
 def structure_changes(old, new) -> list[tuple[str, object, object]]:

@@ -45,6 +45,7 @@ from ddx.encoders import dinov2
 RECORD_FILE = "repa.json"
 # F.normalize's eps: x / max(|x|, eps).
 NORMALIZE_EPS = 1e-12
+ZSCORE_EPS = 1e-6      # iREPA's SpatialNormalization eps
 # The projector's init key is fold_in(init key, this): the network's init is untouched.
 _INIT_STREAM = 0x4E9A
 
@@ -77,6 +78,43 @@ class Projector(nn.Module):
     return dense(self.features, "fc3")(h)
 
 
+class ConvProjector(nn.Module):
+  """iREPA's projector (arXiv 2512.10794): one Conv(kernel x kernel, "SAME") on
+  the token grid, from D to the encoder's width, initialised as torch's Conv2d
+  (uniform weights and bias in +-1/sqrt(fan_in); SiT's init touches only its
+  Linear layers).
+
+  Attributes:
+    features: the output width E.
+    kernel: the kernel side (odd).
+    grid: the token grid (rows, columns) the N tokens lie on, row-major.
+  """
+  features: int
+  kernel: int
+  grid: tuple[int, int]
+
+  @nn.compact
+  def __call__(self, h: jax.Array) -> jax.Array:
+    """h: [B, N, D] float32 hidden tokens. Returns [B, N, features] float32."""
+    b, n, d = h.shape
+    fan_in = self.kernel * self.kernel * d
+    bound = 1.0 / fan_in ** 0.5
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound)
+    x = h.reshape(b, self.grid[0], self.grid[1], d)
+    x = nn.Conv(self.features, (self.kernel, self.kernel), padding="SAME",
+                kernel_init=uniform, bias_init=uniform, name="conv")(x)
+    return x.reshape(b, n, self.features)
+
+
+def spatial_zscore(tokens: jax.Array, alpha: float, eps: float = ZSCORE_EPS) -> jax.Array:
+  """iREPA's spatial normalisation of encoder tokens [B, N, E] over the N tokens:
+  (z − α·mean) / (std + eps), std with Bessel's correction (torch's Tensor.std)."""
+  mean = jnp.mean(tokens, axis=1, keepdims=True)
+  std = jnp.std(tokens, axis=1, keepdims=True, ddof=1)
+  return (tokens - alpha * mean) / (std + eps)
+
+
 def token_layout(config) -> tuple[int, tuple[int, int], int]:
   """(blocks, token grid (rows, columns), token width) of the run's network
   (its Spec's `hidden_tokens`, for the side the network sees)."""
@@ -90,8 +128,13 @@ def token_layout(config) -> tuple[int, tuple[int, int], int]:
   return out
 
 
-def projector(config, encoder_width: int) -> Projector:
-  return Projector(int(config.training.repa.projector_dim), int(encoder_width))
+def projector(config, encoder_width: int) -> nn.Module:
+  """training.repa.projector's module for an encoder of width E."""
+  r = config.training.repa
+  if r.projector == "conv":
+    _, grid, _ = token_layout(config)
+    return ConvProjector(int(encoder_width), int(r.get("projector_kernel", 3)), tuple(grid))
+  return Projector(int(r.projector_dim), int(encoder_width))
 
 
 def init_projector(config, encoder_width: int, rng: jax.Array) -> Any:
@@ -146,7 +189,8 @@ def match_grid(tokens: jax.Array, grid: tuple[int, int], to: tuple[int, int]) ->
 
 
 def encoder_targets(encoder: dinov2.Encoder, images: jax.Array, resolution: int,
-                    grid: tuple[int, int]) -> jax.Array:
+                    grid: tuple[int, int], spatial_norm: str = "none",
+                    zscore_alpha: float = 1.0) -> jax.Array:
   """The encoder's patch tokens of clean images, on the network's token grid.
 
   Args:
@@ -154,6 +198,8 @@ def encoder_targets(encoder: dinov2.Encoder, images: jax.Array, resolution: int,
     images: [B, H, W, C] float32 in [-1, 1], C = 1 (repeated to RGB) or 3.
     resolution: the encoder's input side (training.repa.resolution).
     grid: the network's token grid (rows, columns).
+    spatial_norm: "zscore" applies iREPA's `spatial_zscore` (with zscore_alpha)
+      on the encoder's own grid, before it is matched; "none" (REPA) does not.
   Returns:
     [B, rows*columns, E] float32 under stop_gradient.
   """
@@ -161,6 +207,8 @@ def encoder_targets(encoder: dinov2.Encoder, images: jax.Array, resolution: int,
     images = jnp.repeat(images, 3, axis=-1)
   x = dinov2.preprocess(images.astype(jnp.float32), resolution)
   patch = dinov2.forward(encoder, x)["patch"].astype(jnp.float32)
+  if spatial_norm == "zscore":
+    patch = spatial_zscore(patch, zscore_alpha)
   side = resolution // encoder.config.patch_size
   return jax.lax.stop_gradient(match_grid(patch, (side, side), grid))
 

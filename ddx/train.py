@@ -110,7 +110,9 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array,
   if use_repa:   # the frozen encoder's features of the clean images (no gradient)
     r = config.training.repa
     _, grid, _ = repa_lib.token_layout(config)
-    target = repa_lib.encoder_targets(encoder, batch["image"], r.resolution, grid)
+    target = repa_lib.encoder_targets(encoder, batch["image"], r.resolution, grid,
+                                      r.get("spatial_norm", "none"),
+                                      r.get("zscore_alpha", 1.0))
   mutable = ["batch_stats", "logvar"] + ([layers.HIDDEN] if use_repa else [])
 
   def loss_fn(params, projector=None):

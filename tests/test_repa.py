@@ -80,6 +80,33 @@ def test_alignment_is_repas_projection_loss():
   np.testing.assert_allclose(same, -1.0, rtol=1e-6)
 
 
+def test_spatial_zscore_is_ireps():
+  """iREPA's spatial_zscore: (z − α·mean_T) / (std_T + 1e-6), torch's unbiased std."""
+  z = np.random.default_rng(1).normal(size=(2, 6, 3)).astype(np.float32)
+  want = (z - 0.6 * z.mean(1, keepdims=True)) / (z.std(1, ddof=1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(repa.spatial_zscore(jnp.asarray(z), 0.6), want, rtol=1e-5)
+
+
+def test_the_conv_projector_is_a_same_convolution_on_the_token_grid(encoders):
+  """iREPA's projector: Conv2d(D, E, 3, padding=1) over the [rows, columns] grid
+  of the tokens, against a NumPy loop; its gradient is finite."""
+  c = _config(encoders[0])
+  c.training.repa.update(projector="conv", projector_kernel=3)
+  params = jax.jit(lambda key: repa.init_projector(c, 5, key))(jax.random.key(0))
+  k, bias = np.asarray(params["conv"]["kernel"]), np.asarray(params["conv"]["bias"])
+  assert k.shape == (3, 3, 32, 5) and np.all(np.abs(k) <= 1 / np.sqrt(9 * 32))
+  h = np.random.default_rng(0).normal(size=(1, 16, 32)).astype(np.float32)
+  pad = np.pad(h.reshape(4, 4, 32), ((1, 1), (1, 1), (0, 0)))
+  want = np.stack([np.einsum("ijd,ijde->e", pad[r:r + 3, q:q + 3], k) + bias
+                   for r in range(4) for q in range(4)])[None]
+  got, g = jax.jit(lambda p, h: (
+      repa.projector(c, 5).apply({"params": p}, h),
+      jax.grad(lambda q: repa.loss(c, q, h, jnp.ones((1, 16, 5)))[0])(p)))(
+          params, jnp.asarray(h))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert all(np.all(np.isfinite(x)) and np.any(x != 0) for x in jax.tree.leaves(g))
+
+
 def test_match_grid():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 3)), jnp.float32)
   assert repa.match_grid(x, (2, 2), (2, 2)) is x
@@ -109,8 +136,12 @@ def test_no_gradient_reaches_the_encoder(encoders):
     ({"training.repa.depth": 3}, r"^training.repa.depth=3 must be a block in \[1, 2\]"),
     ({"training.repa.depth": 0}, r"^training.repa.depth=0 must be a block in \[1, 2\]"),
     ({"training.repa.weight": -0.5}, r"^training.repa.weight=-0.5 must be a number >= 0"),
-    ({"training.repa.projector": "conv"},
-     r"^training.repa.projector='conv' is unknown; use one of \('mlp',\)"),
+    ({"training.repa.projector": "linear"},
+     r"^training.repa.projector='linear' is unknown; use one of \('mlp', 'conv'\)"),
+    ({"training.repa.projector_kernel": 2},
+     r"^training.repa.projector_kernel=2 must be an odd positive integer"),
+    ({"training.repa.spatial_norm": "pca"},
+     r"^training.repa.spatial_norm='pca' is unknown; use one of \('none', 'zscore'\)"),
     ({"training.repa.projector_dim": 0}, r"^training.repa.projector_dim=0 must be a "),
     ({"training.repa.resolution": 0}, r"^training.repa.resolution=0 must be a positive "),
     ({"autoencoder.path": "/some/vae", "data.image_size": 16, "sampling.clip_x0": False},
