@@ -64,6 +64,10 @@ defaults are the DiT above, bit for bit: no parameter added, the same program):
                    sin-cos absolute embedding is still added to the tokens, as
                    LightningDiT does.
 
+Hidden tokens (REPA, `ddx.repa`): after each block the tokens [B, N, D] float32
+are sown into the "hidden" collection (`layers.sow_hidden`); only an apply with
+mutable=["hidden"] keeps them, so the default program is unchanged.
+
 Mixed precision: with dtype=bfloat16 the dense layers, the patch conv, the
 label embedding and the attention products run in bfloat16 while parameters
 stay float32; the residual stream, LayerNorm statistics, the modulation and
