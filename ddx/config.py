@@ -32,8 +32,11 @@ REPA_PROJECTORS = ("mlp", "conv")          # training.repa.projector (ddx.repa)
 REPA_SPATIAL_NORMS = ("none", "zscore")    # training.repa.spatial_norm (ddx.repa)
 REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
 TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models.layers)
-METRICS = ("digits", "fid", "kid", "is", "bpd")   # eval.metrics (ddx.evaluation)
-INCEPTION_METRICS = ("fid", "kid", "is")   # these need eval.inception_weights
+METRICS = ("digits", "fid", "kid", "is", "sfid", "precision", "recall", "fd_dinov2",
+           "bpd")   # eval.metrics (ddx.evaluation)
+INCEPTION_METRICS = ("fid", "kid", "is", "sfid", "precision", "recall")   # need
+                                                       # eval.inception_weights
+INCEPTION_PROTOCOLS = ("pytorch_fid", "adm")   # eval.inception_protocol (ddx.inception)
 LABEL_RULES = ("balanced", "random")        # sampling.labels (ddx.model.class_labels)
 BPD_ESTIMATORS = ("ode", "vlb", "both")    # eval.bpd_estimator (ddx.bpd)
 BPD_TRACES = ("hutchinson", "exact")       # eval.bpd_trace (ddx.likelihood)
@@ -192,7 +195,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = e = ml_collections.ConfigDict()
   e.every_steps = 0          # in-loop evaluation of the EMA model every N steps; 0 = off
-  e.metrics = ("digits",)    # some of digits | fid | kid | is | bpd (fid/kid/is need
+  e.metrics = ("digits",)    # some of digits | fid | kid | is | sfid | precision | recall |
+                             # fd_dinov2 | bpd (docs/evaluation.md; fid .. recall need
                              # Inception weights; bpd scores held-out data, no sampling)
   e.num_samples = 512        # samples per evaluation (FID-50k: 50_000)
   e.batch_size = 500         # samples per sampler call (global) = images per chunk file
@@ -203,7 +207,17 @@ def base_config() -> ml_collections.ConfigDict:
   e.spacing = "auto"         # as sampling.spacing
   e.seed = 0                 # chunk c uses fold_in(key(seed), c): the same noise every eval
   e.inception_weights = ""   # .npz from python -m ddx.inception --convert (README: Evaluation)
+  e.inception_protocol = "pytorch_fid"  # pytorch_fid (its resize, IS on 10 splits) | adm
+                             # (ADM's TF graph: TF1 bilinear, (x-128)/128, IS on 5,000-
+                             # image splits without the classifier bias; docs/evaluation.md)
+  e.reference = ""           # an ADM reference batch .npz (arr_0 and/or mu, sigma, mu_s,
+                             # sigma_s): the Inception and DINOv2 metrics compare with it
+                             # instead of config.data
   e.reference_stats = ""     # dataset feature stats .npz; "" = workdir/eval/reference_<data>.npz
+  e.dinov2_weights = ""      # fd_dinov2: a converted DINOv2 folder (python -m ddx.convert;
+                             # dgm-eval's protocol takes ViT-L/14)
+  e.save_batch = False       # --mode eval also writes the samples as one ADM batch
+                             # (arr_0 images, arr_1 labels) for python -m ddx.evaluate
   e.feature_batch_size = 100  # images per Inception forward pass
   e.kid_subset_size = 1000
   e.kid_subsets = 100
@@ -515,6 +529,9 @@ def _check_training(config, num_data_shards: int) -> None:
            "needs two samples)")
   _require(isinstance(e.batch_size, int) and e.batch_size >= 1,
            f"eval.batch_size={e.batch_size!r} must be a positive integer")
+  _require(e.get("inception_protocol", "pytorch_fid") in INCEPTION_PROTOCOLS,
+           f"eval.inception_protocol={e.get('inception_protocol')!r} is unknown; use one of "
+           f"{INCEPTION_PROTOCOLS}")
   if e.every_steps:   # otherwise checked by --mode eval (eval_run.evaluate)
     _check_sampler(config, "eval")
   _require(isinstance(e.feature_batch_size, int) and e.feature_batch_size >= 1,
@@ -753,10 +770,23 @@ def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
     _require(bool(e.inception_weights),
              f"eval.metrics has {needs[0]} but eval.inception_weights is empty; convert "
              "pytorch-fid's Inception weights (README: Evaluation) and pass "
-             "--config.eval.inception_weights=FILE.npz, or drop fid/kid/is from eval.metrics")
+             f"--config.eval.inception_weights=FILE.npz, or drop {', '.join(needs)} from "
+             "eval.metrics")
     _require(os.path.isfile(e.inception_weights),
              f"eval.inception_weights={e.inception_weights} does not exist; convert "
              "pytorch-fid's weights with python -m ddx.inception --convert (README: Evaluation)")
+  if "fd_dinov2" in metrics:
+    _require(bool(e.get("dinov2_weights", "")),
+             "eval.metrics has fd_dinov2 but eval.dinov2_weights is empty; convert DINOv2 "
+             "ViT-L/14 (docs/encoders.md) and pass --config.eval.dinov2_weights=FOLDER, or "
+             "drop fd_dinov2 from eval.metrics")
+    _require(os.path.isdir(e.dinov2_weights),
+             f"eval.dinov2_weights={e.dinov2_weights} is not a folder; convert DINOv2 with "
+             "python -m ddx.convert FILE.pth --workdir FOLDER (docs/encoders.md)")
+  if e.get("reference", ""):
+    _require(os.path.isfile(e.reference),
+             f"eval.reference={e.reference} does not exist; pass an ADM reference batch "
+             "(.npz with arr_0 and/or mu/sigma), or \"\" to compare with config.data")
   if "bpd" in metrics:
     _check_bpd(config)
     _require(e.bpd_solver != "adaptive" or importlib.util.find_spec("diffrax") is not None,

@@ -27,6 +27,7 @@ Metrics (eval.metrics):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddx import batch_files
 from ddx import bpd as bpd_lib
 from ddx import config as config_lib
 from ddx import data as data_lib
@@ -55,19 +57,61 @@ class Extractor(NamedTuple):
   """A feature network over uint8 images.
 
   name: identifies the network and its weights (stored with reference stats).
-  fn: uint8 [N, H, W, C] -> (features [N, D] float, logits [N, K] float).
+  fn: uint8 [N, H, W, C] -> (features [N, D] float, logits [N, K] float or
+    None), or a third element, sFID's spatial features [N, S], when the
+    network has them (the Inception).
   """
   name: str
-  fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+  fn: Callable[[np.ndarray], tuple]
 
 
-def inception_extractor(weights_path: str, batch_size: int = 100) -> Extractor:
-  """The FID Inception-v3 with weights from a local .npz (see ddx.inception)."""
+def inception_extractor(weights_path: str, batch_size: int = 100,
+                        protocol: str = "pytorch_fid") -> Extractor:
+  """The FID Inception-v3 with weights from a local .npz (see ddx.inception).
+
+  Args:
+    protocol: "pytorch_fid" (its resize; logits with the classifier's bias)
+      or "adm" (the TF graph's resize and scaling, as ADM's evaluator feeds
+      it; logits without the bias, as ADM's Inception Score takes them).
+  Returns:
+    fn -> (pool3 [N, 2048], logits [N, 1008], spatial [N, 2023]).
+  """
   variables = inception.load_weights(weights_path)
   digest = inception.weights_digest(variables)[:16]
   variables = inception.put_weights(variables)
-  return Extractor(f"inception-fid:{digest}",
-                   lambda u8: inception.features(variables, u8, batch_size=batch_size))
+
+  def fn(u8):
+    pool, spatial, logits = inception.features(variables, u8, batch_size=batch_size,
+                                               protocol=protocol, spatial=True)
+    if protocol == "adm":
+      logits = inception.adm_logits(variables, pool)
+    return pool, logits, spatial
+
+  # pytorch_fid keeps its old name, so reference statistics cached before stay valid.
+  tag = "inception-fid" if protocol == "pytorch_fid" else f"inception-fid-{protocol}"
+  return Extractor(f"{tag}:{digest}", fn)
+
+
+def dinov2_extractor(folder: str, batch_size: int = 100) -> Extractor:
+  """FD-DINOv2's features, dgm-eval's protocol: PIL bicubic resize of the uint8
+  images to 224x224, ImageNet mean/std, the final-norm CLS token of a
+  converted DINOv2 (`ddx.encoders.dinov2`; dgm-eval uses ViT-L/14)."""
+  from ddx.encoders import dinov2
+  encoder = dinov2.load(folder)
+  digest = dinov2.weights_digest(encoder.params)[:16]
+
+  def fn(u8):
+    u8 = np.asarray(u8)
+    parts = []
+    for start in range(0, len(u8), batch_size):
+      x = dinov2.preprocess_pil(u8[start:start + batch_size])
+      real = len(x)
+      if real < batch_size and len(u8) > batch_size:   # one program for every batch
+        x = np.concatenate([x, np.zeros((batch_size - real,) + x.shape[1:], x.dtype)])
+      parts.append(np.asarray(dinov2.features(encoder, x)["cls"], np.float32)[:real])
+    return np.concatenate(parts), None
+
+  return Extractor(f"dinov2-cls:{digest}", fn)
 
 
 def digits_extractor(metric: evaluation.DigitsMetric) -> Extractor:
@@ -89,6 +133,156 @@ def _data_fingerprint(data_config) -> dict:
 
 def default_reference_path(config, workdir: str) -> str:
   return os.path.join(workdir, "eval", f"reference_{config.data.name}.npz")
+
+
+class Moments:
+  """Streaming mean and covariance of feature batches, in float64.
+
+  Sums run about the first batch's mean rather than 0, so the one-pass
+  covariance cancels far less (a constant feature gets exactly 0), and only
+  D + D² accumulators need memory however many images stream through.
+  """
+
+  def __init__(self):
+    self.n, self.shift, self.sum, self.outer = 0, None, None, None
+
+  def add(self, features: np.ndarray) -> None:
+    f = np.asarray(features, np.float64)
+    if self.shift is None:
+      self.shift = f.mean(0)
+      self.sum, self.outer = np.zeros_like(self.shift), np.zeros((f.shape[1],) * 2)
+    f = f - self.shift
+    self.n += len(f)
+    self.sum += f.sum(0)
+    self.outer += f.T @ f
+
+  def stats(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], unbiased covariance [D, D]) of everything added (>= 2 rows)."""
+    m = self.sum / self.n
+    return self.shift + m, (self.outer - self.n * np.outer(m, m)) / (self.n - 1)
+
+
+def _progress(what: str, done: int, n: int, t0: float) -> None:
+  rate = done / (time.perf_counter() - t0)
+  print(f"eval: {what} {done}/{n} images, {rate:.1f} img/s, "
+        f"ETA {log_lib.hms((n - done) / rate)}", flush=True)
+
+
+def _pixel_data_config(config):
+  """config.data, or for a latent run the pixel dataset its latents were encoded from."""
+  if config.data.name != "latents":
+    return config.data
+  from ddx import latents
+  if not config.encode.source:
+    raise config_lib.ConfigError(
+        "the sample metrics of a latent model compare with the pixel dataset the latents "
+        "were encoded from; set --config.encode.source (and its data keys), "
+        "--config.eval.reference=BATCH.npz or --config.eval.reference_stats=FILE.npz")
+  return latents.source_config(config)
+
+
+PR_REFERENCE_SIZE = 10_000   # reference features kept for precision/recall (ADM's
+                             # reference batches hold 10,000 images)
+
+
+def read_reference(path: str) -> batch_files.ReferenceBatch:
+  """eval.reference, an ADM batch; its errors as one-line ConfigErrors."""
+  try:
+    return batch_files.read_batch(path)
+  except batch_files.BatchFileError as e:
+    raise config_lib.ConfigError(f"eval.reference: {e}") from None
+
+
+def reference_source(config) -> tuple[dict, int, Callable[[np.ndarray], np.ndarray]]:
+  """The reference images the sample metrics compare with.
+
+  eval.reference's arr_0 when set (an ADM batch), else every image of the
+  (pixel) dataset of config.data, in order.
+
+  Returns:
+    (what they are, for cache keys; their number; read(indices) -> uint8
+    [n, H, W, C]).
+  """
+  path = config.eval.get("reference", "")
+  if path:
+    images = read_reference(path).images
+    st = os.stat(path)
+    what = {"reference": os.path.abspath(path), "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns}
+    return what, 0 if images is None else len(images), lambda idx: np.asarray(images[idx])
+  data_config = _pixel_data_config(config)
+  source = data_lib.make_source(data_config)
+  read = lambda idx: np.stack([np.asarray(source[int(i)][0]) for i in idx])
+  return {"data": _data_fingerprint(data_config)}, len(source), read
+
+
+def reference_features(config, spaces: Callable[[np.ndarray], dict], names: dict, path: str,
+                       *, keep: Optional[dict] = None, batch_size: int = 200,
+                       progress: bool = True) -> dict:
+  """Mean and covariance of feature spaces over every reference image, cached in `path`.
+
+  One pass over `reference_source(config)` computes every space at once
+  (streaming float64 sums, so only D + D² accumulators per space need
+  memory) and keeps the features of a fixed random subset where `keep`
+  asks (precision/recall's reference features). A file made for other
+  reference images or other networks is recomputed, never reused.
+
+  Args:
+    config: eval.reference or config.data say the images.
+    spaces: uint8 images -> {space: features [n, D]}.
+    names: {space: the network that makes it (Extractor.name)}, the cache key.
+    path: the .npz to read or write (ddx's own file in workdir/eval/).
+    keep: {space: how many images' features to keep} (seed 0, without
+      replacement; all when fewer).
+  Returns:
+    {space: {"mu": [D] float64, "sigma": [D, D] float64, "kept": [M, D]
+    float32 (empty when not kept)}}, and "num_images".
+  Raises:
+    ConfigError: the reference has no images (only statistics).
+  """
+  keep = keep or {}
+  what, n, read = reference_source(config)
+  fingerprint = json.dumps({"images": what, "spaces": names, "keep": keep}, sort_keys=True)
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if str(f["fingerprint"]) == fingerprint:
+        return {"num_images": int(f["num_images"]),
+                **{k: {"mu": f[f"{k}_mu"], "sigma": f[f"{k}_sigma"], "kept": f[f"{k}_kept"]}
+                   for k in names}}
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    pass
+  if n < 2:
+    raise config_lib.ConfigError(
+        f"the reference ({what}) has {n} image(s); {', '.join(names)} features need at "
+        "least 2 (an ADM batch with arr_0, or a dataset)")
+  kept_index = {k: np.sort(np.random.default_rng(0).choice(n, min(n, m), replace=False))
+                for k, m in keep.items()}
+  moments, kept = {k: Moments() for k in names}, {k: [] for k in names}
+  t0, next_report = time.perf_counter(), 0.1
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(n, start + batch_size))
+    feats = spaces(read(idx))
+    for k in names:
+      moments[k].add(feats[k])
+      if k in kept_index:
+        kept[k].append(np.asarray(feats[k], np.float32)[np.isin(idx, kept_index[k])])
+    done = idx[-1] + 1
+    if progress and (done / n >= next_report or done == n):
+      _progress(f"reference features ({', '.join(names)})", done, n, t0)
+      next_report += 0.1
+  out, arrays = {"num_images": n}, {}
+  for k in names:
+    mu, sigma = moments[k].stats()
+    out[k] = {"mu": mu, "sigma": sigma,
+              "kept": (np.concatenate(kept[k]) if kept[k] else
+                       np.zeros((0, len(mu)), np.float32))}
+    arrays.update({f"{k}_{x}": v for x, v in out[k].items()})
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, fingerprint=fingerprint, num_images=n, **arrays)
+    os.replace(tmp, path)
+  return out
 
 
 def reference_stats(config, extractor: Extractor, path: str, *, batch_size: int = 200,
@@ -113,15 +307,7 @@ def reference_stats(config, extractor: Extractor, path: str, *, batch_size: int 
   Raises:
     ConfigError: `path` holds statistics of other data or another extractor.
   """
-  data_config = config.data
-  if data_config.name == "latents":   # a latent run is scored against the pixels it encoded
-    from ddx import latents
-    if not config.encode.source:
-      raise config_lib.ConfigError(
-          "FID/KID/IS of a latent model compare with the pixel dataset the latents were "
-          "encoded from; set --config.encode.source (and its data keys) or "
-          "--config.eval.reference_stats=FILE.npz")
-    data_config = latents.source_config(config)
+  data_config = _pixel_data_config(config)
   fingerprint = json.dumps({"data": _data_fingerprint(data_config),
                             "features": extractor.name}, sort_keys=True)
   if os.path.exists(path):
@@ -148,29 +334,21 @@ def reference_stats(config, extractor: Extractor, path: str, *, batch_size: int 
                              "reference statistics need at least 2")
   kid_index = np.sort(np.random.default_rng(0).choice(n, min(n, KID_REFERENCE_SIZE),
                                                       replace=False))
-  # Streaming sums in float64: the features of a large dataset need not fit
-  # in memory, only D + D² accumulators do.
-  total = outer = None
-  kid_parts, logit_parts = [], []
+  moments, kid_parts, logit_parts = Moments(), [], []
   t0, next_report = time.perf_counter(), 0.1
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(n, start + batch_size))
     images = np.stack([np.asarray(source[int(i)][0]) for i in idx])
-    feats, logits = extractor.fn(images)
-    f64 = np.asarray(feats, np.float64)
-    total = f64.sum(0) if total is None else total + f64.sum(0)
-    outer = f64.T @ f64 if outer is None else outer + f64.T @ f64
+    feats, logits = extractor.fn(images)[:2]
+    moments.add(feats)
     kid_parts.append(np.asarray(feats, np.float32)[np.isin(idx, kid_index)])
     if logits is not None:
       logit_parts.append(np.asarray(logits, np.float32))
     done = idx[-1] + 1
     if progress and (done / n >= next_report or done == n):
-      rate = done / (time.perf_counter() - t0)
-      print(f"eval: reference statistics {done}/{n} images, {rate:.1f} img/s, "
-            f"ETA {log_lib.hms((n - done) / rate)}", flush=True)
+      _progress("reference statistics", done, n, t0)
       next_report += 0.1
-  mu = total / n
-  sigma = (outer - n * np.outer(mu, mu)) / (n - 1)
+  mu, sigma = moments.stats()
   is_mean, is_std = (evaluation.inception_score(np.concatenate(logit_parts))
                      if logit_parts else (float("nan"), float("nan")))
   out = {"mu": mu, "sigma": sigma, "kid_features": np.concatenate(kid_parts),
@@ -414,7 +592,7 @@ def sample_chunks(model: model_lib.Model, config, out_dir: Optional[str] = None,
 # --------------------------------------------------------------------------
 # Bits/dim of held-out data in resumable batches.
 
-SAMPLE_METRICS = ("digits", "fid", "kid", "is")   # the metrics that score samples
+SAMPLE_METRICS = tuple(m for m in evaluation.METRICS if m != "bpd")   # score samples
 
 
 def bpd_images(config) -> tuple[np.ndarray, np.ndarray]:
@@ -581,24 +759,37 @@ def bpd_metrics(results: dict) -> dict:
 class Evaluator:
   """Scores a model's samples with config.eval.metrics.
 
-  Building it checks the config and reads the Inception weights (if a metric
-  needs them), so bad inputs fail at once; the digits classifier and the
-  reference statistics are made (or read from workdir/eval/) by `setup`, at
-  the first scoring at the latest.
+  Building it checks the config and reads the Inception (and DINOv2) weights
+  if a metric needs them, so bad inputs fail at once; the digits classifier
+  and the reference statistics are made (or read from workdir/eval/) by
+  `setup`, at the first scoring at the latest.
+
+  What the sample metrics compare with: without eval.reference, every image
+  of config.data (fid/kid/is: `reference_stats`; sfid, precision/recall and
+  fd_dinov2: `reference_features`, precision/recall on a fixed subset of
+  PR_REFERENCE_SIZE); with eval.reference, an ADM batch: its stored
+  mu/sigma (mu_s/sigma_s) where it has them, as ADM's evaluator prefers,
+  else statistics of its images, and all its images' features for kid,
+  precision/recall and fd_dinov2.
   """
 
-  def __init__(self, config, workdir: str, extractor: Optional[Extractor] = None):
+  def __init__(self, config, workdir: str, extractor: Optional[Extractor] = None,
+               dinov2: Optional[Extractor] = None):
     """Args:
       config: the run config (eval.*, and data.* for the reference statistics).
       workdir: where eval/ caches live.
-      extractor: the feature network behind fid/kid/is; default the FID
-        Inception with eval.inception_weights. Another one (say, a domain
+      extractor: the feature network behind the Inception metrics; default the
+        FID Inception with eval.inception_weights. Another one (say, a domain
         classifier) gives Fréchet/kernel distances in its own feature space.
+      dinov2: the network behind fd_dinov2; default `dinov2_extractor` of
+        eval.dinov2_weights.
     """
     self.config, self.workdir = config, workdir
     self.metrics = tuple(config.eval.metrics)
-    self._digits = self._ref = self._bpd_data = None
-    self._extractor = extractor
+    self._digits = self._ref = self._extra = self._bpd_data = None
+    self._extractor, self._dinov2 = extractor, dinov2
+    e = config.eval
+    self._adm = e.get("inception_protocol", "pytorch_fid") == "adm"
     path = guide_workdir(None, config)
     if path:   # fail now, not at the first evaluation (loaded there: the newest)
       from ddx import checkpoint as ckpt_lib
@@ -606,12 +797,49 @@ class Evaluator:
         raise config_lib.ConfigError(
             f"sampling.guide_workdir={path} has no checkpoints/; point it at a trained "
             "run, or set it to \"\" for no guide")
-    if extractor is None:
+    if extractor is None or (dinov2 is None and "fd_dinov2" in self.metrics):
       config_lib.check_eval_inputs(config)
-      if set(self.metrics) & set(evaluation.INCEPTION_METRICS):
-        # Read the weights now: a bad file fails before any sampling or training.
-        self._extractor = inception_extractor(config.eval.inception_weights,
-                                              config.eval.feature_batch_size)
+    # Read the weights now: a bad file fails before any sampling or training.
+    if extractor is None and set(self.metrics) & set(evaluation.INCEPTION_METRICS):
+      self._extractor = inception_extractor(e.inception_weights, e.feature_batch_size,
+                                            e.get("inception_protocol", "pytorch_fid"))
+    if dinov2 is None and "fd_dinov2" in self.metrics:
+      self._dinov2 = dinov2_extractor(e.dinov2_weights, e.feature_batch_size)
+    self._reference = read_reference(e.reference) if e.get("reference", "") else None
+
+  def _spaces(self, images_u8: np.ndarray, want) -> dict:
+    """{space: features} of uint8 images for the spaces in `want`: pool and
+    logits (and spatial) of the Inception, dinov2 of DINOv2."""
+    out = {}
+    if {"pool", "logits", "spatial"} & set(want):
+      res = self._extractor.fn(images_u8)
+      out["pool"], out["logits"] = res[0], res[1]
+      if "spatial" in want:
+        if len(res) < 3:
+          raise config_lib.ConfigError(
+              f"eval.metrics has sfid, but the feature network {self._extractor.name} has "
+              "no spatial features; drop sfid")
+        out["spatial"] = res[2]
+    if "dinov2" in want:
+      out["dinov2"] = self._dinov2.fn(images_u8)[0]
+    return out
+
+  def _extra_spaces(self) -> dict:
+    """{space: network name} that `reference_features` must compute."""
+    m, ref, names = set(self.metrics), self._reference, {}
+    stored = ref.stats if ref is not None else {}
+    # The pool features themselves: precision/recall always; with an ADM
+    # batch also kid, and fid unless the batch stores mu/sigma.
+    pool_users = {"precision", "recall"}
+    if ref is not None:
+      pool_users |= {"kid"} | (set() if "pool" in stored else {"fid"})
+    if m & pool_users:
+      names["pool"] = self._extractor.name
+    if "sfid" in m and "spatial" not in stored:
+      names["spatial"] = self._extractor.name
+    if "fd_dinov2" in m:
+      names["dinov2"] = self._dinov2.name
+    return names
 
   def setup(self) -> None:
     """Fits or reads the digits classifier; computes or reads the reference stats;
@@ -622,29 +850,68 @@ class Evaluator:
     if "digits" in self.metrics and self._digits is None:
       self._digits = evaluation.DigitsMetric(
           os.path.join(self.workdir, "eval", "digits_classifier.npz"))
-    if set(self.metrics) & {"fid", "kid"} and self._ref is None:
+    if self._reference is None and set(self.metrics) & {"fid", "kid"} and self._ref is None:
       path = e.reference_stats or default_reference_path(self.config, self.workdir)
       self._ref = reference_stats(self.config, self._extractor, path,
                                   batch_size=e.feature_batch_size)
+    names = self._extra_spaces()
+    if names and self._extra is None:
+      # Of an ADM batch: every image kept for kid and precision/recall.
+      size = PR_REFERENCE_SIZE if self._reference is None else len(
+          self._reference.images if self._reference.images is not None else ())
+      keep = {"pool": size} if "pool" in names else {}
+      key = json.dumps([names, keep, e.get("reference", "")], sort_keys=True)
+      tag = f"{self.config.data.name}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+      self._extra = reference_features(
+          self.config, lambda u8: self._spaces(u8, names), names,
+          os.path.join(self.workdir, "eval", f"reference_features_{tag}.npz"),
+          keep=keep, batch_size=e.feature_batch_size)
+
+  def _reference_stats(self, space: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the reference in `space`: an ADM batch's stored pair first."""
+    ref = self._reference
+    if ref is not None and space in ref.stats:
+      return ref.stats[space]
+    if space == "pool" and self._reference is None:
+      return self._ref["mu"], self._ref["sigma"]
+    return self._extra[space]["mu"], self._extra[space]["sigma"]
 
   def scores(self, samples_u8: np.ndarray) -> dict:
     """The metrics of uint8 samples [N, H, W, C], flat name -> float."""
     self.setup()
-    e, out = self.config.eval, {}
-    if "digits" in self.metrics:
+    e, m, out = self.config.eval, set(self.metrics), {}
+    if "digits" in m:
       out.update({f"digits_{k}": v for k, v in self._digits.score(samples_u8).items()})
-    if self._extractor is not None:
-      feats, logits = self._extractor.fn(samples_u8)
-      if "fid" in self.metrics:
-        out["fid"] = evaluation.frechet_distance(*evaluation.feature_stats(feats),
-                                                 self._ref["mu"], self._ref["sigma"])
-      if "kid" in self.metrics:
-        ref = self._ref["kid_features"]
-        out["kid"], out["kid_std"] = evaluation.kid(
-            feats, ref, num_subsets=e.kid_subsets,
-            subset_size=min(e.kid_subset_size, len(feats), len(ref)))
-      if "is" in self.metrics:
-        out["is"], out["is_std"] = evaluation.inception_score(logits)
+    want = set()
+    if m & set(evaluation.INCEPTION_METRICS):
+      want |= {"pool", "logits"} | ({"spatial"} if "sfid" in m else set())
+    if "fd_dinov2" in m:
+      want.add("dinov2")
+    if not want:
+      return out
+    f = self._spaces(samples_u8, want)
+    if "fid" in m:
+      out["fid"] = evaluation.frechet_distance(*evaluation.feature_stats(f["pool"]),
+                                               *self._reference_stats("pool"))
+    if "kid" in m:
+      ref = self._ref["kid_features"] if self._reference is None else self._extra["pool"]["kept"]
+      out["kid"], out["kid_std"] = evaluation.kid(
+          f["pool"], ref, num_subsets=e.kid_subsets,
+          subset_size=min(e.kid_subset_size, len(f["pool"]), len(ref)))
+    if "is" in m:
+      if self._adm:   # ADM's: 5,000-image splits, one number
+        out["is"] = evaluation.inception_score_adm(f["logits"])
+      else:
+        out["is"], out["is_std"] = evaluation.inception_score(f["logits"])
+    if "sfid" in m:
+      out["sfid"] = evaluation.frechet_distance(*evaluation.feature_stats(f["spatial"]),
+                                                *self._reference_stats("spatial"))
+    if m & {"precision", "recall"}:
+      p, r = evaluation.precision_recall(self._extra["pool"]["kept"], f["pool"])
+      out.update({k: v for k, v in (("precision", p), ("recall", r)) if k in m})
+    if "fd_dinov2" in m:
+      out["fd_dinov2"] = evaluation.frechet_distance(
+          *evaluation.feature_stats(f["dinov2"]), *self._reference_stats("dinov2"))
     return out
 
   def __call__(self, model: model_lib.Model, step: int,
@@ -654,13 +921,20 @@ class Evaluator:
 
     Every process samples (the sampler is one program over all devices);
     process 0 scores and writes. Sampling happens only for the sample
-    metrics (digits, fid, kid, is); bpd scores held-out data.
+    metrics (all but bpd); bpd scores held-out data. With out_dir and
+    eval.save_batch, the samples (and their labels) are also written there
+    as one ADM batch, `batch_file`.
     """
     t0 = time.perf_counter()
     metrics = {}
     if set(self.metrics) & set(SAMPLE_METRICS):
-      samples = sample_chunks(model, self.config, out_dir)
+      samples, labels = sample_batch(model, self.config, out_dir)
       if jax.process_index() == 0:
+        if out_dir and self.config.eval.get("save_batch", False):
+          path = batch_file(out_dir, samples.shape)
+          if not os.path.exists(path):   # the same samples: a resumed eval keeps the file
+            batch_files.write_batch(path, samples, labels)
+            print(f"eval: wrote the sample batch {path}", flush=True)
         metrics.update(self.scores(samples))
     if "bpd" in self.metrics:
       if self._bpd_data is None:
@@ -674,6 +948,12 @@ class Evaluator:
     print(f"eval step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
           flush=True)
     return metrics
+
+
+def batch_file(out_dir: str, shape) -> str:
+  """Where eval.save_batch writes the samples: samples_<N>x<H>x<W>x<C>.npz, the
+  name guided-diffusion's sampling scripts give their batches."""
+  return os.path.join(out_dir, f"samples_{'x'.join(str(int(d)) for d in shape)}.npz")
 
 
 def _newest_model(workdir: str):

@@ -11,12 +11,23 @@ BatchNorm runs in inference mode with eps = 0.001. pool3 (the global average
 of the last 8x8x2048 map) is the FID/KID feature; `fc` gives the 1008 logits
 for the Inception Score.
 
-Preprocessing follows pytorch-fid: uint8 -> [0, 1] floats, a bilinear resize to
-299x299 with half-pixel centres and no antialiasing (PyTorch's
-F.interpolate(mode="bilinear", align_corners=False)), then x -> 2x - 1. FIDs
-are therefore comparable with pytorch-fid's; TTUR's TF graph resizes with
-TF1's legacy bilinear and clean-fid resizes uint8 images with PIL-bicubic, so
-both differ from it (and from each other) by small amounts.
+Preprocessing has two protocols (`preprocess(..., protocol=...)`):
+  * "pytorch_fid" (the default): uint8 -> [0, 1] floats, a bilinear resize to
+    299x299 with half-pixel centres and no antialiasing (PyTorch's
+    F.interpolate(mode="bilinear", align_corners=False)), then x -> 2x - 1.
+    FIDs are comparable with pytorch-fid's.
+  * "adm": what the TF graph itself does to the float [0, 255] batch that TTUR
+    and ADM's evaluator (guided-diffusion evaluations/evaluator.py) feed in at
+    its ExpandDims node: TF1's legacy ResizeBilinear to 299x299
+    (align_corners=False, half_pixel_centers=False: source = dest * in/out),
+    then (x - 128) / 128 (the graph's Sub and Mul nodes; TensorFlow's
+    image_retraining example feeds the same graph at Mul:0 with mean 128 and
+    std 128). Numbers are comparable with ADM's and TTUR's.
+clean-fid resizes uint8 images with PIL-bicubic and differs from both.
+
+Besides pool3 and the logits the network can return sFID's spatial features
+(`features(..., spatial=True)`): ADM's `mixed_6/conv` tensor, the first 7
+channels of Mixed_6d's branch1x1 (see `InceptionV3`).
 
 Weights are never downloaded. The runtime format is an .npz keyed by
 pytorch-fid's state_dict names (`Conv2d_1a_3x3.conv.weight`, `fc.bias`, ...)
@@ -46,6 +57,11 @@ INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
 BN_EPS = 1e-3
+# sFID's features: the first SPATIAL_CHANNELS channels of the 17x17 map of
+# Mixed_6d.branch1x1, flattened in NHWC order (ADM's evaluator).
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS   # 2023 at 299x299
+PROTOCOLS = ("pytorch_fid", "adm")
 # The release file's name carries the first hex digits of its SHA-256.
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 PYTORCH_FID_SHA256_PREFIX = "6726825d"
@@ -186,8 +202,31 @@ class InceptionV3(nn.Module):
   """The FID Inception-v3, from normalised images to (pool3, logits).
 
   Call with x: [N, H, W, 3] float32 in [-1, 1] (H = W = 299 for standard
-  numbers; any size >= 75 runs). Returns pool3 [N, 2048], logits [N, 1008].
+  numbers; any size >= 75 runs). Returns pool3 [N, 2048], logits [N, 1008];
+  with spatial=True, (pool3, spatial, logits) where spatial [N, h, w, 7]
+  (h = w = 17 at 299) is sFID's tensor.
+
+  Which tensor sFID uses: ADM's evaluator reads "mixed_6/conv:0" of the
+  2015-12-05 TF graph and keeps its first 7 channels. That graph names its
+  blocks mixed, mixed_1, mixed_2 (= Mixed_5b/5c/5d), mixed_3 (= Mixed_6a),
+  mixed_4 .. mixed_7 (= Mixed_6b .. 6e), mixed_8 .. mixed_10 (= Mixed_7a ..
+  7c), and inside a block `conv` is the 1x1 branch while the other branches
+  sit under tower, tower_1, tower_2. A conv layer of that graph is a scope
+  holding <scope>/conv2d_params, <scope>/Conv2D and <scope>/batchnorm/*, and
+  the op named <scope> itself is the layer's output after the ReLU. So
+  mixed_6/conv:0 is the ReLU output of Mixed_6d.branch1x1 (192 channels at
+  17x17). The block correspondence is read off torch-fidelity's
+  TF-graph-to-PyTorch converter (utils/util_convert_inception_weights.py),
+  whose table, matched by tensor shapes, maps "mixed_6/conv/conv2d_params" and
+  "mixed_6/conv/batchnorm" to Mixed_6d.branch1x1.conv and .bn, "mixed/conv" to
+  Mixed_5b.branch1x1 and "mixed_3/conv" to Mixed_6a.branch3x3 (pytorch-fid's
+  weights carry these names); the scope layout from dump scripts that read
+  the graph's layers as <scope>/Conv2D and <scope>/batchnorm. The graph file
+  itself cannot be fetched here, so this is not checked against TF. branch1x1
+  is the first part of the block's concatenation, so its first 7 channels are
+  the block output's first 7.
   """
+  spatial: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -205,11 +244,14 @@ class InceptionV3(nn.Module):
     for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
                      ("Mixed_6e", 192)):
       x = InceptionC(c7, name=name)(x)
+      if name == "Mixed_6d":
+        spatial = x[..., :SPATIAL_CHANNELS]   # = branch1x1's first channels
     x = InceptionD(name="Mixed_7a")(x)
     x = InceptionE("avg", name="Mixed_7b")(x)
     x = InceptionE("max", name="Mixed_7c")(x)
     pool3 = jnp.mean(x, axis=(1, 2))
-    return pool3, nn.Dense(NUM_CLASSES, kernel_init=nn.initializers.zeros, name="fc")(pool3)
+    logits = nn.Dense(NUM_CLASSES, kernel_init=nn.initializers.zeros, name="fc")(pool3)
+    return (pool3, spatial, logits) if self.spatial else (pool3, logits)
 
 
 # --------------------------------------------------------------------------
@@ -235,18 +277,71 @@ def resize_bilinear(x: jnp.ndarray, size: int) -> jnp.ndarray:
                           antialias=False)
 
 
-def preprocess(images_u8: jnp.ndarray, size: int = INPUT_SIZE) -> jnp.ndarray:
-  """uint8 images -> the network's input, as pytorch-fid prepares it.
+def tf1_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """TF1's legacy ResizeBilinear along one axis, as an [n_out, n_in] matrix.
+
+  TF1 (align_corners=False, half_pixel_centers=False) samples output pixel i
+  at source coordinate i * (n_in / n_out), computed in float32 as TF does;
+  it interpolates between floor and ceil of it (clamped to n_in - 1) with
+  weight src - floor(src). There is no half-pixel shift, so the image moves
+  by up to half a source pixel and the last source rows weigh less; this is
+  the resize inside the FID graph that TTUR and ADM use.
+
+  Returns:
+    float32 [n_out, n_in]; each row sums to 1.
+  """
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.arange(n_out, dtype=np.float32) * scale
+  lo = np.floor(src)
+  lerp = src - lo
+  lo = lo.astype(np.int64)
+  hi = np.minimum(np.ceil(src).astype(np.int64), n_in - 1)
+  m = np.zeros((n_out, n_in), np.float32)
+  rows = np.arange(n_out)
+  np.add.at(m, (rows, lo), 1.0 - lerp)
+  np.add.at(m, (rows, hi), lerp)
+  return m
+
+
+def resize_tf1_legacy(x: jnp.ndarray, size: int) -> jnp.ndarray:
+  """TF1's legacy bilinear resize (see `tf1_resize_matrix`) as two matmuls.
+
+  Args:
+    x: [N, H, W, C] float.
+    size: output height and width.
+  Returns:
+    [N, size, size, C] float32.
+  """
+  _, h, w, _ = x.shape
+  my, mx = tf1_resize_matrix(h, size), tf1_resize_matrix(w, size)
+  # HIGHEST: on GPUs a float32 matmul may otherwise run in TF32.
+  return jnp.einsum("oh,nhwc,pw->nopc", my, x.astype(jnp.float32), mx,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def preprocess(images_u8: jnp.ndarray, size: int = INPUT_SIZE,
+               protocol: str = "pytorch_fid") -> jnp.ndarray:
+  """uint8 images -> the network's input, as pytorch-fid or ADM prepares it.
 
   Args:
     images_u8: [N, H, W, C] uint8, C = 1 (grey, repeated to RGB) or 3.
     size: the side the network sees (299 for standard FID).
+    protocol: "pytorch_fid" (half-pixel bilinear, 2x/255 - 1) or "adm" (the
+      TF graph's own: TF1 legacy bilinear on [0, 255], then (x - 128) / 128).
   Returns:
     [N, size, size, 3] float32 in [-1, 1].
   """
-  x = images_u8.astype(jnp.float32) / 255.0
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+  x = images_u8.astype(jnp.float32)
+  if protocol == "pytorch_fid":
+    x = x / 255.0
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
+  if protocol == "adm":
+    if x.shape[1:3] != (size, size):
+      x = resize_tf1_legacy(x, size)
+    return (x - 128.0) / 128.0
   if x.shape[1:3] != (size, size):
     x = resize_bilinear(x, size)
   return 2.0 * x - 1.0
@@ -405,9 +500,32 @@ def file_digest(path: str) -> str:
 # Features of uint8 images, in batches.
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _forward(variables, images_u8, size):
-  return InceptionV3().apply(variables, preprocess(images_u8, size))
+@functools.partial(jax.jit, static_argnames=("size", "protocol"))
+def _preprocess(images_u8, size, protocol):
+  return preprocess(images_u8, size, protocol)
+
+
+@functools.partial(jax.jit, static_argnames=("spatial",))
+def _network(variables, x, spatial):
+  # Compiled apart from the preprocessing: both protocols share one program.
+  return InceptionV3(spatial=spatial).apply(variables, x)
+
+
+def adm_logits(variables, pool3: np.ndarray) -> np.ndarray:
+  """The class logits as ADM's and improved-gan's Inception Score take them.
+
+  Both multiply pool3 by the graph's softmax/weights (the input of its
+  softmax/logits/MatMul node) and leave out softmax/biases; `features`'
+  logits include the bias (pytorch-fid's fc, torchmetrics' and TTUR's IS).
+
+  Args:
+    variables: the Inception variables (`load_weights`).
+    pool3: [N, 2048] float32.
+  Returns:
+    [N, 1008] float32.
+  """
+  kernel = np.asarray(variables["params"]["fc"]["kernel"], np.float32)
+  return np.asarray(pool3, np.float32) @ kernel
 
 
 def _local_mesh():
@@ -423,7 +541,8 @@ def put_weights(variables):
 
 
 def features(variables, images_u8: np.ndarray, batch_size: int = 100,
-             size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+             size: int = INPUT_SIZE, protocol: str = "pytorch_fid",
+             spatial: bool = False):
   """pool3 features and logits of uint8 images, one compiled program per call shape.
 
   Batches are padded to batch_size (the padding is dropped), so every batch
@@ -437,15 +556,24 @@ def features(variables, images_u8: np.ndarray, batch_size: int = 100,
     images_u8: [N, H, W, C] uint8, C in (1, 3).
     batch_size: images per forward pass.
     size: network input side; 299 for standard numbers.
+    protocol: the preprocessing, "pytorch_fid" or "adm" (see `preprocess`).
+    spatial: also return sFID's features.
   Returns:
-    (pool3 [N, 2048] float32, logits [N, 1008] float32), NumPy.
+    (pool3 [N, 2048] float32, logits [N, 1008] float32), NumPy; with
+    spatial=True (pool3, spatial [N, 2023] float32, logits), spatial being
+    Mixed_6d.branch1x1's first 7 channels flattened in NHWC order, as ADM
+    flattens them.
   """
   from ddx import parallel
   images_u8 = np.asarray(images_u8)
   if images_u8.ndim != 4 or images_u8.dtype != np.uint8 or images_u8.shape[-1] not in (1, 3):
     raise ValueError(f"images must be uint8 [N, H, W, 1 or 3], got "
                      f"{images_u8.dtype} {images_u8.shape}")
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
   n = len(images_u8)
+  if n == 0:
+    raise ValueError("no images to compute Inception features of")
   bs = max(1, min(batch_size, n))
   mesh = _local_mesh()
   shards = parallel.num_data_shards(mesh)
@@ -453,17 +581,20 @@ def features(variables, images_u8: np.ndarray, batch_size: int = 100,
     bs = -(-bs // shards) * shards   # round up: padding is cheaper than one device
   data = parallel.data_sharded(mesh) if shards > 1 else None
   variables = put_weights(variables)   # no copy when already placed
-  pools, logits = [], []
+  outs = []
   for start in range(0, n, bs):
     batch = images_u8[start:start + bs]
     real = len(batch)
     if real < bs:
       batch = np.concatenate([batch, np.zeros((bs - real,) + batch.shape[1:], np.uint8)])
     batch = jax.device_put(batch, data) if data is not None else batch
-    p, l = _forward(variables, batch, size)
-    pools.append(np.asarray(p)[:real])
-    logits.append(np.asarray(l)[:real])
-  return np.concatenate(pools), np.concatenate(logits)
+    out = _network(variables, _preprocess(batch, size, protocol), spatial)
+    outs.append([np.asarray(o)[:real] for o in out])
+  pools, *rest = [np.concatenate(parts) for parts in zip(*outs)]
+  if spatial:
+    maps, logits = rest
+    return pools, maps.reshape(n, -1), logits
+  return pools, rest[0]
 
 
 # --------------------------------------------------------------------------

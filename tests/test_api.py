@@ -90,6 +90,7 @@ def test_weights_are_arguments_not_constants():
   assert "tensor<3x3x8x8xf32> = stablehlo.constant" not in text
 
 
+@pytest.mark.slow
 def test_classifier_free_guidance_limits():
   model = _model(num_classes=3)
   labels = jnp.array([0, 1, 2], jnp.int32)

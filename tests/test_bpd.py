@@ -155,6 +155,7 @@ def _bpd_config(process="ddpm"):
   return c
 
 
+@pytest.mark.slow
 def test_evaluator_bpd_scores_held_out_digits_and_resumes(tmp_path, monkeypatch, capsys):
   from ddx import bpd as bpd_mod
   c = _bpd_config()

@@ -246,6 +246,7 @@ def test_training_checkpoint_takes_ema(converted, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_bigger_grid_with_autoencoder(tmp_path, capsys):
   """A 512-style checkpoint (twice the grid): image_size = 8 * sqrt(T) * p."""
   latent = 2 * LATENT

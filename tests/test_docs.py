@@ -72,6 +72,10 @@ SKIPPED = {
         "needs CIFAR-10 and the Inception weights",
     ("docs/evaluation.md", "pip install torch       # only for this step; not a ddx dependency"):
         "needs pytorch-fid's weight file",
+    ("docs/evaluation.md", "# a run's samples scored against ADM's ImageNet-256 reference, written as an ADM batch too"):
+        "needs ImageNet samples, ADM's reference batch and the Inception weights",
+    ("docs/evaluation.md", "python -m ddx.evaluate samples_50000x256x256x3.npz VIRTUAL_imagenet256_labeled.npz \\"):
+        "needs two ADM batches and the Inception weights; tests/test_adm_metrics.py and tests/test_eval_reference.py run main() on made batches",
     ("docs/latent.md", "huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir sd-vae-ft-ema"):
         "downloads published weights",
     ("docs/latent.md", "from ddx import autoencoder"):

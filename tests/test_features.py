@@ -120,7 +120,7 @@ def test_article_config_batchnorm_end_to_end(tmp_path):
   _image_folder(tmp_path / "images")
   c.data.path = str(tmp_path / "images")
   c.data.image_size = 8
-  c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 8, (1, 2), 1
+  c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 8, (1,), 1   # one level: compile
   c.training.batch_size, c.training.num_steps, c.training.log_every = 4, 3, 1
   c.training.checkpoint_every = c.training.sample_every = 3
   c.sampling.steps, c.sampling.num_samples = 3, 4
@@ -188,6 +188,7 @@ _GLOBAL_STATS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_are_global_over_a_sharded_batch():
   """Under jit over a 2-device Mesh, BatchNorm sees the whole global batch."""
   env = dict(os.environ)
@@ -197,6 +198,7 @@ def test_batchnorm_statistics_are_global_over_a_sharded_batch():
   assert r.returncode == 0 and "GLOBAL OK" in r.stdout, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_docs_guidance_example_runs(monkeypatch):
   """docs/samplers.md's class-conditional block, on a tiny random conditional network."""
   with open(os.path.join(ROOT, "docs", "samplers.md")) as f:

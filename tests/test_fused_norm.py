@@ -157,6 +157,7 @@ def _both_paths(net):
   return params, x, t, fused
 
 
+@pytest.mark.slow
 def test_unet_with_the_kernel_equals_the_xla_path():
   """Same parameters, same outputs (float32), and the kernel really runs:
   one pallas_call per GroupNorm of the network."""
@@ -233,6 +234,7 @@ def test_token_block_rules():
   assert fused_norm.token_block(20, 48, "cpu") == (20, 48)
 
 
+@pytest.mark.slow
 def test_dit_with_the_kernel_equals_the_xla_path():
   """Same outputs, and gradients as close to the xla path's as float32 rounding
   allows, on any CPU.

@@ -156,6 +156,7 @@ def test_sample_fn_interval_limits_are_bit_exact(cond_model):
     ddx.sample_fn(cond_model, key, guidance_interval=(2.0, 1.0), **kw)
 
 
+@pytest.mark.slow
 def test_autoguidance_with_itself_is_unguided_and_with_another_mixes():
   c = load_config()   # unconditional: CFG has nothing to guide it with
   c.model.ch_mult, c.model.attn_resolutions = (1,), ()

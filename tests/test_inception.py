@@ -214,27 +214,113 @@ def test_pool_branch_of_blocks_matches_numpy(block, pool):
   np.testing.assert_allclose(out[..., -width:], want, rtol=1e-4, atol=1e-4)
 
 
+def test_inception_c_starts_with_branch1x1():
+  """sFID reads Mixed_6d's first channels as its branch1x1 (the concat's first part)."""
+  x = np.random.default_rng(4).normal(size=(1, 5, 5, 16)).astype(np.float32)
+  block = inception.InceptionC(8)
+  v = jax.eval_shape(block.init, jax.random.key(0), jnp.asarray(x))
+  rng = np.random.default_rng(5)
+  v = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.3 + 1.0).astype(np.float32), v)
+  out = np.asarray(block.apply(v, jnp.asarray(x)))
+  want = _conv_bn_relu_1x1(x, v["params"]["branch1x1"], v["batch_stats"]["branch1x1"])
+  np.testing.assert_allclose(out[..., :192], want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def network_outputs(weights):
-  """One compiled forward (batch 2 at 299x299) used by the checks below."""
+  """One compiled forward (batch 2 at 299x299, with sFID's features) used below."""
   state, path = weights
   v = inception.load_weights(path)
   imgs = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
-  pool3, logits = inception.features(v, imgs, batch_size=2)
-  swapped = inception.features(v, imgs[[2, 0]], batch_size=2)
-  return state, pool3, logits, swapped
+  pool3, spatial, logits = inception.features(v, imgs, batch_size=2, spatial=True)
+  swapped = inception.features(v, imgs[[2, 0]], batch_size=2, spatial=True)
+  return state, v, imgs, pool3, spatial, logits, swapped
 
 
 @pytest.mark.slow
 def test_features_shapes_batching_and_logits(network_outputs):
-  state, pool3, logits, (pool_sw, logits_sw) = network_outputs
+  state, v, _, pool3, spatial, logits, (pool_sw, spatial_sw, logits_sw) = network_outputs
   assert pool3.shape == (3, 2048) and logits.shape == (3, 1008)
+  assert spatial.shape == (3, inception.SPATIAL_DIM) == (3, 2023)
   assert pool3.dtype == np.float32 and logits.dtype == np.float32
   assert np.all(pool3 >= 0) and pool3.std() > 0   # a mean of ReLU outputs
+  assert np.all(spatial >= 0) and spatial.std() > 0   # ReLU outputs
   # Padding the last batch and the batch position change nothing.
   np.testing.assert_allclose(pool_sw, pool3[[2, 0]], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(spatial_sw, spatial[[2, 0]], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(logits_sw, logits[[2, 0]], rtol=1e-4, atol=1e-4)
   # Logits are fc applied to pool3, with PyTorch's (out, in) weight.
   want = pool3.astype(np.float64) @ state["fc.weight"].T.astype(np.float64) + state["fc.bias"]
   np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+  # ADM's IS logits leave the bias out.
+  np.testing.assert_allclose(inception.adm_logits(v, pool3), logits - state["fc.bias"],
+                             rtol=1e-4, atol=1e-4)
   assert not np.allclose(pool3[0], pool3[1])
+
+
+@pytest.mark.slow
+def test_spatial_features_are_mixed_6d_branch1x1(network_outputs):
+  """Perturbing weights (same shapes, so the compiled program is reused) shows
+  which layer the spatial features are: Mixed_6d.branch1x1's ReLU output,
+  first 7 channels, flattened [17, 17, 7] in NHWC order."""
+  _, v, imgs, pool3, spatial, _, _ = network_outputs
+  old = spatial.reshape(3, 17, 17, 7)
+  # The channel (of the 7) nearest half active, to see both sides of the ReLU.
+  c = int(np.argmin(np.abs((old > 1e-3).mean((0, 1, 2)) - 0.5)))
+  v = jax.tree.map(np.array, v)   # a private copy to edit
+  v["params"]["Mixed_6d"]["branch1x1"]["bn"]["bias"][c] += 0.5   # before its ReLU
+  v["params"]["Mixed_6d"]["branch1x1"]["bn"]["bias"][100] += 5.0   # past the 7
+  v["params"]["Mixed_6d"]["branch7x7_1"]["bn"]["bias"] += 1.0      # a sibling branch
+  v["params"]["Mixed_6e"]["branch1x1"]["bn"]["bias"] += 1.0        # a later block
+  pool_new, spatial_new, _ = inception.features(v, imgs, batch_size=2, spatial=True)
+  assert not np.allclose(pool_new, pool3, atol=1e-3)
+  new = spatial_new.reshape(3, 17, 17, 7)
+  others = [o for o in range(7) if o != c]
+  np.testing.assert_allclose(new[..., others], old[..., others], rtol=1e-5, atol=1e-5)
+  # Post-ReLU: where the unit was active it moves by exactly the bias shift.
+  active = old[..., c] > 1e-3
+  assert active.sum() >= 10 and (~active).sum() >= 10
+  np.testing.assert_allclose(new[..., c][active], old[..., c][active] + 0.5, atol=1e-4)
+  inactive = new[..., c][~active]   # was clipped at 0: now between 0 and the shift
+  assert np.all(inactive >= 0) and np.all(inactive <= 0.5 + 1e-4) and inactive.max() > 0
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_the_real_network(weights, network_outputs, tmp_path, capsys,
+                                          monkeypatch):
+  """python -m ddx.evaluate end to end (ADM protocol), reusing the compiled network.
+
+  The Fréchet distance is recorded instead of computed (2048-wide
+  eigendecompositions cost seconds here; tests/test_adm_metrics.py checks
+  the formula and the CLI's arithmetic): this checks what the CLI feeds it.
+  """
+  from ddx import batch_files, evaluate, evaluation
+  _, path = weights
+  rng = np.random.default_rng(9)
+  samples = rng.integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+  ref = rng.integers(0, 128, (4, 32, 32, 3)).astype(np.uint8)
+  s_path, r_path = str(tmp_path / "s.npz"), str(tmp_path / "r.npz")
+  batch_files.write_batch(s_path, samples)
+  batch_files.write_batch(r_path, ref)
+  seen, calls, real_features = [], [], inception.features
+  monkeypatch.setattr(evaluation, "frechet_distance",
+                      lambda mu1, s1, mu2, s2: seen.append((mu1, mu2)) or float(len(seen)))
+  monkeypatch.setattr(inception, "features",
+                      lambda *a, **kw: calls.append((kw, real_features(*a, **kw))) or calls[-1][1])
+  assert evaluate.main([s_path, r_path, "--inception_weights", path,
+                        "--batch_size", "2"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line.split(": ")[0] for line in lines] == list(evaluate.LABELS)
+  got = {line.split(": ")[0]: float(line.split(": ")[1]) for line in lines}
+  assert got["FID"] == 1.0 and got["sFID"] == 2.0 and 0 <= got["Recall"] <= 1
+  assert [kw for kw, _ in calls] == [dict(batch_size=2, protocol="adm", spatial=True)] * 2
+  (sp, ss, _), (rp, _, _) = calls[0][1], calls[1][1]
+  (pool_mu, pool_ref_mu), (spatial_mu, _) = seen
+  assert pool_mu.shape == (2048,) and spatial_mu.shape == (2023,)
+  np.testing.assert_allclose(pool_mu, sp.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(pool_ref_mu, rp.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(spatial_mu, ss.mean(0), rtol=1e-6)
+  v = inception.load_weights(path)
+  assert got["Inception Score"] == pytest.approx(
+      evaluation.inception_score_adm(inception.adm_logits(v, sp)), rel=1e-9)
+  assert (got["Precision"], got["Recall"]) == evaluation.precision_recall(rp, sp)

@@ -20,7 +20,7 @@ LAYERS = [
         "ddx", "ddx.processes", "ddx.processes.base", "ddx.processes.*.spec",
         "ddx.models", "ddx.models.spec", "ddx.models.*.spec", "ddx.registry", "ddx.config",
         "ddx.outdir",
-        "ddx.workdir", "ddx.weight_files", "ddx.compile_cache", "ddx.logging",
+        "ddx.workdir", "ddx.weight_files", "ddx.batch_files", "ddx.compile_cache", "ddx.logging",
         "ddx.parallel", "ddx.data"]),
     ("shared numerics: networks, samplers, likelihood, metrics", [
         "ddx.models.*", "ddx.sampling", "ddx.sampling.*", "ddx.likelihood",
@@ -30,7 +30,7 @@ LAYERS = [
     ("the Model face", ["ddx.options", "ddx.model", "ddx.latents", "ddx.checkpoint",
                         "ddx.inversion", "ddx.bpd"]),
     ("runs", ["ddx.state", "ddx.repa", "ddx.posthoc_ema", "ddx.eval_run", "ddx.train"]),
-    ("commands", ["ddx.main", "ddx.convert", "ddx.convert.*"]),
+    ("commands", ["ddx.main", "ddx.evaluate", "ddx.convert", "ddx.convert.*"]),
 ]
 
 

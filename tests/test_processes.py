@@ -24,11 +24,14 @@ from testutils import load_config, train_and_resume
 
 # Each case also switches on features the trainer must carry for every process.
 CASES = {
-    # EDM, class-conditional with guidance, bfloat16 compute.
+    # EDM, class-conditional with guidance, bfloat16 compute, on a one-level
+    # U-Net (attention kept) that compiles in a fraction of configs/test.py's
+    # two levels: the run, its resume and each sampler compile it again.
     "edm": {"diffusion.process": "edm", "sampling.sampler": "heun", "sampling.steps": 3,
             "sampling.clip_x0": False, "model.num_classes": 10,
             "training.label_dropout": 0.1, "sampling.guidance_scale": 2.0,
-            "model.dtype": "bfloat16"},
+            "model.dtype": "bfloat16", "model.ch_mult": (1,),
+            "model.attn_resolutions": (8,)},
     # Flow matching on a DiT, two updates per jitted call; prediction and
     # sampler "auto" (flow's v and euler).
     "flow": {"diffusion.process": "flow", "sampling.steps": 3, "model.name": "dit",

@@ -23,6 +23,46 @@ def _main_cmd(workdir, *overrides):
           "--workdir", str(workdir), "--config.training.sample_every=0", *overrides]
 
 
+def _main_in_process(workdir, *overrides):
+  """`python -m ddx.main` of _main_cmd's arguments, in this process: its exit
+  code (0 if it returned). Its stderr is the test's (capsys). For the exit-2
+  refusals whose line comes from ddx.main's own checks: one of each kind still
+  runs as a real process (the bad-input test's grad_clip case,
+  test_batch_not_divisible_by_devices, test_sample_skips_a_corrupt_newest_checkpoint...)."""
+  from unittest import mock
+  from absl import flags
+  from ml_collections import config_flags
+  from ddx import main as cli
+  jax.devices()   # JAX started: ddx.main's split_cpu_into_devices leaves XLA_FLAGS be
+  fv = flags.FlagValues()
+  holders = {
+      "_CONFIG": config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                                 lock_config=True),
+      "_WORKDIR": flags.DEFINE_string("workdir", None, "", flag_values=fv),
+      "_MODE": flags.DEFINE_enum("mode", "train", flags.FLAGS["mode"].parser.enum_values, "",
+                                 flag_values=fv),
+      "_COORDINATOR": flags.DEFINE_string("coordinator_address", "", "", flag_values=fv),
+      "_NUM_PROCESSES": flags.DEFINE_integer("num_processes", 0, "", flag_values=fv),
+      "_PROCESS_ID": flags.DEFINE_integer("process_id", -1, "", flag_values=fv),
+  }
+  argv = ["ddx.main"] + [os.path.join(ROOT, a) if a == "configs/test.py" else a
+                         for a in _main_cmd(workdir, *overrides)[3:]]
+  saved = {k: getattr(cli, k) for k in holders}, sys.argv
+  try:
+    sys.argv = argv              # ml_collections reads the overrides from sys.argv
+    for k, h in holders.items():
+      setattr(cli, k, h)
+    with mock.patch.object(flags, "FLAGS", fv):   # what cli._parse_flags parses with
+      cli.main(cli._parse_flags(argv))
+  except SystemExit as e:
+    return e.code
+  finally:
+    for k, v in saved[0].items():
+      setattr(cli, k, v)
+    sys.argv = saved[1]
+  return 0
+
+
 def _raw_state(workdir, step=None, config=None):
   """The saved TrainState leaves of a checkpoint of configs/test.py.
 
@@ -56,14 +96,18 @@ def _snapshot(path):
 
 N_STEPS = 8
 SNAPSHOT_EVERY = 2   # post-hoc EMA snapshots: a kill can land in one of those saves too
+# A one-level U-Net without attention: what a kill interrupts does not depend on
+# the network, and it compiles, steps and saves in about half configs/test.py's time.
+TINY = ("--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()")
 RUN_ARGS = (f"--config.training.num_steps={N_STEPS}", "--config.training.log_every=1",
             "--config.training.checkpoint_every=1", "--config.training.keep_checkpoints=2",
-            f"--config.training.posthoc_ema.snapshot_every={SNAPSHOT_EVERY}")
+            f"--config.training.posthoc_ema.snapshot_every={SNAPSHOT_EVERY}", *TINY)
 
 
 def _run_config():
   config = load_config()
   config.training.posthoc_ema.snapshot_every = SNAPSHOT_EVERY
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
   return config
 
 
@@ -85,10 +129,12 @@ def _wait_for_step(proc, at_least, timeout=300):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-  """An uninterrupted run, as a process (same device layout as the trials)."""
+  """An uninterrupted run, as a process (same device layout as the trials). It
+  saves only its final checkpoint (and the snapshots): the cadence is no part of
+  the state, and each save cost ~1.5 s here."""
   wd = tmp_path_factory.mktemp("ref") / "wd"
-  r = subprocess.run(_main_cmd(wd, *RUN_ARGS), cwd=ROOT, capture_output=True, text=True,
-                     timeout=600)
+  r = subprocess.run(_main_cmd(wd, *RUN_ARGS, "--config.training.checkpoint_every=0"),
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   return _raw_state(wd, config=_run_config()), snapshot_leaves(wd, _run_config())
 
@@ -233,7 +279,8 @@ def _check_disk_full_outcome(r, wd):
 
 
 def _exploding_config(policy):
-  config = load_config()
+  config = load_config()   # TINY's network: the policy is the same for any
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
   config.optim.lr = 1e30
   config.optim.grad_clip = 0.0
   config.optim.warmup_steps = 0
@@ -244,6 +291,7 @@ def _exploding_config(policy):
   return config
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_and_checkpoints_stay_finite(tmp_path):
   wd = str(tmp_path / "wd")
   config = _exploding_config("stop")
@@ -325,16 +373,29 @@ BAD_INPUTS = [
 ]
 
 
+# These fail inside ddx.main after JAX started: in-process (an uncaught exception,
+# a traceback, fails the test). The rest fail while the flags are parsed, before
+# JAX is imported: cheap processes. grad_clip's structure change, which reads
+# the workdir, stays a real process too.
+IN_PROCESS = {"--config.optim.lr=0", "--config.data.name=folder"}
+
+
 @pytest.mark.parametrize("args,needle", BAD_INPUTS, ids=[a[0][0] for a in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_the_workdir_is_untouched(six_steps, args, needle):
+def test_bad_input_is_one_line_exit_2_and_the_workdir_is_untouched(six_steps, args, needle,
+                                                                   capsys):
   _, wd, _ = six_steps
   before = _snapshot(wd)
-  r = subprocess.run(_main_cmd(wd, *args), cwd=ROOT, capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-  err = [l for l in r.stderr.splitlines() if l.startswith("ddx: error:")]
-  assert len(err) == 1 and needle in err[0], r.stderr[-2000:]
-  assert "Traceback" not in r.stderr
+  if args[0] in IN_PROCESS:
+    capsys.readouterr()
+    code, stderr = _main_in_process(wd, *args), capsys.readouterr().err
+  else:
+    r = subprocess.run(_main_cmd(wd, *args), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    code, stderr = r.returncode, r.stderr
+  assert code == 2, (code, stderr[-2000:])
+  err = [l for l in stderr.splitlines() if l.startswith("ddx: error:")]
+  assert len(err) == 1 and needle in err[0], stderr[-2000:]
+  assert "Traceback" not in stderr
   assert _snapshot(wd) == before
 
 
@@ -347,18 +408,18 @@ def test_batch_not_divisible_by_devices(tmp_path):
   assert "batch_size=15 is not divisible by the 2 data shards" in r.stderr
 
 
-def test_empty_image_folder_and_non_images(tmp_path):
+def test_empty_image_folder_and_non_images(tmp_path, capsys):
   folder = tmp_path / "imgs"
   folder.mkdir()
   (folder / "notes.txt").write_text("not an image")
-  r = subprocess.run(_main_cmd(tmp_path / "wd", "--config.data.name=folder",
-                               f"--config.data.path={folder}"),
-                     cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 2 and "ddx: error:" in r.stderr and str(folder) in r.stderr
+  code = _main_in_process(tmp_path / "wd", "--config.data.name=folder",
+                          f"--config.data.path={folder}")
+  err = capsys.readouterr().err
+  assert code == 2 and "ddx: error:" in err and str(folder) in err
 
 
 @pytest.mark.parametrize("workdir_kind", ["file", "readonly_parent"])
-def test_unusable_workdir(tmp_path, workdir_kind):
+def test_unusable_workdir(tmp_path, workdir_kind, capsys):
   if workdir_kind == "file":
     wd = tmp_path / "afile"
     wd.write_text("user data")
@@ -369,16 +430,15 @@ def test_unusable_workdir(tmp_path, workdir_kind):
     wd = parent / "wd"
     if os.access(parent, os.W_OK):   # root ignores permission bits
       pytest.skip("running as a user that can write anywhere")
-  r = subprocess.run(_main_cmd(wd), cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 2 and "workdir" in r.stderr
+  code = _main_in_process(wd)
+  assert code == 2 and "workdir" in capsys.readouterr().err
   if workdir_kind == "file":
     assert wd.read_text() == "user data"
 
 
-def test_sample_mode_without_checkpoint(tmp_path):
-  r = subprocess.run(_main_cmd(tmp_path, "--mode=sample"), cwd=ROOT, capture_output=True,
-                     text=True, timeout=300)
-  assert r.returncode == 2 and "no checkpoint" in r.stderr
+def test_sample_mode_without_checkpoint(tmp_path, capsys):
+  code = _main_in_process(tmp_path, "--mode=sample")
+  assert code == 2 and "no checkpoint" in capsys.readouterr().err
 
 
 def test_missing_workdir_and_config_flags():
@@ -473,6 +533,7 @@ def test_what_makes_a_ddx_workdir(tmp_path):
     ok(str(tmp_path / "afile"))
 
 
+@pytest.mark.slow
 def test_a_held_workdir_refuses_a_second_trainer_and_a_dead_holder_does_not(
     six_steps, tmp_path):
   import shutil
@@ -498,7 +559,7 @@ def test_two_trainers_and_a_sigkilled_holder(tmp_path):
   line, exit 2, and changes nothing; the first is killed with SIGKILL before any
   checkpoint; the same command then resumes (the lock died with the process)."""
   wd = tmp_path / "wd"
-  args = ("--config.training.checkpoint_every=0", "--config.training.log_every=1")
+  args = ("--config.training.checkpoint_every=0", "--config.training.log_every=1", *TINY)
   first = subprocess.Popen(_main_cmd(wd, *args), cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True)
   try:
@@ -579,7 +640,7 @@ def test_distillation_refuses_a_teacher_trained_further(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["sample", "eval"])
-def test_sample_and_eval_on_a_read_only_workdir(six_steps, tmp_path, mode):
+def test_sample_and_eval_on_a_read_only_workdir(six_steps, tmp_path, mode, capsys):
   import shutil
   mnt = tmp_path / "ro"
   mnt.mkdir()
@@ -591,12 +652,13 @@ def test_sample_and_eval_on_a_read_only_workdir(six_steps, tmp_path, mode):
     shutil.copytree(six_steps[1], wd)
     subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
     before = _hashes(wd)
-    r = subprocess.run(_main_cmd(wd, f"--mode={mode}", "--config.eval.num_samples=4"),
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr[-3000:]
-    err = [l for l in r.stderr.splitlines() if l.startswith("ddx: error:")]
-    assert len(err) == 1 and f"--mode {mode} writes" in err[0], r.stderr[-3000:]
-    assert "Traceback" not in r.stderr and _hashes(wd) == before
+    capsys.readouterr()
+    code = _main_in_process(wd, f"--mode={mode}", "--config.eval.num_samples=4")
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr[-3000:]
+    err = [l for l in stderr.splitlines() if l.startswith("ddx: error:")]
+    assert len(err) == 1 and f"--mode {mode} writes" in err[0], stderr[-3000:]
+    assert "Traceback" not in stderr and _hashes(wd) == before
   finally:
     subprocess.run(["umount", str(mnt)], capture_output=True)
 

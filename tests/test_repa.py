@@ -197,6 +197,7 @@ def run(encoders, tmp_path_factory):
   return config, workdir, jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_a_run_trains_resumes_and_samples(run, encoders):
   import ddx
   config, workdir, state = run
@@ -218,6 +219,7 @@ def test_a_run_trains_resumes_and_samples(run, encoders):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_the_projector_trains_and_the_encoder_stays_out(run):
   config, _, state = run
   init_rng = jax.random.fold_in(jax.random.key(config.training.seed), 0)   # train._train's

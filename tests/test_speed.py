@@ -70,6 +70,7 @@ def test_auto_attention_matches_numpy():
   assert _rel(out, _np_attention(q, k, v)) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [UNET, UNET_HEADS, DIT], ids=["unet", "unet_heads", "dit"])
 def test_auto_attention_equals_the_xla_path(model):
   """float32: the same function (bitwise equal here; 2e-6 leaves XLA room to
@@ -128,6 +129,7 @@ def _checkpoints(jaxpr):
           if e.primitive.name in ("checkpoint", "remat", "remat2")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [UNET, DIT], ids=["unet", "dit"])
 def test_remat_keeps_gradients_and_changes_the_program(model):
   ref, jaxpr = _grads(model, "none")

@@ -29,9 +29,18 @@ def _batch(config, step=0):
                         seed=0, random_flip=False)
 
 
+def _run_config():
+  """configs/test.py with a one-level U-Net without attention: the update, the
+  workdir, resume and CLI behaviour below are the same for any network (two
+  levels with attention resume bit for bit in test_reliability's six_steps tests)."""
+  config = load_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  return config
+
+
 @pytest.fixture(scope="module")
 def step_env():
-  config = load_config()
+  config = _run_config()
   net, sched, tx = _parts(config)
   state = jax.jit(lambda k: train.create_state(config, tx, k))(jax.random.key(0))
   step = jax.jit(lambda s, b, k: train.train_step(s, b, k, net=net, sched=sched, tx=tx,
@@ -39,6 +48,7 @@ def step_env():
   return config, state, step
 
 
+@pytest.mark.slow
 def test_train_step_is_pure_and_updates_with_ema(step_env):
   config, state, step = step_env
   batch = _batch(config)
@@ -98,9 +108,9 @@ def test_lr_schedule_and_ema_decay():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """One real 6-step run of configs/test.py (checkpoints at 3 and 6)."""
+  """One real 6-step run of _run_config() (checkpoints at 3 and 6)."""
   workdir = str(tmp_path_factory.mktemp("run") / "wd")
-  config = load_config()
+  config = _run_config()
   state = train.train_and_evaluate(config, workdir)
   return config, workdir, state
 
@@ -144,7 +154,7 @@ def test_resume_is_bitwise_exact(trained, tmp_path):
   """Stop at step 3, restart with num_steps = 6: the same params as 6 straight."""
   config, _, straight = trained
   workdir = str(tmp_path / "wd")
-  c3 = load_config()
+  c3 = _run_config()
   c3.training.num_steps = 3
   train.train_and_evaluate(c3, workdir)
   resumed = train.train_and_evaluate(config, workdir)
@@ -153,11 +163,13 @@ def test_resume_is_bitwise_exact(trained, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_steps_per_dispatch_equals_single_steps():
   """train_steps (k updates in one scan) against k calls of train_step: the same
   states and the same per-step metrics (the loop around them is cadence only)."""
   from ddx import parallel
-  config = load_config()
+  config = load_config()   # one U-Net level: the scan is the same for any network
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
   setup = train.make_setup(config, parallel.make_mesh(devices=jax.devices()[:1]))
   batches = [_batch(config, s) for s in range(2)]
   rng = jax.random.key(5)
@@ -194,7 +206,7 @@ def test_load_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_refuses_a_workdir_of_another_architecture(trained):
   _, workdir, _ = trained
-  config = load_config()
+  config = _run_config()
   config.model.ch = 16
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(config_lib.ConfigError,
@@ -215,7 +227,7 @@ def test_optimizer_change_is_refused_then_reset_optimizer_resumes(trained, tmp_p
   shutil.copytree(src, wd)
   ckdir = os.path.join(wd, "checkpoints")
   before = {d: sorted(os.listdir(os.path.join(ckdir, d))) for d in os.listdir(ckdir)}
-  config = load_config()
+  config = _run_config()
   config.optim.grad_clip = 0.0
   config.training.num_steps, config.training.checkpoint_every = 7, 1
   config.training.sample_every = 0

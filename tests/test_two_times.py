@@ -36,7 +36,7 @@ def _copy_shared(src, dst):
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_second_time_starts_as_the_one_time_network(backbone):
-  config = load_config()
+  config = _source_config()   # a one-level U-Net: the time inputs are the same
   if backbone == "dit":
     config = _dit(config)
   one = ddx.models.build(config.model)
@@ -76,7 +76,7 @@ def test_time_shapes_are_checked():
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_logvar_head_is_sown_and_leaves_the_output(backbone):
-  config = load_config()
+  config = _source_config()   # a one-level U-Net: the time inputs are the same
   if backbone == "dit":
     config = _dit(config)
   plain = ddx.models.build(config.model)
@@ -119,11 +119,19 @@ def test_flow_and_edm_sigma_denoisers_are_the_exact_posterior_mean():
   np.testing.assert_allclose(edm.sigma_denoiser(D)(y, sigma), exact, rtol=1e-6)
 
 
+def _source_config():
+  """configs/test.py with a one-level U-Net without attention: init_from copies
+  every tensor by its path, whatever the network (its second-time head too)."""
+  config = load_config()
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  return config
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-  """A 3-step run of configs/test.py: what init_from and teacher read."""
+  """A 3-step run of _source_config(): what init_from and teacher read."""
   workdir = str(tmp_path_factory.mktemp("src") / "wd")
-  config = load_config()
+  config = _source_config()
   config.training.num_steps = 3
   config.training.sample_every = 0
   train.train_and_evaluate(config, workdir)
@@ -138,7 +146,7 @@ def _fresh_state(config):
 @pytest.mark.slow
 def test_init_from_starts_from_the_source_ema(source, monkeypatch):
   src = ddx.load(source)
-  config = load_config()
+  config = _source_config()
   config.training.init_from = source
   state = _fresh_state(config)
   for tree in (state.params, state.ema_params):
@@ -157,7 +165,7 @@ def test_init_from_starts_from_the_source_ema(source, monkeypatch):
   np.testing.assert_array_equal(out, src.apply(x, t))
   # Another network size: one line naming the parameter.
   monkeypatch.undo()
-  config = load_config()
+  config = _source_config()
   config.training.init_from = source
   config.model.ch = 16
   with pytest.raises(config_lib.ConfigError, match=r"training.init_from=.*has shape"):

@@ -73,13 +73,17 @@ def read_json(path: str) -> dict:
     raise ConversionError(f"{path} is not valid JSON ({e}); re-download it") from None
 
 
-def weight_files(folder: str) -> list[str]:
-  """The weight file(s) of a diffusers model folder: safetensors first, then .bin.
+def weight_files(folder: str, names: tuple[str, str] = WEIGHT_FILES) -> list[str]:
+  """The weight file(s) of a Hugging Face model folder: safetensors first, then .bin.
 
+  Args:
+    folder: a save_pretrained folder.
+    names: (safetensors name, .bin name): diffusers' by default, or
+      transformers' ("model.safetensors", "pytorch_model.bin").
   Returns:
     paths of every shard (one path for an unsharded checkpoint).
   """
-  for name in WEIGHT_FILES:
+  for name in names:
     path = os.path.join(folder, name)
     if os.path.isfile(path):
       return [path]
@@ -95,7 +99,7 @@ def weight_files(folder: str) -> list[str]:
   others = sorted(f for f in os.listdir(folder)
                   if f.endswith((".safetensors", ".bin")))
   raise ConversionError(
-      f"{os.path.join(folder, WEIGHT_FILES[0])} (or .bin) does not exist"
+      f"{os.path.join(folder, names[0])} (or .bin) does not exist"
       + (f"; the folder has {others}: rename the one to convert" if others else
          "; download the weights too (huggingface-cli download fetches them)"))
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from ddx.convert.common import (ConversionError, begin_output, check_output,
                                 finish_output, map_weights, read_json, require,
-                                torch_module, unreadable)
+                                torch_module, unreadable, weight_files)
 from ddx.encoders import dinov2 as enc
 
 MODEL_TYPES = {"dinov2": False, "dinov2_with_registers": True}   # -> has registers
@@ -128,24 +128,6 @@ def read_official(path: str) -> dict[str, np.ndarray]:
   return _tensors(state, path, torch)
 
 
-def transformers_weight_files(folder: str) -> list[str]:
-  """model.safetensors (or pytorch_model.bin), or the shards its index names."""
-  for name in HF_WEIGHT_FILES:
-    path = os.path.join(folder, name)
-    if os.path.isfile(path):
-      return [path]
-    index = path + ".index.json"
-    if os.path.isfile(index):
-      shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-      require(bool(shards), f"{index} has no weight_map; re-download the model")
-      paths = [os.path.join(folder, s) for s in shards]
-      for p in paths:
-        require(os.path.isfile(p), f"{p} does not exist (named by {index}); download "
-                 "every shard")
-      return paths
-  raise ConversionError(f"{os.path.join(folder, HF_WEIGHT_FILES[0])} (or "
-                        f"{HF_WEIGHT_FILES[1]}) does not exist; download the weights too "
-                        "(huggingface-cli download fetches them)")
 
 
 def read_transformers(paths: list[str]) -> dict[str, np.ndarray]:
@@ -330,7 +312,7 @@ def convert(src: str, workdir: str) -> enc.Encoder:
     model_type = hf.get("model_type")
     require(model_type in MODEL_TYPES, f"{src}/config.json has model_type "
              f"{model_type!r}; a DINOv2 folder has one of {sorted(MODEL_TYPES)}")
-    files = transformers_weight_files(src)
+    files = weight_files(src, HF_WEIGHT_FILES)
     source = ", ".join(files)
     state = official_from_transformers(read_transformers(files), source)
     config = architecture(state, source, hf_config=hf,
