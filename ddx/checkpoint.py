@@ -3,7 +3,7 @@
 Layout: `workdir/checkpoints/<step>/` with two items, `state` (the whole
 TrainState: step, params, ema_params, opt_state, batch_stats — BatchNorm's
 running statistics, empty for GroupNorm — and posthoc_ema, the post-hoc EMA
-profiles, empty when off) and `config` (the run's config as
+profiles, empty when off; repa, REPA's projector, empty when off) and `config` (the run's config as
 JSON, so every checkpoint says which model it holds). orbax writes into a
 temporary directory and renames it when complete, so a checkpoint that was
 being written when the process died is never listed as a step. Workdirs are
@@ -230,7 +230,8 @@ class Checkpointer:
     Args:
       target: the abstract TrainState this config builds (ShapeDtypeStructs
         with shardings).
-      keep_optimizer: False restores step, params, EMA and batch stats only
+      keep_optimizer: False restores step, params, EMA, batch stats (and
+        REPA's projector) only
         (`training.reset_optimizer`); the caller makes a fresh opt_state.
     Returns:
       (state, step): state is the restored TrainState, or a dict of the
@@ -244,7 +245,7 @@ class Checkpointer:
     steps = self.steps()
     if not keep_optimizer:
       target = {k: getattr(target, k) for k in ("step", "params", "ema_params",
-                                                  "batch_stats", "posthoc_ema")}
+                                                  "batch_stats", "posthoc_ema", "repa")}
     ignore = () if keep_optimizer else ("opt_state",)
     for step in reversed(steps):
       try:

@@ -28,6 +28,8 @@ DTYPES = ("float32", "bfloat16")           # model.dtype: the network's compute 
 MODELS = models.names()                    # model.name (the built-in backbones)
 ATTENTIONS = ("xla", "auto", "cudnn", "tpu_flash")   # model.attention (ddx.models.attention)
 NORM_KERNELS = ("xla", "pallas")            # model.norm_kernel (ddx.models.fused_norm)
+REPA_PROJECTORS = ("mlp", "conv")          # training.repa.projector (ddx.repa)
+REPA_SPATIAL_NORMS = ("none", "zscore")    # training.repa.spatial_norm (ddx.repa)
 REMATS = ("none", "dots", "full")          # training.remat (ddx.models.layers.REMATS)
 TIME_EMBEDDINGS = ("positional", "fourier")   # model.time_embedding (ddx.models.layers)
 METRICS = ("digits", "fid", "kid", "is", "sfid", "precision", "recall", "fd_dinov2",
@@ -140,6 +142,22 @@ def base_config() -> ml_collections.ConfigDict:
   t.init_from = ""           # a finished run whose EMA weights a NEW run starts from
                              # (fine-tuning; ignored on resume); docs/checkpoints.md
   t.teacher = ""             # a finished run to distil from (a process that takes one)
+  # REPA (docs/repa.md): a projection of the network's hidden tokens after block
+  # `depth` is pulled towards a frozen encoder's patch tokens of the clean image;
+  # the values below are the paper's (SiT-XL/2 + DINOv2-B/14).
+  t.repa = r = ml_collections.ConfigDict()
+  r.encoder = ""             # a converted encoder folder (python -m ddx.convert, docs/
+                             # encoders.md); "" = REPA off
+  r.depth = 8                # align the tokens after this block (1-based; 8 of SiT-XL's 28)
+  r.weight = 0.5             # lambda: loss = process loss + lambda * (-mean cosine)
+  r.projector = "mlp"        # mlp: Dense(dim) SiLU Dense(dim) SiLU Dense(encoder width) |
+                             # conv: iREPA's Conv(kernel) on the token grid
+  r.projector_dim = 2048     # the mlp projector's hidden width
+  r.projector_kernel = 3     # the conv projector's kernel side (odd; iREPA's README: 3)
+  r.spatial_norm = "none"    # none (REPA) | zscore (iREPA: the encoder's tokens
+                             # normalised over space, (z - alpha*mean) / std)
+  r.zscore_alpha = 0.6       # zscore's alpha (iREPA's latent-diffusion code: 0.6)
+  r.resolution = 224         # the encoder's input side (pixels; a multiple of its patch)
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 2e-4
@@ -473,6 +491,8 @@ def _check_training(config, num_data_shards: int) -> None:
            "training.teacher, or use a process that takes one "
            f"{tuple(n for n, x in processes.REGISTRY.items() if 'teacher' in x.loss_inputs)}")
 
+  _check_repa(config)
+
   _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
   _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
   _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
@@ -521,6 +541,68 @@ def _check_training(config, num_data_shards: int) -> None:
   _check_bpd(config)
   if e.every_steps:   # in-loop evaluation: fail now, not hours into training
     check_eval_inputs(config)
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_repa(config) -> None:
+  """training.repa: a backbone with hidden tokens, the block, the weight, the
+  projector, the encoder's input side, a process it is defined for, pixels."""
+  r = config.training.get("repa")
+  if r is None:
+    return
+  enc = r.encoder
+  _require(isinstance(enc, str),
+           f"training.repa.encoder={enc!r} must be an encoder folder (a string; \"\" = off)")
+  if not enc:
+    return
+  m = config.model
+  name = m.get("name", models.DEFAULT)
+  size, _ = _model_size(config)
+  hidden = models.spec(name).hidden_tokens(m, size, size)
+  with_tokens = tuple(n for n in models.names()
+                      if type(models.spec(n)).hidden_tokens is not models.Spec.hidden_tokens)
+  _require(hidden is not None,
+           f"training.repa needs a network that exposes its hidden tokens; model.name="
+           f"{name!r} does not: use one of {with_tokens}, or set training.repa.encoder=''")
+  blocks = hidden[0]
+  _require(_positive_int(r.depth) and r.depth <= blocks,
+           f"training.repa.depth={r.depth!r} must be a block in [1, {blocks}] (the "
+           f"network's blocks); REPA uses 8 of SiT-XL's 28, about a third")
+  _require(processes.base.is_finite(r.weight) and r.weight >= 0,
+           f"training.repa.weight={r.weight!r} must be a number >= 0 (REPA: 0.5)")
+  _require(r.projector in REPA_PROJECTORS,
+           f"training.repa.projector={r.projector!r} is unknown; use one of "
+           f"{REPA_PROJECTORS}")
+  _require(_positive_int(r.projector_dim),
+           f"training.repa.projector_dim={r.projector_dim!r} must be a positive integer "
+           "(REPA: 2048)")
+  k = r.get("projector_kernel", 3)
+  _require(_positive_int(k) and k % 2 == 1,
+           f"training.repa.projector_kernel={k!r} must be an odd positive integer (the "
+           "conv projector keeps the token grid; iREPA: 3)")
+  norm = r.get("spatial_norm", "none")
+  _require(norm in REPA_SPATIAL_NORMS,
+           f"training.repa.spatial_norm={norm!r} is unknown; use one of {REPA_SPATIAL_NORMS}")
+  alpha = r.get("zscore_alpha", 0.6)
+  _require(processes.base.is_finite(alpha),
+           f"training.repa.zscore_alpha={alpha!r} must be a finite number (iREPA: 0.6)")
+  process = config.diffusion.get("process", processes.DEFAULT)
+  _require(processes.spec(process).repa,
+           f"training.repa is not defined for diffusion.process={process!r}; use one of "
+           f"{tuple(n for n, x in processes.REGISTRY.items() if x.repa)}, or set "
+           "training.repa.encoder=''")
+  _require(not is_latent(config),
+           "training.repa with latent diffusion needs each latent's source pixels for the "
+           "encoder, which the latent cache does not keep; train REPA on pixels for now, "
+           "or set training.repa.encoder=''")
+  # The folder itself is read when training starts (ddx.repa.load_encoder), as
+  # training.teacher's: sampling or evaluating a finished REPA run never needs it.
+  _require(_positive_int(r.resolution),
+           f"training.repa.resolution={r.resolution!r} must be a positive integer, a "
+           "multiple of the encoder's patch size (REPA: 224 = 16 patches of 14)")
 
 
 # sigma_rel of the power-function EMA with gamma = 0 (the uniform average of all
@@ -845,10 +927,14 @@ def freeze(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict
 # are the keys named when they do. Everything else (lr, dropout, cadences,
 # sampling, eval, num_steps, ...) never blocks a resume.
 _STRUCTURE_GROUPS = ("model", "optim", "data.image_size", "data.channels",
-                     "autoencoder.downsample", "autoencoder.latent_channels")
+                     "autoencoder.downsample", "autoencoder.latent_channels",
+                     "training.repa")
 _NEVER_STRUCTURE = ("model.dtype", "model.dropout", "optim.lr", "optim.warmup_steps",
                     "optim.ema_decay", "optim.ema_warmup", "optim.beta1", "optim.beta2",
-                    "optim.eps", "model.attention", "model.norm_kernel")
+                    "optim.eps", "model.attention", "model.norm_kernel",
+                    "training.repa.depth", "training.repa.weight",
+                    "training.repa.resolution", "training.repa.spatial_norm",
+                    "training.repa.zscore_alpha")
 
 
 def structure_changes(old, new) -> list[tuple[str, object, object]]:

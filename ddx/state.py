@@ -17,6 +17,7 @@ import optax
 
 from ddx import model as model_lib
 from ddx import posthoc_ema
+from ddx import repa
 
 
 @flax.struct.dataclass
@@ -31,6 +32,10 @@ class TrainState:
   # training.posthoc_ema: one power-function EMA of params per sigma_rel
   # (`ddx.posthoc_ema`), () when off.
   posthoc_ema: Any = ()
+  # training.repa: the projector's params (`ddx.repa`), optimised with params
+  # (opt_state is then (network's, projector's)), in no EMA; () when off, so a
+  # run without REPA keeps the layout of older checkpoints.
+  repa: Any = ()
 
 
 def ema_variables(state: TrainState) -> dict:
@@ -84,14 +89,26 @@ def ema_decay(optim: ml_collections.ConfigDict, n: jnp.ndarray) -> jnp.ndarray:
   return d
 
 
-def create_state(config, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def init_opt_state(tx: optax.GradientTransformation, params: Any, projector: Any = ()) -> Any:
+  """The optimizer state of params, or (params', projector's) with REPA's projector."""
+  if not jax.tree.leaves(projector):
+    return tx.init(params)
+  return (tx.init(params), tx.init(projector))
+
+
+def create_state(config, tx: optax.GradientTransformation, rng: jax.Array,
+                 encoder_width: int = 0) -> TrainState:
   """A fresh TrainState: initialised network, its copy as EMA (and as each
-  post-hoc EMA profile, which update 1 replaces), optimizer state."""
+  post-hoc EMA profile, which update 1 replaces), optimizer state; with
+  encoder_width > 0 (training.repa's encoder's token width) REPA's projector
+  too (`ddx.repa.init_projector`)."""
   variables = model_lib.init_variables(config, rng)
   params = variables["params"]
+  projector = repa.init_projector(config, encoder_width, rng) if encoder_width else ()
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),
-                    opt_state=tx.init(params),
+                    opt_state=init_opt_state(tx, params, projector),
                     batch_stats=dict(variables.get("batch_stats", {})),
                     posthoc_ema=tuple(jax.tree.map(jnp.copy, params)
-                                      for _ in posthoc_ema.gammas_of(config)))
+                                      for _ in posthoc_ema.gammas_of(config)),
+                    repa=projector)

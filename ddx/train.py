@@ -37,8 +37,10 @@ from ddx import parallel
 from ddx import posthoc_ema
 from ddx import processes
 from ddx import model as model_lib
-from ddx.state import (TrainState, create_state, ema_decay, ema_variables, lr_schedule,
-                       make_optimizer)
+from ddx import repa as repa_lib
+from ddx.models import layers
+from ddx.state import (TrainState, create_state, ema_decay, ema_variables,
+                       init_opt_state, lr_schedule, make_optimizer)
 from ddx import workdir as workdir_lib
 
 
@@ -67,7 +69,7 @@ def teacher_denoiser(teacher: Optional[model_lib.Model], labels):
 
 
 def train_step(state: TrainState, batch: dict, base_rng: jax.Array,
-               teacher: Optional[model_lib.Model] = None, *, net,
+               teacher: Optional[model_lib.Model] = None, encoder=None, *, net,
                sched, tx: optax.GradientTransformation,
                config) -> tuple[TrainState, dict]:
   """One optimizer update on a global batch; pure.
@@ -77,14 +79,21 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array,
     batch: {"image": [B, H, W, C] float32 in [-1, 1], "label": [B] int32}.
     base_rng: the run's base key; this step's key is fold_in(base_rng, step).
     teacher: training.teacher's model (EMA weights as jit arguments), or None.
+    encoder: training.repa's frozen encoder (`ddx.repa.load_encoder`, params
+      as jit arguments), or None (no REPA: the program is the same as without
+      the argument). With it, the loss adds training.repa.weight times REPA's
+      alignment loss of state.repa's projector (`ddx.repa`).
     net, sched, tx, config: static (bound with functools.partial before jit);
       sched is the process (`ddx.processes.Process`, or a bare Schedule, EDM
       or Flow).
   Returns:
     (new state, metrics): loss, grad_norm (before clipping), param_norm,
-    update_norm, lr, ema_decay, mse_by_quartile [4], finite (bool). A
-    non-finite loss or gradient leaves params, EMAs, optimizer and BatchNorm
-    statistics untouched.
+    update_norm, lr, ema_decay, mse_by_quartile [4], finite (bool); with
+    REPA also repa_loss (-mean cosine) and repa_cos: "loss" stays the
+    process's loss, the objective is loss + weight * repa_loss, and grad_norm
+    is the norm of the network's and the projector's gradients together (what
+    optim.grad_clip clips). A non-finite loss or gradient leaves params, EMAs,
+    optimizer, BatchNorm statistics and projector untouched.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   loss_rng, drop_rng, label_rng = jax.random.split(rng, 3)
@@ -97,7 +106,16 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array,
       drop = jax.random.bernoulli(label_rng, p, labels.shape)
       labels = jnp.where(drop, num_classes, labels)
 
-  def loss_fn(params):
+  use_repa = encoder is not None
+  if use_repa:   # the frozen encoder's features of the clean images (no gradient)
+    r = config.training.repa
+    _, grid, _ = repa_lib.token_layout(config)
+    target = repa_lib.encoder_targets(encoder, batch["image"], r.resolution, grid,
+                                      r.get("spatial_norm", "none"),
+                                      r.get("zscore_alpha", 1.0))
+  mutable = ["batch_stats", "logvar"] + ([layers.HIDDEN] if use_repa else [])
+
+  def loss_fn(params, projector=None):
     # BatchNorm normalises with this batch's statistics and returns updated
     # running ones; under jit over the Mesh the batch axis is the global one,
     # so they are global-batch statistics (XLA adds the cross-device sums).
@@ -107,32 +125,59 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array,
     def apply(p, x, t, labels=labels):
       out, updates = net.apply({"params": p, "batch_stats": state.batch_stats}, x, t,
                                labels, train=True, rngs={"dropout": drop_rng},
-                               mutable=["batch_stats", "logvar"])
+                               mutable=mutable)
       out = model_lib.mean_output(config, out)
       if logvar:   # the head's value, sown by the network (layers.sow_logvar)
         out = (out, jax.tree.leaves(updates["logvar"])[0])
-      return out, dict(updates).get("batch_stats", {})
-    return process_loss(apply, params, sched, batch["image"], loss_rng, config,
-                        labels=labels, null_label=num_classes, step=state.step,
-                        teacher=teacher_denoiser(teacher, labels))
+      stats = dict(updates).get("batch_stats", {})
+      if use_repa:   # this call's tokens after block depth (layers.sow_hidden)
+        stats = (stats, updates[layers.HIDDEN]["tokens"][r.depth - 1])
+      return out, stats
+    loss, aux = process_loss(apply, params, sched, batch["image"], loss_rng, config,
+                             labels=labels, null_label=num_classes, step=state.step,
+                             teacher=teacher_denoiser(teacher, labels))
+    if not use_repa:
+      return loss, aux
+    # The process's aux is its network call on x_t (Spec.repa).
+    stats, hidden = aux["aux"]
+    repa_loss, cos = repa_lib.loss(config, projector, hidden, target)
+    aux = {**aux, "aux": stats, "loss": loss, "repa_loss": repa_loss, "repa_cos": cos}
+    return loss + r.weight * repa_loss, aux
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  projector = state.repa
+  if not use_repa:
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.tree.norm(grads)
+  else:
+    (loss, aux), (grads, p_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.repa)
+    grad_norm = optax.tree.norm((grads, p_grads))
+    if config.optim.grad_clip > 0:
+      # REPA clips the SiT and its projectors together: scale both by the
+      # joint norm first, so each tx's own clip (of a part's norm) is a no-op.
+      c = jnp.minimum(1.0, config.optim.grad_clip / jnp.maximum(grad_norm, 1e-30))
+      grads, p_grads = jax.tree.map(lambda g: g * c.astype(g.dtype), (grads, p_grads))
+    net_opt, p_opt = state.opt_state
+    updates, net_opt = tx.update(grads, net_opt, state.params)
+    p_updates, p_opt = tx.update(p_grads, p_opt, state.repa)
+    opt_state = (net_opt, p_opt)
+    projector = optax.apply_updates(state.repa, p_updates)
   params = optax.apply_updates(state.params, updates)
   n = state.step + 1
   decay = ema_decay(config.optim, n)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   posthoc = posthoc_ema.update(state.posthoc_ema, params, n, posthoc_ema.gammas_of(config))
-  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = TrainState(step=n, params=keep(params, state.params),
                          ema_params=keep(ema, state.ema_params),
                          opt_state=keep(opt_state, state.opt_state),
                          batch_stats=keep(dict(aux["aux"]), state.batch_stats),
-                         posthoc_ema=keep(posthoc, state.posthoc_ema))
+                         posthoc_ema=keep(posthoc, state.posthoc_ema),
+                         repa=keep(projector, state.repa))
   metrics = {
-      "loss": loss,
+      "loss": aux["loss"] if use_repa else loss,
       "mse_by_quartile": aux["mse_by_quartile"],
       "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(params),
@@ -141,11 +186,13 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array,
       "ema_decay": decay,
       "finite": finite,
   }
+  if use_repa:
+    metrics.update(repa_loss=aux["repa_loss"], repa_cos=aux["repa_cos"])
   return new_state, metrics
 
 
 def train_steps(state: TrainState, batches: dict, base_rng: jax.Array,
-                teacher: Optional[model_lib.Model] = None, *,
+                teacher: Optional[model_lib.Model] = None, encoder=None, *,
                 unroll: bool = False, **static) -> tuple[TrainState, dict]:
   """k updates in one program: `train_step` scanned over batches [k, B, ...].
 
@@ -157,7 +204,7 @@ def train_steps(state: TrainState, batches: dict, base_rng: jax.Array,
   step 17x slower than single steps (BENCHMARKS.md, "Updates per call").
   """
   def body(s, batch):
-    return train_step(s, batch, base_rng, teacher, **static)
+    return train_step(s, batch, base_rng, teacher, encoder, **static)
   return jax.lax.scan(body, state, batches, unroll=unroll)
 
 
@@ -289,20 +336,23 @@ class TrainSetup(NamedTuple):
   steps: Callable        # steps(state, [k, B, ...] batches, rng): k updates per call
   teacher: Any = None    # training.teacher's Model (replicated), or None
   teacher_step: Optional[int] = None   # the teacher checkpoint's step
+  encoder: Any = None    # training.repa's frozen encoder (replicated), or None
 
 
 class _WithTeacher:
-  """A jitted update f(state, batch, rng, teacher) called as f(state, batch, rng):
-  the teacher's weights go in as an argument on every call (never baked in)."""
+  """A jitted update f(state, batch, rng, teacher[, encoder]) called as
+  f(state, batch, rng): the teacher's weights (and REPA's encoder's, when
+  set) go in as arguments on every call (never baked in)."""
 
-  def __init__(self, fn, teacher):
-    self.fn, self.teacher = fn, teacher
+  def __init__(self, fn, teacher, encoder=None):
+    self.fn = fn
+    self.frozen = (teacher,) if encoder is None else (teacher, encoder)
 
   def __call__(self, state, batch, rng):
-    return self.fn(state, batch, rng, self.teacher)
+    return self.fn(state, batch, rng, *self.frozen)
 
   def lower(self, state, batch, rng):
-    return self.fn.lower(state, batch, rng, self.teacher)
+    return self.fn.lower(state, batch, rng, *self.frozen)
 
 
 def load_teacher(config, mesh) -> tuple[Optional[int], Optional[model_lib.Model]]:
@@ -333,7 +383,9 @@ def make_setup(config, mesh) -> TrainSetup:
   net = model_lib.network(config).clone(remat=config.training.remat)
   sched = model_lib.process_from_config(config.diffusion)
   tx = make_optimizer(config.optim)
-  init = functools.partial(create_state, config, tx)
+  encoder = repa_lib.load_encoder(config, mesh)   # training.repa's, or None
+  init = functools.partial(create_state, config, tx, encoder_width=(
+      encoder.config.hidden_size if encoder is not None else 0))
   shapes = jax.eval_shape(init, jax.random.key(0))
   state_sharding = parallel.state_sharding(shapes, mesh)
   # Init runs once: compile it without backend optimisation (XLA:CPU spent
@@ -346,9 +398,10 @@ def make_setup(config, mesh) -> TrainSetup:
   repl = parallel.replicated(mesh)
   teacher_step, teacher = load_teacher(config, mesh)
   static = dict(net=net, sched=sched, tx=tx, config=config)
+  frozen = (repl, repl) if encoder is not None else (repl,)   # teacher[, encoder]
   step_fn = jax.jit(
       functools.partial(train_step, **static),
-      in_shardings=(state_sharding, parallel.data_sharded(mesh), repl, repl),
+      in_shardings=(state_sharding, parallel.data_sharded(mesh), repl) + frozen,
       out_shardings=(state_sharding, repl), donate_argnums=(0,))
   # steps_per_dispatch > 1: k updates per call (compiled once per k it sees:
   # k, and a shorter call to reach the grid after an off-grid resume or at the end).
@@ -357,11 +410,11 @@ def make_setup(config, mesh) -> TrainSetup:
       functools.partial(train_steps, unroll=mesh.devices.flat[0].platform == "cpu",
                         **static),
       in_shardings=(state_sharding, NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
-                    repl, repl),
+                    repl) + frozen,
       out_shardings=(state_sharding, repl), donate_argnums=(0,))
   return TrainSetup(mesh, net, sched, tx, abstract, state_sharding, init_fn,
-                    _WithTeacher(step_fn, teacher), _WithTeacher(multi_fn, teacher),
-                    teacher, teacher_step)
+                    _WithTeacher(step_fn, teacher, encoder),
+                    _WithTeacher(multi_fn, teacher, encoder), teacher, teacher_step, encoder)
 
 
 def step_flops(step_fn, state, batch, rng) -> float:
@@ -397,8 +450,9 @@ def restore_or_init(setup: TrainSetup, ck: ckpt_lib.Checkpointer, config,
     return restored
   logging.warning("reset_optimizer: resuming params, EMA and batch stats from step %d "
                   "with a fresh optimizer state", step)
-  opt_init = jax.jit(setup.tx.init, out_shardings=setup.state_sharding.opt_state)
-  return TrainState(opt_state=opt_init(restored["params"]), **restored)
+  opt_init = jax.jit(functools.partial(init_opt_state, setup.tx),
+                     out_shardings=setup.state_sharding.opt_state)
+  return TrainState(opt_state=opt_init(restored["params"], restored["repa"]), **restored)
 
 
 def load_init_from(config, abstract) -> Optional[model_lib.Model]:
@@ -592,7 +646,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Every input is checked before anything is written (`ddx.workdir`'s folder
   rules, the config, a resumed run's structure, training.init_from,
-  training.teacher and sampling.guide_workdir); then process 0 takes the
+  training.teacher, training.repa.encoder and sampling.guide_workdir); then process 0 takes the
   workdir's lock (`ddx.workdir.lock`), held until this returns.
   Raises:
     config_lib.ConfigError: bad input, one line; `ddx.workdir.WorkdirError`
@@ -637,8 +691,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "training.init_from=%r%s is ignored: the run resumes from its own checkpoint "
         "(step %d)", path, "" if exists else " (which does not exist)", steps[-1])
   teacher = teacher_record(config, setup)
+  encoder = repa_lib.record(config, setup.encoder)
   if steps:
     check_teacher(workdir, teacher)
+    repa_lib.check_record(workdir, encoder)
   _check_guide(config, setup.abstract)
 
   lock, busy = None, None
@@ -656,6 +712,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       workdir_lib.mark(workdir)
       if teacher is not None and not (steps and _teacher_path(workdir).exists()):
         _teacher_path(workdir).write_text(json.dumps(teacher, indent=2) + "\n")
+      if not steps:   # a run's first start records its REPA encoder (repa.json)
+        repa_lib.write_record(workdir, encoder)
       config_lib.write_json(config, workdir)
     return _train(config, workdir, setup, source, autoencoder, mesh, source_model)
   finally:

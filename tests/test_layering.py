@@ -29,7 +29,7 @@ LAYERS = [
     ("the processes' JAX half", ["ddx.processes.*"]),
     ("the Model face", ["ddx.options", "ddx.model", "ddx.latents", "ddx.checkpoint",
                         "ddx.inversion", "ddx.bpd"]),
-    ("runs", ["ddx.state", "ddx.posthoc_ema", "ddx.eval_run", "ddx.train"]),
+    ("runs", ["ddx.state", "ddx.repa", "ddx.posthoc_ema", "ddx.eval_run", "ddx.train"]),
     ("commands", ["ddx.main", "ddx.evaluate", "ddx.convert", "ddx.convert.*"]),
 ]
 

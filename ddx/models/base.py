@@ -50,6 +50,12 @@ Returns [B, H, W, C] float32, the shape of x (a backbone may return more
 channels when one of its own keys asks for it: DiT's learn_sigma gives 2C,
 the prediction first; `ddx.model.mean_output` takes the first C).
 
+Hidden tokens (optional; a backbone whose Spec's `hidden_tokens` is not None):
+an apply with mutable=["hidden"] also returns, under ("hidden", "tokens"), a
+tuple with each block's output tokens [B, N, D] float32 in block order
+(`layers.sow_hidden`), N the Spec's token grid in row-major order. REPA
+(`ddx.repa`) aligns one of them with a frozen encoder's patch tokens.
+
 Variables are {"params": ...} (plus "batch_stats" for running statistics).
 Parameter names and shapes are the checkpoint format: renaming a submodule or
 the class's fields breaks resuming old runs. A network runs its Spec's checks

@@ -167,6 +167,21 @@ def sow_logvar(module: nn.Module, features: jax.Array, dtype: Any) -> None:
   module.sow("logvar", "logvar", lv[:, 0].astype(jnp.float32))
 
 
+# The collection a backbone sows its hidden tokens into (`sow_hidden`).
+HIDDEN = "hidden"
+
+
+def sow_hidden(module: nn.Module, tokens: jax.Array) -> None:
+  """Sows one block's output tokens [B, N, D] into the "hidden" collection.
+
+  Called after every block, in order, so an apply with mutable=["hidden"]
+  gets the tuple of every block's tokens under ("hidden", "tokens"); without
+  that collection mutable, `sow` stores nothing and the program is the same
+  (REPA aligns one block's tokens, `ddx.repa`).
+  """
+  module.sow(HIDDEN, "tokens", tokens)
+
+
 def _conv3x3(features: int, dtype: Any, name: str, zero: bool = False,
              strides: int = 1, padding: Any = "SAME") -> nn.Conv:
   return nn.Conv(

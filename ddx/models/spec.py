@@ -50,6 +50,14 @@ class Spec:
       ValueError: one line naming the key, the value and the fix.
     """
 
+  def hidden_tokens(self, m: Mapping[str, Any], height: int,
+                    width: int) -> "tuple[int, tuple[int, int], int] | None":
+    """What the network sows as hidden tokens (`ddx.models.base`), for images
+    of height x width: (blocks, (grid rows, grid columns), token width), or
+    None when it sows none (the default; REPA needs them)."""
+    del m, height, width
+    return None
+
   def check_norm_kernel(self, m: Mapping[str, Any]) -> None:
     """Raises ValueError (one line) if model.norm_kernel = m["norm_kernel"],
     which is not "xla", cannot fuse this network's norms as `m` sets them;

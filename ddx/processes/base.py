@@ -50,6 +50,11 @@ class Spec:
       "teacher" (D(y [B, ...], σ [B]) of training.teacher's EMA network, or
       None). The training apply_fn also takes labels= to override the
       batch's labels for one call.
+    repa: REPA (`ddx.repa`, training.repa) is defined for it: the "aux" of
+      its `loss` comes from the network call with gradient on x_t [B, ...], a
+      noisy version of each clean batch image in batch order (the primal call
+      where a JVP is taken), so that call's hidden tokens can be aligned with
+      the encoder's features of the clean images.
   """
   name: str = ""
   fields: tuple[Field, ...] = ()
@@ -64,6 +69,7 @@ class Spec:
   second_time: bool = False
   logvar: bool = False
   loss_inputs: tuple[str, ...] = ()
+  repa: bool = False
   # model.time_embedding / model.time_scale "auto": the embedding of the network's
   # time input, and the factor on that input per embedding (an embedding missing
   # here has no automatic scale). How fast each moves with the noise level:

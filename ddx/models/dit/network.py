@@ -64,6 +64,10 @@ defaults are the DiT above, bit for bit: no parameter added, the same program):
                    sin-cos absolute embedding is still added to the tokens, as
                    LightningDiT does.
 
+Hidden tokens (REPA, `ddx.repa`): after each block the tokens [B, N, D] float32
+are sown into the "hidden" collection (`layers.sow_hidden`); only an apply with
+mutable=["hidden"] keeps them, so the default program is unchanged.
+
 Mixed precision: with dtype=bfloat16 the dense layers, the patch conv, the
 label embedding and the attention products run in bfloat16 while parameters
 stay float32; the residual stream, LayerNorm statistics, the modulation and
@@ -82,8 +86,8 @@ from ddx.models import fused_norm
 from ddx.models.base import check_inputs, module_fields
 from ddx.models.dit.spec import PATCH_SIZES, PRESETS, SPEC, preset  # noqa: F401 (as before the move)
 from ddx.models.dit.spec import swiglu_hidden
-from ddx.models.layers import (fourier_embedding, rematerialised, scaled_time, sow_logvar,
-                               split_time, timestep_embedding)
+from ddx.models.layers import (fourier_embedding, rematerialised, scaled_time, sow_hidden,
+                               sow_logvar, split_time, timestep_embedding)
 
 FREQUENCY_EMBEDDING_SIZE = 256
 _LN_EPSILON = 1e-6
@@ -584,6 +588,7 @@ class DiT(nn.Module):
       tokens = block_cls(self.num_heads, self.mlp_ratio, dt, self.attention,
                          self.norm_kernel, self.mlp, self.token_norm, self.qk_norm,
                          rope_grid, name=f"blocks_{i}")(tokens, c)
+      sow_hidden(self, tokens)   # a no-op unless "hidden" is mutable (REPA)
     out = FinalLayer(p * p * out_ch, dt, self.norm_kernel, self.token_norm,
                      name="final_layer")(tokens, c)
     return unpatchify(out, p, hgt, wid, out_ch).astype(jnp.float32)

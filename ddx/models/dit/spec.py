@@ -107,6 +107,11 @@ class DiTSpec(Spec):
               f"model.mlp=swiglu with hidden_size={d}, mlp_ratio={m['mlp_ratio']} has "
               "no hidden units; raise model.mlp_ratio")
 
+  def hidden_tokens(self, m, height, width):
+    """Every block's output tokens: depth blocks on the (H/p, W/p) grid, width D."""
+    p = m["patch_size"]
+    return m["depth"], (height // p, width // p), m["hidden_size"]
+
   def check_norm_kernel(self, m) -> None:
     # The Pallas kernel fuses LayerNorm + adaLN; RMSNorm has no fused kernel.
     require(m["token_norm"] == "layer",

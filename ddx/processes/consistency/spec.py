@@ -31,6 +31,7 @@ class ConsistencySpec(base.Spec):
   default_sampler = "consistency"
   bpd_estimators = ()       # no likelihood ODE: the model is a one-step map
   implementation = "ddx.processes.consistency.process:ConsistencyProcess"
+  repa = True   # REPA aligns the aux of F(x_t/σ_d, t), the JVP's primal call (not the tangent)
   # The network sees 1000·t/(π/2) (`ddx.processes.consistency.core.time_input`), flow's range,
   # times 0.02 before the positional embedding: its fastest frequency then turns
   # 13 rad over t in [0, π/2], not 637. sCM: a fast-moving time embedding makes

@@ -34,6 +34,7 @@ class DDPMSpec(base.Spec):
   spacings = SPACINGS
   bpd_estimators = ("ode", "vlb", "both")
   implementation = "ddx.processes.ddpm.process:DDPMProcess"
+  repa = True   # REPA aligns the network is called once, on x_t
 
   def check(self, f) -> None:
     base.one_of(f, "schedule", SCHEDULES)

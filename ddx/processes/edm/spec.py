@@ -22,6 +22,7 @@ class EDMSpec(base.Spec):
   samplers = SAMPLERS
   default_sampler = "heun"
   implementation = "ddx.processes.edm.process:EDMProcess"
+  repa = True   # REPA aligns the network is called once, on c_in·(x_0 + σn)
   # fourier: EDM2's 2π·N(0, 1) frequencies on c_noise = ln(σ)/4, unscaled.
   time_scales = {"positional": 1.0, "fourier": 1.0}
 

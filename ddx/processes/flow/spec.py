@@ -25,6 +25,7 @@ class FlowSpec(base.Spec):
   samplers = SAMPLERS
   default_sampler = "euler"
   implementation = "ddx.processes.flow.process:FlowProcess"
+  repa = True   # REPA aligns the network is called once, on x_t
 
   def check(self, f) -> None:
     if f["t_sampling"] not in T_SAMPLINGS:

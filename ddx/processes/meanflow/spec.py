@@ -44,6 +44,7 @@ class MeanFlowSpec(base.Spec):
   time_embedding = "positional"
   time_scales = {"positional": 0.02}
   implementation = "ddx.processes.meanflow.process:MeanFlowProcess"
+  repa = True   # REPA aligns the aux of u(z_t, r, t), the JVP's primal call (the guidance calls are not aligned)
 
   def check(self, f) -> None:
     base.finite(f, "mf_logit_mean", "mf_logit_std", "mf_ratio", "mf_power", "mf_omega",

@@ -42,6 +42,7 @@ class ShortcutSpec(base.Spec):
   default_sampler = "shortcut"
   bpd_estimators = ()          # a few-step map has no likelihood ODE
   implementation = "ddx.processes.shortcut.process:ShortcutProcess"
+  repa = True   # REPA aligns the aux of the full-batch call on x_t (not the stop-gradient bootstrap calls)
   second_time = True           # the network sees (t, d)
   loss_inputs = ("labels",)    # the bootstrap targets run on part of the batch
 
