@@ -40,6 +40,7 @@ from etils import epath
 from ddx import config as config_lib
 from ddx import models
 from ddx import parallel
+from ddx import workdir as workdir_lib
 from ddx.encoders import dinov2
 
 RECORD_FILE = "repa.json"
@@ -272,13 +273,8 @@ def check_record(workdir: str, rec: Optional[dict]) -> None:
     config_lib.ConfigError: one line naming both folders.
   """
   path = _record_path(workdir)
-  if rec is None or not path.exists():
-    return
-  try:
-    first = json.loads(path.read_text())
-  except ValueError:
-    return   # not ddx's JSON: nothing to compare with
-  if first.get("weights") == rec["weights"]:
+  first = None if rec is None else workdir_lib.read_record(path)
+  if first is None or first.get("weights") == rec["weights"]:
     return
   raise config_lib.ConfigError(
       f"training.repa.encoder={rec['encoder']!r} has other weights (digest "

@@ -610,13 +610,8 @@ def check_teacher(workdir: str, record: Optional[dict]) -> None:
     config_lib.ConfigError: one line naming both steps.
   """
   path = _teacher_path(workdir)
-  if record is None or not path.exists():
-    return
-  try:
-    first = json.loads(path.read_text())
-  except ValueError:
-    return   # not ddx's JSON: nothing to compare with
-  if first.get("weights") == record["weights"]:
+  first = None if record is None else workdir_lib.read_record(path)
+  if first is None or first.get("weights") == record["weights"]:
     return
   raise config_lib.ConfigError(
       f"training.teacher is now the teacher's checkpoint at step {record['step']}, but "

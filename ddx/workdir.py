@@ -172,3 +172,19 @@ def lock(workdir: str, mode: str = "train") -> Optional[Lock]:
   os.ftruncate(fd, 0)
   os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
   return Lock(fd)
+
+
+def read_record(path) -> Optional[dict]:
+  """The JSON record a run wrote at its first start (teacher.json, repa.json):
+  what a resume must still match. None when absent or not ddx's JSON.
+
+  Args:
+    path: an etils.epath.Path (local or gs://).
+  """
+  if not path.exists():
+    return None
+  try:
+    record = json.loads(path.read_text())
+  except ValueError:
+    return None
+  return record if isinstance(record, dict) else None

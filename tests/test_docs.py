@@ -18,12 +18,11 @@ import glob
 import os
 import re
 import shlex
-import sys
 
 import numpy as np
 import pytest
 
-from testutils import ROOT, load_config
+from testutils import ROOT, load_config, main_in_process
 
 # (page, text of the block's first line) -> the reason its skip marker gives.
 SKIPPED = {
@@ -181,41 +180,16 @@ def _commands(code):
 
 def _run_main(args):
   """Runs `python -m ddx.main ARGS` in-process, cheaply; returns its mode and workdir."""
-  from absl import flags
-  from ml_collections import config_flags
-  from ddx import main as cli
-  fv = flags.FlagValues()
-  holders = {
-      "_CONFIG": config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
-                                                 lock_config=True),
-      "_WORKDIR": flags.DEFINE_string("workdir", None, "", flag_values=fv),
-      "_MODE": flags.DEFINE_enum("mode", "train", flags.FLAGS["mode"].parser.enum_values, "",
-                                 flag_values=fv),
-      "_COORDINATOR": flags.DEFINE_string("coordinator_address", "", "", flag_values=fv),
-      "_NUM_PROCESSES": flags.DEFINE_integer("num_processes", 0, "", flag_values=fv),
-      "_PROCESS_ID": flags.DEFINE_integer("process_id", -1, "", flag_values=fv),
-  }
   args = [a.replace("configs/", os.path.join(ROOT, "configs") + "/", 1)
           if a.startswith(("configs/", "--config=configs/")) else a for a in args]
   modes = [a.split("=", 1)[1] for a in args if a.startswith("--mode=")]
   modes += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--mode"]
   mode = (modes or ["train"])[-1]
   small = SMALL_NET if mode == "train" and args != README_RUN else []
-  argv = ["ddx.main", *args, *CHEAP[mode], *small]
-  saved = {k: getattr(cli, k) for k in holders}, sys.argv
-  try:
-    sys.argv = argv              # ml_collections reads the overrides from sys.argv
-    fv(argv)
-    for k, h in holders.items():
-      setattr(cli, k, h)
-    cli.main(["ddx.main"])
-  except SystemExit as e:
-    pytest.fail(f"python -m ddx.main {' '.join(args)} exited {e.code} (stderr above)")
-  finally:
-    for k, v in saved[0].items():
-      setattr(cli, k, v)
-    sys.argv = saved[1]
-  return mode, fv["workdir"].value
+  code, workdir = main_in_process(["ddx.main", *args, *CHEAP[mode], *small])
+  if code:
+    pytest.fail(f"python -m ddx.main {' '.join(args)} exited {code} (stderr above)")
+  return mode, workdir
 
 
 # What a block must produce, checked after it ran (block text -> check).

@@ -15,7 +15,7 @@ from ddx import checkpoint as ckpt_lib
 from ddx import config as config_lib
 from ddx import train
 
-from testutils import ROOT, load_config, snapshot_leaves
+from testutils import ROOT, load_config, main_in_process, snapshot_leaves
 
 
 def _main_cmd(workdir, *overrides):
@@ -29,38 +29,9 @@ def _main_in_process(workdir, *overrides):
   refusals whose line comes from ddx.main's own checks: one of each kind still
   runs as a real process (the bad-input test's grad_clip case,
   test_batch_not_divisible_by_devices, test_sample_skips_a_corrupt_newest_checkpoint...)."""
-  from unittest import mock
-  from absl import flags
-  from ml_collections import config_flags
-  from ddx import main as cli
-  jax.devices()   # JAX started: ddx.main's split_cpu_into_devices leaves XLA_FLAGS be
-  fv = flags.FlagValues()
-  holders = {
-      "_CONFIG": config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
-                                                 lock_config=True),
-      "_WORKDIR": flags.DEFINE_string("workdir", None, "", flag_values=fv),
-      "_MODE": flags.DEFINE_enum("mode", "train", flags.FLAGS["mode"].parser.enum_values, "",
-                                 flag_values=fv),
-      "_COORDINATOR": flags.DEFINE_string("coordinator_address", "", "", flag_values=fv),
-      "_NUM_PROCESSES": flags.DEFINE_integer("num_processes", 0, "", flag_values=fv),
-      "_PROCESS_ID": flags.DEFINE_integer("process_id", -1, "", flag_values=fv),
-  }
   argv = ["ddx.main"] + [os.path.join(ROOT, a) if a == "configs/test.py" else a
                          for a in _main_cmd(workdir, *overrides)[3:]]
-  saved = {k: getattr(cli, k) for k in holders}, sys.argv
-  try:
-    sys.argv = argv              # ml_collections reads the overrides from sys.argv
-    for k, h in holders.items():
-      setattr(cli, k, h)
-    with mock.patch.object(flags, "FLAGS", fv):   # what cli._parse_flags parses with
-      cli.main(cli._parse_flags(argv))
-  except SystemExit as e:
-    return e.code
-  finally:
-    for k, v in saved[0].items():
-      setattr(cli, k, v)
-    sys.argv = saved[1]
-  return 0
+  return main_in_process(argv)[0]
 
 
 def _raw_state(workdir, step=None, config=None):

@@ -141,3 +141,44 @@ def train_and_resume(config, tmp_path):
     np.testing.assert_array_equal(a, b)
   assert os.path.exists(os.path.join(straight_dir, "samples", "step_0000004.png"))
   return straight_dir, straight
+
+
+def main_in_process(argv):
+  """`python -m ddx.main` with argv (argv[0] = "ddx.main") run in this process,
+  cheaply: (its exit code, 0 when it returned; the --workdir it parsed). Its
+  stdout and stderr are the test's (capsys). ddx.main's flags are swapped for
+  fresh ones for the call and restored after."""
+  import sys
+  from unittest import mock
+  import jax
+  from absl import flags
+  from ml_collections import config_flags
+  from ddx import main as cli
+  jax.devices()   # JAX started: ddx.main's split_cpu_into_devices leaves XLA_FLAGS be
+  fv = flags.FlagValues()
+  holders = {
+      "_CONFIG": config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                                 lock_config=True),
+      "_WORKDIR": flags.DEFINE_string("workdir", None, "", flag_values=fv),
+      "_MODE": flags.DEFINE_enum("mode", "train", flags.FLAGS["mode"].parser.enum_values, "",
+                                 flag_values=fv),
+      "_COORDINATOR": flags.DEFINE_string("coordinator_address", "", "", flag_values=fv),
+      "_NUM_PROCESSES": flags.DEFINE_integer("num_processes", 0, "", flag_values=fv),
+      "_PROCESS_ID": flags.DEFINE_integer("process_id", -1, "", flag_values=fv),
+  }
+  saved = {k: getattr(cli, k) for k in holders}, sys.argv
+  code = 0
+  try:
+    sys.argv = list(argv)        # ml_collections reads the overrides from sys.argv
+    for k, h in holders.items():
+      setattr(cli, k, h)
+    with mock.patch.object(flags, "FLAGS", fv):   # what cli._parse_flags parses with
+      parsed = cli._parse_flags(list(argv))
+    cli.main(parsed)   # outside the patch: grain reads its own flags from absl's FLAGS
+  except SystemExit as e:
+    code = e.code
+  finally:
+    for k, v in saved[0].items():
+      setattr(cli, k, v)
+    sys.argv = saved[1]
+  return code, (fv["workdir"].value if fv["workdir"].present else None)

@@ -119,11 +119,13 @@ def unreadable(path: str, error: BaseException, what: str) -> ConversionError:
   return ConversionError(unreadable_reason(path, error, what))
 
 
-def read_state_dict(paths: list[str]) -> dict[str, np.ndarray]:
-  """Reads diffusers weight files into float32 NumPy arrays keyed by name.
+def read_state_dict(paths: list[str], what: str = "diffusers weight file"
+                    ) -> dict[str, np.ndarray]:
+  """Reads Hugging Face weight files into float32 NumPy arrays keyed by name.
 
   Args:
     paths: .safetensors or .bin files (the shards of one checkpoint).
+    what: the files' kind, for the one-line error of one that does not read.
   Returns:
     {state_dict key: float32 array in PyTorch layout}.
   """
@@ -137,7 +139,7 @@ def read_state_dict(paths: list[str]) -> dict[str, np.ndarray]:
       else:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-      raise unreadable(path, e, "diffusers weight file") from None
+      raise unreadable(path, e, what) from None
     for k, v in tensors.items():
       if torch.is_tensor(v):
         out[k] = v.detach().to(torch.float32).numpy()

@@ -38,7 +38,8 @@ import numpy as np
 
 from ddx.convert.common import (ConversionError, begin_output, check_output,
                                 finish_output, map_weights, read_json, require,
-                                torch_module, unreadable, weight_files)
+                                read_state_dict, torch_module, unreadable,
+                                weight_files)
 from ddx.encoders import dinov2 as enc
 
 MODEL_TYPES = {"dinov2": False, "dinov2_with_registers": True}   # -> has registers
@@ -128,23 +129,6 @@ def read_official(path: str) -> dict[str, np.ndarray]:
   return _tensors(state, path, torch)
 
 
-
-
-def read_transformers(paths: list[str]) -> dict[str, np.ndarray]:
-  """A transformers checkpoint's tensors, float32, keyed by its names."""
-  torch = torch_module()
-  out = {}
-  for path in paths:
-    try:
-      if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        tensors = load_file(path)
-      else:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-      raise unreadable(path, e, "transformers weight file") from None
-    out.update(_tensors(tensors, path, torch))
-  return out
 
 
 def official_from_transformers(state: dict, source: str) -> dict[str, np.ndarray]:
@@ -314,7 +298,8 @@ def convert(src: str, workdir: str) -> enc.Encoder:
              f"{model_type!r}; a DINOv2 folder has one of {sorted(MODEL_TYPES)}")
     files = weight_files(src, HF_WEIGHT_FILES)
     source = ", ".join(files)
-    state = official_from_transformers(read_transformers(files), source)
+    state = official_from_transformers(
+        read_state_dict(files, "transformers weight file"), source)
     config = architecture(state, source, hf_config=hf,
                           registers_model=MODEL_TYPES[model_type])
     fmt = "transformers"
