@@ -177,8 +177,11 @@ def sow_hidden(module: nn.Module, tokens: jax.Array) -> None:
   Called after every block, in order, so an apply with mutable=["hidden"]
   gets the tuple of every block's tokens under ("hidden", "tokens"); without
   that collection mutable, `sow` stores nothing and the program is the same
-  (REPA aligns one block's tokens, `ddx.repa`).
+  (REPA aligns one block's tokens, `ddx.repa`); `init`, for which every
+  collection is mutable, stores nothing either.
   """
+  if module.is_initializing():
+    return   # init returns parameters (and statistics), never a forward's tokens
   module.sow(HIDDEN, "tokens", tokens)
 
 
