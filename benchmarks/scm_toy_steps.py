@@ -9,7 +9,7 @@ network's own error there, with the sampler's compounding taken out.
 
   python benchmarks/scm_toy_steps.py STEPS WARMUP    # e.g. 3000 300, 12000 1000
 
-CPU, 2 shared cores: 38 s for 3,000 steps, 83 s for 12,000 (docs/consistency.md).
+CPU, 2 shared cores: 19-38 s for 3,000 steps, 83 s for 12,000 (docs/consistency.md).
 """
 import math
 import sys
@@ -82,7 +82,7 @@ def main(steps, warmup):
     f = core.consistency_fn(F, core.interpolate(x0, z, tt), tt, SD)
     print(f"f(noised data, t={t:.3f}): nearest-mode {nearest_mode(f):.4f}, "
           f"RMS to its x_0 {float(jnp.sqrt(jnp.mean((f - x0) ** 2))):.4f}, "
-          f"noise added σ_d·tan t = {SD * math.tan(min(t, 1.5707)):.3f}")
+          f"noise added σ_d·tan t = {float(core.noise_level(t, SD)):.3f}")
 
 
 if __name__ == "__main__":
