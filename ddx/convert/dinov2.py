@@ -28,7 +28,6 @@ REPA's numbers come from the torch-hub models.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ddx.inception import file_digest
 from ddx.convert.common import (ConversionError, begin_output, check_output,
                                 finish_output, map_weights, read_json, require,
                                 read_state_dict, torch_module, unreadable,
@@ -95,14 +95,6 @@ def is_transformers_folder(src: str) -> bool:
 
 # --------------------------------------------------------------------------
 # Reading.
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _tensors(obj, path: str, torch) -> dict[str, np.ndarray]:
@@ -312,7 +304,7 @@ def convert(src: str, workdir: str) -> enc.Encoder:
   params = params_from_state_dict(state, config, source)
   del state
   record = {"format": fmt, "path": os.path.abspath(src),
-            "files": [{"name": os.path.basename(f), "sha256": file_sha256(f)} for f in files]}
+            "files": [{"name": os.path.basename(f), "sha256": file_digest(f)} for f in files]}
   begin_output(workdir)
   try:
     out = enc.save(workdir, config, params, source=record)
